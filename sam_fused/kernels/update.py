@@ -1,0 +1,115 @@
+"""Restore fused with the base-optimizer update, one pass per element.
+
+The table's source column holds the backup of each perturbed parameter (or the parameter itself
+when it was not perturbed); the kernel reads it, so the restore costs no pass of its own.
+
+    OPT_RESTORE: w = src                                         R src; W w          (8 B fp32)
+    OPT_SGD:     torch.optim.SGD, momentum buffer in column 4    R src, g, m; W w, m (20 B)
+    OPT_ADAM:    torch.optim.Adam/AdamW, exp_avg in column 4,    R src, g, m, v;
+                 exp_avg_sq in column 5                          W w, m, v           (28 B)
+
+Math in fp32, stored in the parameter's dtype, same formulas and state as ``torch.optim``. Every
+value a scheduler changes (lr, weight_decay, momentum, betas) is a runtime argument; the switches
+(nesterov, maximize, decoupled decay, first momentum step) are compile-time constants.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .table import BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, to_dtype
+
+OPT_RESTORE = 0
+OPT_SGD = 1
+OPT_ADAM = 2
+
+
+@triton.jit
+def _restore_update_kernel(
+    chunks, tensors,
+    lr, weight_decay, momentum, one_minus_dampening,
+    one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt, decay,
+    DTYPE: tl.constexpr, OPT: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK)
+    p = column(row, 1, DTYPE)
+    g = column(row, 2, DTYPE)
+    src = column(row, 3, DTYPE)
+    s1 = column(row, 4, DTYPE)
+    s2 = column(row, 5, DTYPE)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < end
+        if OPT == 0:
+            tl.store(p + idx, tl.load(src + idx, mask=mask), mask=mask)
+        else:
+            w = tl.load(src + idx, mask=mask).to(tl.float32)
+            d = tl.load(g + idx, mask=mask).to(tl.float32)
+            if MAXIMIZE:
+                d = -d
+            if OPT == 1:
+                d = d + weight_decay * w
+                if HAS_MOMENTUM:
+                    if FIRST:
+                        buf = d
+                    else:
+                        buf = tl.load(s1 + idx, mask=mask).to(tl.float32) * momentum + one_minus_dampening * d
+                    tl.store(s1 + idx, to_dtype(buf, DTYPE), mask=mask)
+                    if NESTEROV:
+                        d = d + momentum * buf
+                    else:
+                        d = buf
+                w = w - lr * d
+            else:
+                if DECOUPLED:
+                    w = w * decay
+                else:
+                    d = d + weight_decay * w
+                m = tl.load(s1 + idx, mask=mask).to(tl.float32)
+                v = tl.load(s2 + idx, mask=mask).to(tl.float32)
+                m = m + one_minus_beta1 * (d - m)
+                v = v * beta2 + one_minus_beta2 * d * d
+                tl.store(s1 + idx, to_dtype(m, DTYPE), mask=mask)
+                tl.store(s2 + idx, to_dtype(v, DTYPE), mask=mask)
+                w = w - step_size * (m / (tl.sqrt(v) / bias_correction2_sqrt + eps))
+            tl.store(p + idx, to_dtype(w, DTYPE), mask=mask)
+
+
+def restore_update(
+    table: PointerTable,
+    dtype,
+    opt: int,
+    *,
+    lr: float = 0.0,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    step: float = 1.0,
+    decoupled: bool = False,
+) -> None:
+    """One launch over the table; ``step`` is the Adam step count after its increment."""
+    if table.n_chunks == 0:
+        return
+    beta1, beta2 = float(betas[0]), float(betas[1])
+    if opt == OPT_ADAM:
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    else:
+        step_size = bias_correction2_sqrt = 1.0
+    _restore_update_kernel[(table.n_chunks,)](
+        table.chunks, table.tensors,
+        float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening),
+        1.0 - beta1, beta2, 1.0 - beta2, float(eps), float(step_size), float(bias_correction2_sqrt),
+        1.0 - float(lr) * float(weight_decay),
+        DTYPE=TL_DTYPES[dtype], OPT=opt, HAS_MOMENTUM=momentum != 0, FIRST=bool(first),
+        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled),
+        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
