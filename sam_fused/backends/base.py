@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..layout import preserved_strides
+
 
 @dataclass
 class GroupWork:
@@ -35,7 +37,13 @@ class Backend:
     def backup_for(self, p: Tensor) -> Tensor:
         """The backup buffer of ``p``: allocated on first use with ``p``'s layout, then reused."""
         b = self.backups.get(p)
-        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device or b.stride() != p.stride():
+        if (
+            b is None
+            or b.shape != p.shape
+            or b.dtype != p.dtype
+            or b.device != p.device
+            or b.stride() != preserved_strides(p)
+        ):
             b = torch.empty_like(p, memory_format=torch.preserve_format).detach()
             self.backups[p] = b
         return b

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..kernels.norm import finalize, norm_programs, sq_partials
 from ..kernels.perturb import perturb as perturb_kernel
-from ..kernels.table import PointerTable, same_layout
+from ..kernels.table import PointerTable
+from ..layout import same_layout
 from ..kernels.update import OPT_ADAM, OPT_RESTORE, OPT_SGD, restore_update
 from . import reference
 from .base import Backend, GroupWork
@@ -111,8 +112,8 @@ class TritonBackend(Backend):
             if id(p) not in fast_ids:
                 p.detach().copy_(self.backups[p])
 
-    def _fused_kind(self, work: list[GroupWork], perturbed_ids: set[int]) -> str | None:
-        """'sgd' or 'adam' when the whole update can run in the fused kernel, else None."""
+    def _fused_kind(self) -> str | None:
+        """'sgd' or 'adam' when the base optimizer and its groups can run in the fused kernel."""
         base = self.opt.base_optimizer
         kind = _FUSED.get(type(base))
         if kind is None or getattr(base, "grad_scale", None) is not None or getattr(base, "found_inf", None) is not None:
@@ -124,43 +125,65 @@ class TritonBackend(Backend):
             hyper += list(group["betas"]) if kind == "adam" else [group["momentum"], group["dampening"]]
             if any(isinstance(v, Tensor) for v in hyper):
                 return None
+        return kind
+
+    def _plan(self, work: list[GroupWork], perturbed_ids: set[int]) -> dict[int, tuple] | None:
+        """Where the kernel reads and writes each parameter, or None if one cannot be indexed flat.
+
+        A dense parameter is updated in place, reading its backup (or itself, if it was not
+        perturbed). A parameter that is not dense is staged through its backup buffer, which has
+        the contiguous layout its gradient and state get from autograd and torch.optim: the kernel
+        updates the backup in place and a copy puts it back into the parameter.
+        """
+        state = self.opt.base_optimizer.state
+        plan = {}
         for gw in work:
             for p in gw.params:
-                src = self.backups[p] if id(p) in perturbed_ids else None
-                state = base.state.get(p, {})
-                tensors = [v for k, v in state.items() if k != "step" and isinstance(v, Tensor)]
-                if not same_layout(p, p.grad, src, *tensors):
+                perturbed = id(p) in perturbed_ids
+                staged = not same_layout(p)
+                dst = self.backup_for(p) if staged else p
+                src = self.backups[p] if perturbed else dst
+                st = state.get(p, {})
+                tensors = [v for k, v in st.items() if k != "step" and isinstance(v, Tensor)]
+                step = st.get("step")
+                if not same_layout(dst, p.grad, src, *tensors) or (
+                    isinstance(step, Tensor) and step.device.type != "cpu"
+                ):
                     return None
-                step = state.get("step")
-                if isinstance(step, Tensor) and step.device.type != "cpu":
-                    return None
-        return kind
+                plan[id(p)] = (dst, src, staged and not perturbed, staged)
+        return plan
 
     def restore_and_update(self, perturbed: list[Tensor], work: list[GroupWork]) -> None:
         perturbed_ids = {id(p) for p in perturbed}
-        kind = self._fused_kind(work, perturbed_ids)
-        if kind is None:
+        kind = self._fused_kind()
+        plan = None if kind is None else self._plan(work, perturbed_ids)
+        if plan is None:
             self._restore(perturbed)
             self.opt.base_optimizer.step()
             return
-        updated = set()
+        for gw in work:
+            for p in gw.params:
+                dst, _, pre_copy, _ = plan[id(p)]
+                if pre_copy:
+                    dst.copy_(p.detach())
         for gw in work:
             for dtype, ps in _by_dtype(gw.params).items():
                 if kind == "sgd":
-                    self._sgd(gw.group, dtype, ps, perturbed_ids)
+                    self._sgd(gw.group, dtype, ps, plan)
                 else:
-                    self._adam(gw.group, dtype, ps, perturbed_ids)
-                updated.update(map(id, ps))
-        self._restore([p for p in perturbed if id(p) not in updated])
+                    self._adam(gw.group, dtype, ps, plan)
+        for gw in work:
+            for p in gw.params:
+                dst, _, _, post_copy = plan[id(p)]
+                if post_copy:
+                    p.detach().copy_(dst)
+        self._restore([p for p in perturbed if id(p) not in plan])
 
-    def _columns(self, ps: list[Tensor], perturbed_ids: set[int], *state_keys: str) -> list[tuple]:
+    def _columns(self, ps: list[Tensor], plan: dict[int, tuple], *state_keys: str) -> list[tuple]:
         state = self.opt.base_optimizer.state
-        return [
-            (p, p.grad, self.backups[p] if id(p) in perturbed_ids else p, *(state[p][k] for k in state_keys))
-            for p in ps
-        ]
+        return [(plan[id(p)][0], p.grad, plan[id(p)][1], *(state[p][k] for k in state_keys)) for p in ps]
 
-    def _sgd(self, group: dict, dtype: torch.dtype, ps: list[Tensor], perturbed_ids: set[int]) -> None:
+    def _sgd(self, group: dict, dtype: torch.dtype, ps: list[Tensor], plan: dict[int, tuple]) -> None:
         state = self.opt.base_optimizer.state
         hyper = dict(
             lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
@@ -178,10 +201,10 @@ class TritonBackend(Backend):
         for is_first, sub in parts:
             if sub:
                 table = self._table(("sgd", is_first, tuple(map(id, sub))), sub[0].device,
-                                    self._columns(sub, perturbed_ids, *keys))
+                                    self._columns(sub, plan, *keys))
                 restore_update(table, dtype, OPT_SGD, first=is_first, **hyper)
 
-    def _adam(self, group: dict, dtype: torch.dtype, ps: list[Tensor], perturbed_ids: set[int]) -> None:
+    def _adam(self, group: dict, dtype: torch.dtype, ps: list[Tensor], plan: dict[int, tuple]) -> None:
         base = self.opt.base_optimizer
         by_step: dict[float, list[Tensor]] = {}
         for p in ps:
@@ -195,7 +218,7 @@ class TritonBackend(Backend):
         decoupled = group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW))
         for step, sub in by_step.items():
             table = self._table(("adam", tuple(map(id, sub))), sub[0].device,
-                                self._columns(sub, perturbed_ids, "exp_avg", "exp_avg_sq"))
+                                self._columns(sub, plan, "exp_avg", "exp_avg_sq"))
             restore_update(
                 table, dtype, OPT_ADAM, lr=group["lr"], weight_decay=group["weight_decay"],
                 betas=group["betas"], eps=group["eps"], step=step, decoupled=decoupled,

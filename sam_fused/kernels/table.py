@@ -30,26 +30,6 @@ NCOL = 6
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def is_dense(t: Tensor) -> bool:
-    """True when the ``numel`` elements of ``t`` fill ``numel`` consecutive slots from ``data_ptr``."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def same_layout(p: Tensor, *others: Tensor | None) -> bool:
-    """``p`` is dense and every other tensor has its dtype, device and strides: flat indexing is valid."""
-    if not is_dense(p):
-        return False
-    return all(
-        o is None or (o.dtype == p.dtype and o.device == p.device and o.stride() == p.stride())
-        for o in others
-    )
-
-
 def _upload(values: list[int], device: torch.device) -> Tensor:
     host = torch.tensor(values if values else [0], dtype=torch.int64)
     if device.type == "cuda":
