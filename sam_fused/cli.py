@@ -1,0 +1,20 @@
+"""Command line: ``sam-fused bench`` (also ``python -m sam_fused bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sam-fused", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from .bench.cli import add_parser as add_bench
+
+    add_bench(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
