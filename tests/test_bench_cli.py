@@ -1,0 +1,69 @@
+"""The benchmark CLI runs end to end (tiny settings) and writes what it says it writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from sam_fused.bench.measure import bytes_per_param, count_launches, held_bytes
+from sam_fused.bench.models import transformer_width, Seq2Seq
+from sam_fused.cli import main
+
+
+def test_bench_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--device", "cpu", "--model", "resnet", "--steps", "2", "--warmup", "1",
+               "--backend", "torch", "--batch-size", "2", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Optimizer step alone: resnet" in text and "Training: resnet, custom, batch 2" in text
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    for key in ("date", "torch", "triton", "device_name", "commit", "threads"):
+        assert key in env
+    variants = {r["variant"] for r in data["optimizer_step"]}
+    assert {"sgd", "sam-baseline", "sam-torch"} <= variants
+    for r in data["optimizer_step"]:
+        assert r["median_ms"] > 0 and len(r["times_ms"]) == 2 and r["launches"] > 0
+        assert r["bytes_per_param"] == (40 if r["variant"].startswith("sam-") else 20)
+    train = {r["variant"]: r for r in data["training"]}
+    assert train["sgd"]["ratio_vs_sgd"] == 1.0
+    assert train["sam-torch"]["extra_bytes_per_param"] == 4.0  # one fp32 backup per parameter
+    assert train["sam-baseline"]["extra_bytes_per_param"] == 4.0
+
+
+def test_bench_help_runs_as_module():
+    res = subprocess.run([sys.executable, "-m", "sam_fused", "bench", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--backend" in res.stdout and "--json" in res.stdout
+
+
+def test_unavailable_backend_is_refused(capsys):
+    assert main(["bench", "--device", "cpu", "--backend", "no-such", "--no-train"]) == 2
+    assert "cannot run" in capsys.readouterr().err
+
+
+def test_bytes_formula():
+    assert bytes_per_param("sam+sgd", 4) == 40
+    assert bytes_per_param("sam+sgd", 4, adaptive=True) == 44
+    assert bytes_per_param("sam+adam", 4) == 48
+    assert bytes_per_param("sgd", 4) == 20
+    assert bytes_per_param("sam+sgd", 2) == 20
+
+
+def test_op_counter_and_held_bytes():
+    a = torch.zeros(10)
+    assert count_launches(lambda: a.add_(1).mul_(2), torch.device("cpu")) == 2
+    p = torch.nn.Parameter(torch.zeros(100))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(100)
+    opt.step()
+    assert held_bytes(opt) == 400
+
+
+def test_transformer_width_hits_the_target():
+    d = transformer_width(2e6)
+    n = sum(p.numel() for p in Seq2Seq(d, 6).parameters())
+    assert 0.6e6 < n < 4e6 and d % 64 == 0
