@@ -11,7 +11,7 @@ from torch import Tensor
 from .backends import BACKENDS, make_backend
 from .backends.base import GroupWork
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_nonneg(name: str, value) -> None:
@@ -131,7 +131,7 @@ class FusedSAM(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError("FusedSAM does not support sparse gradients")
                 if p.dtype not in _FLOAT_DTYPES:
-                    raise TypeError(f"FusedSAM supports float32, bfloat16 and float16 parameters, got {p.dtype}")
+                    raise TypeError(f"FusedSAM supports float32, bfloat16, float16 and float64 parameters, got {p.dtype}")
                 gw.params.append(p)
             if gw.params:
                 work.append(gw)

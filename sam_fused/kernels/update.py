@@ -18,12 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..spec import Update
 from .table import BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, to_dtype
-
-OPT_RESTORE = 0
-OPT_SGD = 1
-OPT_ADAM = 2
-
 
 @triton.jit
 def _restore_update_kernel(
@@ -43,14 +39,14 @@ def _restore_update_kernel(
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = idx < end
-        if OPT == 0:
+        if OPT == 0:  # spec.OPT_RESTORE
             tl.store(p + idx, tl.load(src + idx, mask=mask), mask=mask)
         else:
             w = tl.load(src + idx, mask=mask).to(tl.float32)
             d = tl.load(g + idx, mask=mask).to(tl.float32)
             if MAXIMIZE:
                 d = -d
-            if OPT == 1:
+            if OPT == 1:  # spec.OPT_SGD
                 d = d + weight_decay * w
                 if HAS_MOMENTUM:
                     if FIRST:
@@ -78,38 +74,16 @@ def _restore_update_kernel(
             tl.store(p + idx, to_dtype(w, DTYPE), mask=mask)
 
 
-def restore_update(
-    table: PointerTable,
-    dtype,
-    opt: int,
-    *,
-    lr: float = 0.0,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
-    first: bool = False,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    step: float = 1.0,
-    decoupled: bool = False,
-) -> None:
-    """One launch over the table; ``step`` is the Adam step count after its increment."""
+def restore_update(table: PointerTable, dtype, u: Update) -> None:
+    """One launch over the table with the scalars of ``u``."""
     if table.n_chunks == 0:
         return
-    beta1, beta2 = float(betas[0]), float(betas[1])
-    if opt == OPT_ADAM:
-        step_size = lr / (1 - beta1**step)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    else:
-        step_size = bias_correction2_sqrt = 1.0
     _restore_update_kernel[(table.n_chunks,)](
         table.chunks, table.tensors,
-        float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening),
-        1.0 - beta1, beta2, 1.0 - beta2, float(eps), float(step_size), float(bias_correction2_sqrt),
-        1.0 - float(lr) * float(weight_decay),
-        DTYPE=TL_DTYPES[dtype], OPT=opt, HAS_MOMENTUM=momentum != 0, FIRST=bool(first),
-        NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled),
+        float(u.lr), float(u.weight_decay), float(u.momentum), 1.0 - float(u.dampening),
+        1.0 - float(u.beta1), float(u.beta2), 1.0 - float(u.beta2), float(u.eps),
+        float(u.step_size), float(u.bias_correction2_sqrt), float(u.decay),
+        DTYPE=TL_DTYPES[dtype], OPT=u.opt, HAS_MOMENTUM=u.momentum != 0, FIRST=bool(u.first),
+        NESTEROV=bool(u.nesterov), MAXIMIZE=bool(u.maximize), DECOUPLED=bool(u.decoupled),
         CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
