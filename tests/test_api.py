@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_TRITON
-from sam_fused import BackendUnavailable, FusedSAM
+from sam_fused import BackendUnavailable, FusedSAM, available_backends
 
-BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = available_backends(DEVICE)
 
 
 def tiny_model(seed=0):
@@ -263,15 +263,14 @@ def test_state_dict_round_trip_continues_bit_identically(backend, spec):
             assert torch.equal(s1[k][key], s2[k][key])
 
 
+@pytest.mark.parametrize("fast", [b for b in BACKENDS if b != "torch"])
 @pytest.mark.parametrize("spec", list(SPECS))
-def test_state_is_torch_optims_own(spec):
+def test_state_is_torch_optims_own(spec, fast):
     """Same keys, shapes and dtypes as torch.optim keeps; backups never saved; moves across backends."""
-    if not HAS_TRITON:
-        pytest.skip("needs triton")
     cls, kw = SPECS[spec]
     x, y = batch()
     models, opts = {}, {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", fast):
         models[backend] = tiny_model()
         opts[backend] = FusedSAM(models[backend].parameters(), cls, rho=0.1, backend=backend, **kw)
         for _ in range(2):
@@ -290,14 +289,14 @@ def test_state_is_torch_optims_own(spec):
             for key, v in st.items():
                 assert v.shape == want[k][key].shape and v.dtype == want[k][key].dtype and v.device == want[k][key].device
         assert all({"rho", "adaptive", "eta", "lr"} <= set(g) for g in sd["param_groups"])
-    # a triton checkpoint continues on the torch backend
-    sd = copy.deepcopy(opts["triton"].state_dict())
-    m2 = copy.deepcopy(models["triton"])
+    # a checkpoint of the fast backend continues on the torch backend
+    sd = copy.deepcopy(opts[fast].state_dict())
+    m2 = copy.deepcopy(models[fast])
     o2 = FusedSAM(m2.parameters(), cls, rho=0.1, backend="torch", **kw)
     o2.load_state_dict(sd)
-    for m, o in ((models["triton"], opts["triton"]), (m2, o2)):
+    for m, o in ((models[fast], opts[fast]), (m2, o2)):
         o.step(closure_for(m, x, y))
-    for a, b in zip(snapshot(models["triton"]), snapshot(m2)):
+    for a, b in zip(snapshot(models[fast]), snapshot(m2)):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -430,3 +429,59 @@ def test_triton_launches_do_not_grow_with_tensor_count(monkeypatch, spec):
             opt.second_step()
             seen.append(dict(counts))
     assert seen[1] == seen[3] == {"sq_partials": 1, "finalize": 1, "perturb_kernel": 1, "restore_update": 1}
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="native extension unavailable")
+@pytest.mark.parametrize("spec", ["sgd", "adamw"])
+def test_native_calls_do_not_grow_with_tensor_count(monkeypatch, spec):
+    """One sq_sum, one perturb_ and one restore_update_ call per step for one bucket, for 3 or 300
+    tensors; the base optimizer's own step() is never called."""
+    from sam_fused import native
+
+    module = native.load()
+    counts = {}
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(module, name)
+
+            def wrapper(*args, **kwargs):
+                counts[name] = counts.get(name, 0) + 1
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+    cls, kw = SPECS[spec]
+    seen = []
+    for n in (3, 300):
+        params = [torch.nn.Parameter(torch.randn(7)) for _ in range(n)]
+        opt = FusedSAM(params, cls, rho=0.1, backend="cpu", **kw)
+        opt._backend._C = Counting()
+        opt.base_optimizer.step = None  # would raise if called
+        for step in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            counts.clear()
+            opt.first_step()
+            opt.second_step()
+            seen.append(dict(counts))
+    assert seen[1] == seen[3] == {"sq_sum": 1, "perturb_": 1, "restore_update_": 1}
+
+
+def test_default_backend_on_cpu_is_native_when_it_builds():
+    p = torch.nn.Parameter(torch.randn(3))
+    expected = "cpu" if "cpu" in available_backends("cpu") else "torch"
+    assert FusedSAM([p], torch.optim.SGD, lr=0.1).backend == expected
+
+
+def test_native_disabled_by_environment(monkeypatch):
+    from sam_fused import native
+
+    monkeypatch.setattr(native, "_MODULE", None)
+    monkeypatch.setattr(native, "_ERROR", None)
+    monkeypatch.setenv("SAM_FUSED_NATIVE", "0")
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(BackendUnavailable, match="SAM_FUSED_NATIVE=0"):
+        FusedSAM([p], torch.optim.SGD, lr=0.1, backend="cpu")
+    monkeypatch.setattr(native, "_MODULE", None)
+    monkeypatch.setattr(native, "_ERROR", None)

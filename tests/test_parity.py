@@ -13,15 +13,15 @@ import pytest
 import torch
 
 import harness
-from conftest import HAS_TRITON
 from harness import assert_close, max_err, run_backend, run_float64
 from tolerances import FP32, LOWP_FACTOR, LOWP_FLOOR
 
 from sam_fused import available_backends
 
-FAST_BACKENDS = [b for b in ("triton",) if HAS_TRITON]
 SAM_VARIANTS = {"sam": (False, 0.0), "asam": (True, 0.0), "asam_eta": (True, 0.01)}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# every fast path that runs here: triton (interpreted on the CPU), and the native "cpu" or "cuda"
+FAST_BACKENDS = [b for b in available_backends(DEVICE) if b != "torch"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from .base import Backend
 from .reference import TorchBackend
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpu", "cuda")
 
 
 class BackendUnavailable(RuntimeError):
@@ -44,15 +45,58 @@ def _triton_backend(optimizer) -> Backend:
     return TritonBackend(optimizer)
 
 
-def default_backend(optimizer) -> str:
-    """``"triton"`` when every parameter is on one CUDA device and Triton imports, else ``"torch"``."""
+def _native_backend(optimizer, name: str) -> Backend:
+    from ..native import NativeUnavailable, load
+
     devices = _devices(optimizer)
-    if len(devices) == 1 and next(iter(devices)).type == "cuda":
+    if len(devices) != 1 or next(iter(devices)).type != name:
+        raise BackendUnavailable(
+            f"backend {name!r} needs every parameter on one {name} device, got {sorted(map(str, devices))}"
+        )
+    try:
+        module = load()
+    except NativeUnavailable as exc:
+        raise BackendUnavailable(f"backend {name!r} cannot load the native extension: {exc}") from exc
+    if name == "cuda" and not module.has_cuda():
+        raise BackendUnavailable(
+            "backend 'cuda': the native extension was built without CUDA kernels (CPU-only torch, no GPU, "
+            "no nvcc, or SAM_FUSED_CUDA=0)"
+        )
+    from .native_backend import NativeBackend
+
+    return NativeBackend(optimizer, module, name)
+
+
+_warned_fallback = False
+
+
+def default_backend(optimizer) -> str:
+    """Every parameter on one CUDA device: ``"triton"`` when Triton imports, else ``"cuda"`` when the
+    native extension has CUDA kernels. On the CPU: ``"cpu"`` when the native extension builds.
+    Otherwise ``"torch"``."""
+    global _warned_fallback
+    from ..native import NativeUnavailable, load
+
+    devices = _devices(optimizer)
+    if len(devices) != 1:
+        return "torch"
+    device = next(iter(devices))
+    if device.type == "cuda":
         try:
             import triton  # noqa: F401
+
+            return "triton"
         except ImportError:
-            return "torch"
-        return "triton"
+            pass
+    if device.type in ("cpu", "cuda"):
+        try:
+            module = load()
+            if device.type == "cpu" or module.has_cuda():
+                return device.type
+        except NativeUnavailable as exc:
+            if not _warned_fallback:
+                _warned_fallback = True
+                warnings.warn(f"sam_fused: native kernels unavailable ({exc}); using the torch reference backend")
     return "torch"
 
 
@@ -63,11 +107,15 @@ def make_backend(name: str | None, optimizer) -> Backend:
         return TorchBackend(optimizer)
     if name == "triton":
         return _triton_backend(optimizer)
+    if name in ("cpu", "cuda"):
+        return _native_backend(optimizer, name)
     raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)} or None")
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Backends that can run parameters on ``device`` in this process."""
+    from ..native import available
+
     device = torch.device(device)
     names = ["torch"]
     try:
@@ -77,4 +125,6 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
             names.append("triton")
     except ImportError:
         pass
+    if device.type in ("cpu", "cuda") and available(device):
+        names.append(device.type)
     return names

@@ -1,0 +1,114 @@
+// Python bindings of sam_fused._C: validate the tensor lists once, then run the CPU or CUDA kernels.
+#include "sam_fused.h"
+
+namespace sam_fused {
+namespace {
+
+// Each list is empty or as long as params; every tensor is dense, on params' device, with its
+// parameter's dtype, numel and strides: flat indexing is then valid for all of them.
+void check_lists(const char* op, const TensorList& params, std::initializer_list<const TensorList*> others) {
+  for (const auto& p : params) {
+    TORCH_CHECK(p.device() == params[0].device(), op, ": every tensor must be on ", params[0].device());
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": one dtype per call");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": parameters must be dense");
+  }
+  for (const TensorList* list : others) {
+    if (list->empty()) continue;
+    TORCH_CHECK(list->size() == params.size(), op, ": tensor lists of different lengths");
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto& t = (*list)[i];
+      TORCH_CHECK(t.device() == params[i].device() && t.scalar_type() == params[i].scalar_type() &&
+                      t.numel() == params[i].numel() && t.strides() == params[i].strides(),
+                  op, ": tensor ", i, " does not match its parameter's device, dtype, size and strides");
+    }
+  }
+}
+
+bool on_cuda(const TensorList& params) {
+  if (params.empty() || !params[0].is_cuda()) return false;
+#ifdef SAM_FUSED_WITH_CUDA
+  return true;
+#else
+  TORCH_CHECK(false, "sam_fused._C was built without CUDA kernels");
+#endif
+}
+
+at::Tensor sq_sum(const TensorList& params, const TensorList& grads, bool adaptive, double eta) {
+  check_lists("sq_sum", params, {&grads});
+  TORCH_CHECK(grads.size() == params.size(), "sq_sum: one grad per parameter");
+#ifdef SAM_FUSED_WITH_CUDA
+  if (on_cuda(params)) return sq_sum_cuda(params, grads, adaptive, eta);
+#else
+  on_cuda(params);
+#endif
+  return sq_sum_cpu(params, grads, adaptive, eta);
+}
+
+void perturb(const TensorList& params, const TensorList& grads, const TensorList& backups,
+             const at::Tensor& norm, double rho, bool adaptive, double eta) {
+  check_lists("perturb_", params, {&grads, &backups});
+  TORCH_CHECK(grads.size() == params.size() && backups.size() == params.size(),
+              "perturb_: one grad and one backup per parameter");
+  TORCH_CHECK(norm.numel() == 1 && (params.empty() || norm.device() == params[0].device()),
+              "perturb_: norm must be a one-element tensor on the parameters' device");
+#ifdef SAM_FUSED_WITH_CUDA
+  if (on_cuda(params)) return perturb_cuda(params, grads, backups, norm, rho, adaptive, eta);
+#else
+  on_cuda(params);
+#endif
+  perturb_cpu(params, grads, backups, norm, rho, adaptive, eta);
+}
+
+void restore_update(const TensorList& params, const TensorList& grads, const TensorList& sources,
+                    const TensorList& state1, const TensorList& state2, const UpdateArgs& u) {
+  check_lists("restore_update_", params, {&grads, &sources, &state1, &state2});
+  TORCH_CHECK(u.opt >= kOptRestore && u.opt <= kOptAdam, "restore_update_: unknown opt ", u.opt);
+  TORCH_CHECK(sources.size() == params.size(), "restore_update_: one source per parameter");
+  TORCH_CHECK(u.opt == kOptRestore || grads.size() == params.size(), "restore_update_: one grad per parameter");
+  TORCH_CHECK(u.opt != kOptAdam || (state1.size() == params.size() && state2.size() == params.size()),
+              "restore_update_: Adam needs exp_avg and exp_avg_sq");
+  TORCH_CHECK(u.opt != kOptSgd || u.momentum == 0 || state1.size() == params.size(),
+              "restore_update_: SGD with momentum needs momentum buffers");
+#ifdef SAM_FUSED_WITH_CUDA
+  if (on_cuda(params)) return restore_update_cuda(params, grads, sources, state1, state2, u);
+#else
+  on_cuda(params);
+#endif
+  restore_update_cpu(params, grads, sources, state1, state2, u);
+}
+
+}  // namespace
+}  // namespace sam_fused
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace sam_fused;
+  m.doc() = "sam_fused native kernels: global grad norm, perturb with backup, restore + update";
+  m.def("sq_sum", &sq_sum, "sum of (T g)^2 over the tensors, a 0-dim float32 tensor", py::arg("params"),
+        py::arg("grads"), py::kw_only(), py::arg("adaptive"), py::arg("eta"));
+  m.def("perturb_", &perturb, "backup = w; w += e (skipped when norm is not finite)", py::arg("params"),
+        py::arg("grads"), py::arg("backups"), py::kw_only(), py::arg("norm"), py::arg("rho"),
+        py::arg("adaptive"), py::arg("eta"));
+  m.def(
+      "restore_update_",
+      [](const TensorList& params, const TensorList& grads, const TensorList& sources, const TensorList& state1,
+         const TensorList& state2, int64_t opt, double lr, double weight_decay, double momentum, double dampening,
+         bool nesterov, bool maximize, bool first, double beta1, double beta2, double eps, double step_size,
+         double bias_correction2_sqrt, double decay, bool decoupled) {
+        restore_update(params, grads, sources, state1, state2,
+                       UpdateArgs{opt, lr, weight_decay, momentum, dampening, nesterov, maximize, first, beta1,
+                                  beta2, eps, step_size, bias_correction2_sqrt, decay, decoupled});
+      },
+      "w = source, fused with the SGD (opt 1) or Adam/AdamW (opt 2) update, or alone (opt 0)",
+      py::arg("params"), py::arg("grads"), py::arg("sources"), py::arg("state1"), py::arg("state2"), py::kw_only(),
+      py::arg("opt"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
+      py::arg("nesterov"), py::arg("maximize"), py::arg("first"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("step_size"), py::arg("bias_correction2_sqrt"), py::arg("decay"), py::arg("decoupled"));
+  m.def("has_cuda", [] {
+#ifdef SAM_FUSED_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

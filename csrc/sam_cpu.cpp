@@ -1,0 +1,148 @@
+// CPU kernels (inputs validated by bindings.cpp): each pass is one parallel loop over fixed 16384-element chunks of every tensor,
+// so a SAM step reads and writes each array the minimal number of times (40 B/param for SAM +
+// SGD-momentum in fp32) instead of once per elementwise torch op.
+#include "sam_fused.h"
+#include "sam_math.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+
+namespace sam_fused {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+constexpr int kLanes = 16;  // independent partial sums: lets the compiler vectorize the reduction
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+std::vector<Chunk> make_chunks(const TensorList& ts) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(ts.size()); ++t) {
+    const int64_t n = ts[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  return chunks;
+}
+
+template <typename scalar_t>
+scalar_t* ptr(const TensorList& list, int64_t i) {
+  return list.empty() ? nullptr : static_cast<scalar_t*>(list[i].data_ptr());
+}
+
+}  // namespace
+
+at::Tensor sq_sum_cpu(const TensorList& params, const TensorList& grads, bool adaptive, double eta) {
+  const auto chunks = make_chunks(params);
+  std::vector<double> partial(chunks.size(), 0.0);
+  if (!chunks.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          const Chunk& ch = chunks[c];
+          const scalar_t* g = ptr<scalar_t>(grads, ch.tensor);
+          const scalar_t* w = ptr<scalar_t>(params, ch.tensor);
+          acc_t lanes[kLanes] = {};
+          int64_t i = ch.begin;
+          for (; i + kLanes <= ch.end; i += kLanes) {
+            for (int k = 0; k < kLanes; ++k)
+              lanes[k] += weighted_square<acc_t>(acc_t(w[i + k]), acc_t(g[i + k]), adaptive, acc_t(eta));
+          }
+          for (; i < ch.end; ++i) lanes[0] += weighted_square<acc_t>(acc_t(w[i]), acc_t(g[i]), adaptive, acc_t(eta));
+          acc_t s = 0;
+          for (int k = 0; k < kLanes; ++k) s += lanes[k];
+          partial[c] = static_cast<double>(s);
+        }
+      });
+    });
+  }
+  double total = 0.0;  // fixed order: the same gradients give the same bits, whatever the threads
+  for (double v : partial) total += v;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
+}
+
+void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
+                 const at::Tensor& norm, double rho, bool adaptive, double eta) {
+  const float norm_v = norm.to(at::kFloat).item<float>();  // a CPU tensor: no device synchronization
+  const auto chunks = make_chunks(params);
+  if (chunks.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "perturb_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bool ok;
+    const acc_t scale = perturb_scale<acc_t>(norm_v, rho, &ok);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks[c];
+        scalar_t* w = ptr<scalar_t>(params, ch.tensor);
+        const scalar_t* g = ptr<scalar_t>(grads, ch.tensor);
+        scalar_t* b = ptr<scalar_t>(backups, ch.tensor);
+        std::memcpy(b + ch.begin, w + ch.begin, (ch.end - ch.begin) * sizeof(scalar_t));
+        if (!ok) continue;  // non-finite norm: the weights stay as they are
+        for (int64_t i = ch.begin; i < ch.end; ++i) {
+          const acc_t x = acc_t(w[i]);
+          w[i] = scalar_t(x + perturbation<acc_t>(x, acc_t(g[i]), scale, adaptive, acc_t(eta)));
+        }
+      }
+    });
+  });
+}
+
+namespace {
+
+template <typename scalar_t, int64_t OPT>
+void update_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads,
+                   const TensorList& sources, const TensorList& state1, const TensorList& state2,
+                   const UpdateArgs& args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto u = update_scalars<acc_t>(args);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      scalar_t* w = ptr<scalar_t>(params, ch.tensor);
+      const scalar_t* src = ptr<scalar_t>(sources, ch.tensor);
+      if (OPT == kOptRestore) {
+        if (w != src) std::memcpy(w + ch.begin, src + ch.begin, (ch.end - ch.begin) * sizeof(scalar_t));
+        continue;
+      }
+      const scalar_t* g = ptr<scalar_t>(grads, ch.tensor);
+      scalar_t* s1 = ptr<scalar_t>(state1, ch.tensor);
+      scalar_t* s2 = ptr<scalar_t>(state2, ch.tensor);
+      for (int64_t i = ch.begin; i < ch.end; ++i) {
+        acc_t m = (s1 && !u.first) ? acc_t(s1[i]) : acc_t(0);  // a first buffer is uninitialized
+        acc_t out;
+        if (OPT == kOptSgd) {
+          out = sgd_element<acc_t>(u, acc_t(src[i]), acc_t(g[i]), m);
+          if (s1) s1[i] = scalar_t(m);
+        } else {
+          acc_t v = acc_t(s2[i]);
+          out = adam_element<acc_t>(u, acc_t(src[i]), acc_t(g[i]), m, v);
+          s1[i] = scalar_t(m);
+          s2[i] = scalar_t(v);
+        }
+        w[i] = scalar_t(out);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void restore_update_cpu(const TensorList& params, const TensorList& grads, const TensorList& sources,
+                        const TensorList& state1, const TensorList& state2, const UpdateArgs& u) {
+  const auto chunks = make_chunks(params);
+  if (chunks.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "restore_update_cpu", [&] {
+    switch (u.opt) {
+      case kOptRestore: return update_chunks<scalar_t, kOptRestore>(chunks, params, grads, sources, state1, state2, u);
+      case kOptSgd: return update_chunks<scalar_t, kOptSgd>(chunks, params, grads, sources, state1, state2, u);
+      case kOptAdam: return update_chunks<scalar_t, kOptAdam>(chunks, params, grads, sources, state1, state2, u);
+      default: TORCH_CHECK(false, "restore_update_: unknown opt ", u.opt);
+    }
+  });
+}
+
+}  // namespace sam_fused

@@ -1,0 +1,156 @@
+// CUDA kernels of the three fused passes, on multi_tensor_apply. Tensor-list slots:
+//   sq_sum:          tl[0] params, tl[1] grads                       -> one partial per block
+//   perturb_:        tl[0] params, tl[1] grads, tl[2] backups
+//   restore_update_: tl[0] params, tl[1] grads, tl[2] sources, tl[3] state1, tl[4] state2
+// The norm never leaves the device: sq_sum writes partials, a one-block kernel sums them in a
+// fixed order, and perturb_ reads the result through a pointer.
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "multi_tensor_apply.cuh"
+#include "sam_fused.h"
+#include "sam_math.h"
+
+namespace sam_fused {
+namespace {
+
+template <typename T>
+__device__ T* slot(void* p) {
+  return static_cast<T*>(p);
+}
+
+// Sum of a per-thread value over the block, in a fixed order (deterministic).
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t buf[kThreads];
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+    __syncthreads();
+  }
+  return buf[0];
+}
+
+template <typename scalar_t>
+struct SqSumFunctor {
+  __device__ void operator()(MetaTable<2>& meta, float* partials, bool adaptive, float eta) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int t = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kCudaChunk;
+    const int64_t end = min(begin + kCudaChunk, meta.sizes[t]);
+    const scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
+    const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
+    acc_t acc = 0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
+      acc += weighted_square<acc_t>(acc_t(w[i]), acc_t(g[i]), adaptive, acc_t(eta));
+    acc = block_sum<acc_t>(acc);
+    if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = static_cast<float>(acc);
+  }
+};
+
+__global__ void __launch_bounds__(kThreads) final_sum_kernel(const float* partials, int64_t n, float* out) {
+  float acc = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
+  acc = block_sum<float>(acc);
+  if (threadIdx.x == 0) *out = acc;
+}
+
+template <typename scalar_t>
+struct PerturbFunctor {
+  __device__ void operator()(MetaTable<3>& meta, const float* norm, float rho, bool adaptive, float eta) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int t = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kCudaChunk;
+    const int64_t end = min(begin + kCudaChunk, meta.sizes[t]);
+    scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
+    const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
+    scalar_t* b = slot<scalar_t>(meta.addresses[2][t]);
+    bool ok;
+    const acc_t scale = perturb_scale<acc_t>(*norm, rho, &ok);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const scalar_t raw = w[i];
+      b[i] = raw;
+      if (ok) {
+        const acc_t x = acc_t(raw);
+        w[i] = scalar_t(x + perturbation<acc_t>(x, acc_t(g[i]), scale, adaptive, acc_t(eta)));
+      }
+    }
+  }
+};
+
+template <typename scalar_t, int64_t OPT>
+struct UpdateFunctor {
+  __device__ void operator()(MetaTable<5>& meta, UpdateScalars<at::opmath_type<scalar_t>> u) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int t = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kCudaChunk;
+    const int64_t end = min(begin + kCudaChunk, meta.sizes[t]);
+    scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
+    const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
+    const scalar_t* src = slot<scalar_t>(meta.addresses[2][t]);
+    scalar_t* s1 = slot<scalar_t>(meta.addresses[3][t]);
+    scalar_t* s2 = slot<scalar_t>(meta.addresses[4][t]);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      if (OPT == kOptRestore) {
+        w[i] = src[i];
+      } else if (OPT == kOptSgd) {
+        acc_t m = (s1 && !u.first) ? acc_t(s1[i]) : acc_t(0);
+        const acc_t out = sgd_element<acc_t>(u, acc_t(src[i]), acc_t(g[i]), m);
+        if (s1) s1[i] = scalar_t(m);
+        w[i] = scalar_t(out);
+      } else {
+        acc_t m = acc_t(s1[i]), v = acc_t(s2[i]);
+        const acc_t out = adam_element<acc_t>(u, acc_t(src[i]), acc_t(g[i]), m, v);
+        s1[i] = scalar_t(m);
+        s2[i] = scalar_t(v);
+        w[i] = scalar_t(out);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+at::Tensor sq_sum_cuda(const TensorList& params, const TensorList& grads, bool adaptive, double eta) {
+  const auto opts = params[0].options().dtype(at::kFloat);
+  auto out = at::empty({}, opts);
+  auto partials = at::empty({std::max<int64_t>(total_chunks(params), 1)}, opts);
+  const int64_t n = total_chunks(params);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cuda", [&] {
+    multi_tensor_apply<2>({&params, &grads}, SqSumFunctor<scalar_t>(), partials.data_ptr<float>(), adaptive,
+                          static_cast<float>(eta));
+  });
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  final_sum_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.data_ptr<float>(), n,
+                                                                        out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
+                  const at::Tensor& norm, double rho, bool adaptive, double eta) {
+  TORCH_CHECK(norm.is_cuda() && norm.scalar_type() == at::kFloat && norm.numel() == 1,
+              "perturb_: norm must be a one-element float32 CUDA tensor");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "perturb_cuda", [&] {
+    multi_tensor_apply<3>({&params, &grads, &backups}, PerturbFunctor<scalar_t>(), norm.data_ptr<float>(),
+                          static_cast<float>(rho), adaptive, static_cast<float>(eta));
+  });
+}
+
+void restore_update_cuda(const TensorList& params, const TensorList& grads, const TensorList& sources,
+                         const TensorList& state1, const TensorList& state2, const UpdateArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "restore_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto u = update_scalars<acc_t>(args);
+    const std::vector<const TensorList*> lists{&params, &grads, &sources, &state1, &state2};
+    switch (args.opt) {
+      case kOptRestore: return multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptRestore>(), u);
+      case kOptSgd: return multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd>(), u);
+      case kOptAdam: return multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptAdam>(), u);
+      default: TORCH_CHECK(false, "restore_update_: unknown opt ", args.opt);
+    }
+  });
+}
+
+}  // namespace sam_fused

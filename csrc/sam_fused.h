@@ -1,0 +1,48 @@
+// sam_fused native kernels: the three fused passes of a SAM step over lists of tensors.
+//
+// Every list holds tensors of one dtype on one device, each dense and sharing the strides of the
+// matching parameter, so element i of a tensor is at data_ptr + i in every list. Math is done in
+// fp32 (fp64 for double parameters) and stored back in the parameter's dtype.
+//
+//   sq_sum          sum over tensors of (T * g)^2, T = |w| + eta (ASAM) or 1: a 0-dim fp32 tensor,
+//                   from per-chunk partials summed in a fixed order (deterministic)
+//   perturb_        backup = w; w += rho * T^2 * g / (norm + 1e-12), skipped when norm is not finite
+//   restore_update_ w = source, fused with torch.optim's SGD or Adam/AdamW update (opt 1, 2) or
+//                   alone (opt 0); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace sam_fused {
+
+constexpr int64_t kOptRestore = 0;
+constexpr int64_t kOptSgd = 1;
+constexpr int64_t kOptAdam = 2;
+
+struct UpdateArgs {
+  int64_t opt;
+  double lr, weight_decay, momentum, dampening;
+  bool nesterov, maximize, first;
+  double beta1, beta2, eps, step_size, bias_correction2_sqrt, decay;
+  bool decoupled;
+};
+
+using TensorList = std::vector<at::Tensor>;
+
+at::Tensor sq_sum_cpu(const TensorList& params, const TensorList& grads, bool adaptive, double eta);
+void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
+                 const at::Tensor& norm, double rho, bool adaptive, double eta);
+void restore_update_cpu(const TensorList& params, const TensorList& grads, const TensorList& sources,
+                        const TensorList& state1, const TensorList& state2, const UpdateArgs& u);
+
+#ifdef SAM_FUSED_WITH_CUDA
+at::Tensor sq_sum_cuda(const TensorList& params, const TensorList& grads, bool adaptive, double eta);
+void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
+                  const at::Tensor& norm, double rho, bool adaptive, double eta);
+void restore_update_cuda(const TensorList& params, const TensorList& grads, const TensorList& sources,
+                         const TensorList& state1, const TensorList& state2, const UpdateArgs& u);
+#endif
+
+}  // namespace sam_fused
