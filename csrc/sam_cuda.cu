@@ -79,7 +79,7 @@ struct PerturbFunctor {
   }
 };
 
-template <typename scalar_t, int64_t OPT>
+template <typename scalar_t, int64_t OPT, bool HAS_MOMENTUM, bool NESTEROV>
 struct UpdateFunctor {
   __device__ void operator()(MetaTable<5>& meta, UpdateScalars<at::opmath_type<scalar_t>> u) {
     using acc_t = at::opmath_type<scalar_t>;
@@ -95,9 +95,9 @@ struct UpdateFunctor {
       if (OPT == kOptRestore) {
         w[i] = src[i];
       } else if (OPT == kOptSgd) {
-        acc_t m = (s1 && !u.first) ? acc_t(s1[i]) : acc_t(0);
-        const acc_t out = sgd_element<acc_t>(u, acc_t(src[i]), acc_t(g[i]), m);
-        if (s1) s1[i] = scalar_t(m);
+        acc_t m = HAS_MOMENTUM ? acc_t(s1[i]) : acc_t(0);
+        const acc_t out = sgd_element<acc_t, HAS_MOMENTUM, NESTEROV>(u, acc_t(src[i]), acc_t(g[i]), m);
+        if (HAS_MOMENTUM) s1[i] = scalar_t(m);
         w[i] = scalar_t(out);
       } else {
         acc_t m = acc_t(s1[i]), v = acc_t(s2[i]);
@@ -144,11 +144,16 @@ void restore_update_cuda(const TensorList& params, const TensorList& grads, cons
     using acc_t = at::opmath_type<scalar_t>;
     const auto u = update_scalars<acc_t>(args);
     const std::vector<const TensorList*> lists{&params, &grads, &sources, &state1, &state2};
-    switch (args.opt) {
-      case kOptRestore: return multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptRestore>(), u);
-      case kOptSgd: return multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd>(), u);
-      case kOptAdam: return multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptAdam>(), u);
-      default: TORCH_CHECK(false, "restore_update_: unknown opt ", args.opt);
+    if (args.opt == kOptRestore) {
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptRestore, false, false>(), u);
+    } else if (args.opt == kOptAdam) {
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptAdam, false, false>(), u);
+    } else if (args.momentum == 0) {
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, false, false>(), u);
+    } else if (args.nesterov) {
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, true>(), u);
+    } else {
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, false>(), u);
     }
   });
 }

@@ -37,30 +37,33 @@ SAM_HD acc_t weighted_square(acc_t w, acc_t g, bool adaptive, acc_t eta) {
   return g * g;
 }
 
+// Scalars of the update, folded so that the element functions have no data-dependent branch:
+//   sign = -1 for maximize;  l2 = weight_decay unless decoupled;  decay = 1 - lr * weight_decay
+//   for AdamW, else 1;  SGD's buffer update m = m * keep + coef * d, with (keep, coef) =
+//   (0, 1) on the first step (the buffer is zero-initialized, so m = d as torch starts it) and
+//   (momentum, 1 - dampening) afterwards.
 template <typename acc_t>
 struct UpdateScalars {
-  acc_t lr, weight_decay, momentum, one_minus_dampening;
-  acc_t one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt, decay;
-  bool has_momentum, nesterov, maximize, first, decoupled;
+  acc_t sign, lr, l2, decay, momentum, keep, coef;
+  acc_t one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt;
 };
 
 template <typename acc_t, typename Args>
 UpdateScalars<acc_t> update_scalars(const Args& u) {
   return UpdateScalars<acc_t>{
-      acc_t(u.lr), acc_t(u.weight_decay), acc_t(u.momentum), acc_t(1.0 - u.dampening),
-      acc_t(1.0 - u.beta1), acc_t(u.beta2), acc_t(1.0 - u.beta2), acc_t(u.eps), acc_t(u.step_size),
-      acc_t(u.bias_correction2_sqrt), acc_t(u.decay),
-      u.momentum != 0, u.nesterov, u.maximize, u.first, u.decoupled};
+      acc_t(u.maximize ? -1.0 : 1.0), acc_t(u.lr), acc_t(u.decoupled ? 0.0 : u.weight_decay),
+      acc_t(u.decoupled ? u.decay : 1.0), acc_t(u.momentum), acc_t(u.first ? 0.0 : u.momentum),
+      acc_t(u.first ? 1.0 : 1.0 - u.dampening), acc_t(1.0 - u.beta1), acc_t(u.beta2), acc_t(1.0 - u.beta2),
+      acc_t(u.eps), acc_t(u.step_size), acc_t(u.bias_correction2_sqrt)};
 }
 
 // torch.optim.SGD on one element: returns the new weight, updates the momentum buffer m.
-template <typename acc_t>
+template <typename acc_t, bool HAS_MOMENTUM, bool NESTEROV>
 SAM_HD acc_t sgd_element(const UpdateScalars<acc_t>& u, acc_t w, acc_t d, acc_t& m) {
-  if (u.maximize) d = -d;
-  d = d + u.weight_decay * w;
-  if (u.has_momentum) {
-    m = u.first ? d : m * u.momentum + u.one_minus_dampening * d;
-    d = u.nesterov ? d + u.momentum * m : m;
+  d = d * u.sign + u.l2 * w;
+  if (HAS_MOMENTUM) {
+    m = m * u.keep + u.coef * d;
+    d = NESTEROV ? d + u.momentum * m : m;
   }
   return w - u.lr * d;
 }
@@ -68,12 +71,8 @@ SAM_HD acc_t sgd_element(const UpdateScalars<acc_t>& u, acc_t w, acc_t d, acc_t&
 // torch.optim.Adam / AdamW (no amsgrad) on one element: new weight; updates exp_avg m, exp_avg_sq v.
 template <typename acc_t>
 SAM_HD acc_t adam_element(const UpdateScalars<acc_t>& u, acc_t w, acc_t d, acc_t& m, acc_t& v) {
-  if (u.maximize) d = -d;
-  if (u.decoupled) {
-    w = w * u.decay;
-  } else {
-    d = d + u.weight_decay * w;
-  }
+  d = d * u.sign + u.l2 * w;
+  w = w * u.decay;
   m = m + u.one_minus_beta1 * (d - m);
   v = v * u.beta2 + u.one_minus_beta2 * d * d;
   return w - u.step_size * (m / (std::sqrt(v) / u.bias_correction2_sqrt + u.eps));

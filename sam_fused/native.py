@@ -62,10 +62,12 @@ def want_cuda() -> bool:
 
 
 def compile_flags(cuda: bool) -> dict:
-    cflags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template whose threads are OpenMP pragmas; without
+    # the flag the CPU kernels silently run on one thread.
+    cflags = ["-O3", "-fopenmp"]
     if os.uname().machine in ("x86_64", "amd64"):
         cflags.append("-march=native")  # a JIT build runs where it was compiled
-    flags = dict(extra_cflags=cflags + (["-DSAM_FUSED_WITH_CUDA"] if cuda else []))
+    flags = dict(extra_cflags=cflags + (["-DSAM_FUSED_WITH_CUDA"] if cuda else []), extra_ldflags=["-fopenmp"])
     if cuda:
         flags["extra_cuda_cflags"] = ["-O3", "-DSAM_FUSED_WITH_CUDA", "--use_fast_math"]
     return flags

@@ -197,8 +197,9 @@ class FlatBackend(Backend):
         if group["momentum"] != 0:
             keys = ("momentum_buffer",)
             first = [p for p in ps if state[p].get("momentum_buffer") is None]
-            for p in first:  # torch starts the buffer at the first gradient; the kernel writes it
-                state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            for p in first:  # torch starts the buffer at the first gradient; the kernels write it
+                # (zeros: the native kernels compute 0 * 0 + 1 * g there, with no branch)
+                state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             first_ids = {id(p) for p in first}
             parts = [(True, first), (False, [p for p in ps if id(p) not in first_ids])]
         for is_first, sub in parts:

@@ -263,7 +263,7 @@ def report(env, copy_gbs, step_rows, train_rows) -> str:
     out = [f"sam-fused bench: {env['device_name']} ({env['device']}, {env['threads']} threads), torch "
            f"{env['torch']}, triton {env['triton']}, {env['date']}",
            f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s", ""]
-    unit = "launches" if env["device"] == "cuda" else "aten ops"
+    unit = "launches" if env["device"] == "cuda" else "ops"
     for model in dict.fromkeys(r["model"] for r in step_rows):
         rs = [r for r in step_rows if r["model"] == model]
         out.append(f"Optimizer step alone: {model}, {rs[0]['params'] / 1e6:.2f}M params in {rs[0]['tensors']} tensors")
