@@ -1,4 +1,4 @@
-"""Command line: ``sam-fused bench`` (also ``python -m sam_fused bench``)."""
+"""Command line: ``sam-fused bench`` and ``sam-fused compare`` (also ``python -m sam_fused ...``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sam-fused", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     from .bench.cli import add_parser as add_bench
+    from .compare import add_parser as add_compare
 
     add_bench(sub)
+    add_compare(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
