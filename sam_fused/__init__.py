@@ -2,6 +2,8 @@
 
 from .backends import BACKENDS, BackendUnavailable, available_backends
 from .optimizer import FusedSAM
+from .universal import DetSAM, FrobSAM, TraceSAM, UniversalSAM
 
-__all__ = ["FusedSAM", "BACKENDS", "BackendUnavailable", "available_backends"]
+__all__ = ["FusedSAM", "UniversalSAM", "FrobSAM", "TraceSAM", "DetSAM", "BACKENDS", "BackendUnavailable",
+           "available_backends"]
 __version__ = "0.1.0"

@@ -19,7 +19,86 @@ def _check_nonneg(name: str, value) -> None:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 
-class FusedSAM(torch.optim.Optimizer):
+class SAMOptimizer(torch.optim.Optimizer):
+    """What every SAM-family optimizer here shares: the base optimizer built on the same param groups,
+    its state dict, param groups with per-group SAM hyperparameters, validation and the backend.
+
+    Subclasses name their per-group keys in ``_group_keys`` and check them in ``_check_group``.
+    """
+
+    _group_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable, base_optimizer: type, defaults: dict, backend, base_kwargs: dict,
+                 make_backend) -> None:
+        if not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer subclass (the class, not an instance), "
+                f"got {base_optimizer!r}"
+            )
+        super().__init__(params, dict(defaults, **base_kwargs))
+        for group in self.param_groups:
+            self._check_group(group)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self._backend = make_backend(backend, self)
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use."""
+        return self._backend.name
+
+    def _check_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # during Optimizer.__init__, before the base optimizer exists
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        for key in self._group_keys:
+            group.setdefault(key, self.defaults[key])
+        self._check_group(group)
+        base.add_param_group(group)
+        self._backend.invalidate()
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict; SAM's scratch buffers are never saved."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for key in self._group_keys:
+                group.setdefault(key, self.defaults[key])
+        self._backend.invalidate()
+
+    def _collect(self) -> list[GroupWork]:
+        """Params with a grad, per group; refuses bad input before anything is touched."""
+        name = type(self).__name__
+        work = []
+        for i, group in enumerate(self.param_groups):
+            self._check_group(group)
+            gw = GroupWork(i, group)
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                if p.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(f"{name} supports float32, bfloat16, float16 and float64 parameters, got {p.dtype}")
+                gw.params.append(p)
+            if gw.params:
+                work.append(gw)
+        return work
+
+
+class FusedSAM(SAMOptimizer):
     """Sharpness-Aware Minimization (Foret et al., ICLR 2021) around any base optimizer.
 
     Args:
@@ -59,84 +138,20 @@ class FusedSAM(torch.optim.Optimizer):
     ) -> None:
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
-        if not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, torch.optim.Optimizer)):
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer subclass (the class, not an instance), "
-                f"got {base_optimizer!r}"
-            )
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
-        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, **base_kwargs)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_group(group)
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self.defaults.update(self.base_optimizer.defaults)
-        self._backend = make_backend(backend, self)
+        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
+        super().__init__(params, base_optimizer, defaults, backend, base_kwargs, make_backend)
         self._perturbed: list[Tensor] | None = None
         self.grad_norm: Tensor | None = None
 
-    # ------------------------------------------------------------------ torch.optim plumbing
-    @property
-    def backend(self) -> str:
-        """Name of the backend in use."""
-        return self._backend.name
+    _group_keys = ("rho", "adaptive", "eta")
 
-    def _all_params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    @staticmethod
-    def _check_group(group: dict) -> None:
+    def _check_group(self, group: dict) -> None:
         _check_nonneg("rho", group["rho"])
         _check_nonneg("eta", group["eta"])
 
-    def add_param_group(self, param_group: dict) -> None:
-        base = getattr(self, "base_optimizer", None)
-        if base is None:  # during Optimizer.__init__, before the base optimizer exists
-            super().add_param_group(param_group)
-            return
-        group = dict(param_group)
-        for key in ("rho", "adaptive", "eta"):
-            group.setdefault(key, self.defaults[key])
-        self._check_group(group)
-        base.add_param_group(group)
-        self._backend.invalidate()
-
-    def state_dict(self) -> dict:
-        """The base optimizer's state dict; SAM's backups are scratch space and never saved."""
-        return self.base_optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        for group in self.param_groups:
-            for key in ("rho", "adaptive", "eta"):
-                group.setdefault(key, self.defaults[key])
-        self._backend.invalidate()
-
     # ------------------------------------------------------------------ SAM
-    def _collect(self) -> list[GroupWork]:
-        """Params with a grad, per group; refuses bad input before anything is touched."""
-        work = []
-        for i, group in enumerate(self.param_groups):
-            self._check_group(group)
-            gw = GroupWork(i, group)
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError("FusedSAM does not support sparse gradients")
-                if p.dtype not in _FLOAT_DTYPES:
-                    raise TypeError(f"FusedSAM supports float32, bfloat16, float16 and float64 parameters, got {p.dtype}")
-                gw.params.append(p)
-            if gw.params:
-                work.append(gw)
-        return work
-
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move every parameter with a grad to ``w + e(w)``, keeping an exact backup of ``w``."""

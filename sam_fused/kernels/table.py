@@ -25,7 +25,7 @@ BLOCK = 4096
 NUM_WARPS = 8
 # Programs of the persistent norm kernel per bucket: bounds the partials the reduction reads.
 NORM_PROGRAMS = 512
-NCOL = 6
+NCOL = 6  # FusedSAM's tables: numel, p, g, source/backup, state 1, state 2
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -40,15 +40,17 @@ def _upload(values: list[int], device: torch.device) -> Tensor:
 class PointerTable:
     """Chunk and address table of one list of same-dtype tensors on one device."""
 
-    def __init__(self) -> None:
+    def __init__(self, ncol: int = NCOL) -> None:
+        self.ncol = ncol
         self.n_chunks = 0
         self.chunks: Tensor | None = None
         self.tensors: Tensor | None = None
         self._numels: list[int] | None = None
         self._addrs: list[int] | None = None
 
-    def update(self, device: torch.device, columns: list[tuple[Tensor | None, ...]]) -> "PointerTable":
-        """``columns[i]`` = (p, g, source, state1, state2) of tensor i; ``None`` for an unused slot."""
+    def update(self, device: torch.device, columns: list[tuple[Tensor | int | None, ...]]) -> "PointerTable":
+        """``columns[i]`` = the tensors of row i after its numel ((p, g, source, state1, state2) for
+        FusedSAM); ``None`` for an unused slot, an int for a plain value."""
         numels = [c[0].numel() for c in columns]
         if numels != self._numels:
             rows: list[int] = []
@@ -61,8 +63,8 @@ class PointerTable:
         addrs: list[int] = []
         for n, cols in zip(numels, columns):
             addrs.append(n)
-            addrs.extend(0 if t is None else t.data_ptr() for t in cols)
-            addrs.extend(0 for _ in range(NCOL - 1 - len(cols)))
+            addrs.extend(0 if t is None else t if isinstance(t, int) else t.data_ptr() for t in cols)
+            addrs.extend(0 for _ in range(self.ncol - 1 - len(cols)))
         if addrs != self._addrs:
             self.tensors = _upload(addrs, device)
             self._addrs = addrs
@@ -70,11 +72,11 @@ class PointerTable:
 
 
 @triton.jit
-def chunk_of(chunks, tensors, c, CHUNK: tl.constexpr):
-    """(tensor row, first element, one past the last element) of chunk ``c``; rows are NCOL = 6 wide."""
+def chunk_of(chunks, tensors, c, CHUNK: tl.constexpr, NCOL: tl.constexpr = 6):
+    """(tensor row, first element, one past the last element) of chunk ``c``; rows are NCOL wide."""
     t = tl.load(chunks + 2 * c)
     start = tl.load(chunks + 2 * c + 1)
-    row = tensors + t * 6
+    row = tensors + t * NCOL
     end = tl.minimum(start + CHUNK, tl.load(row))
     return row, start, end
 

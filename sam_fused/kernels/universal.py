@@ -1,0 +1,147 @@
+"""Universal SAM (Frob-, Trace-, Det-SAM) kernels: noise drawn in the kernel, sums fused into the
+pass that reads each sample's gradient.
+
+Table rows (UNCOL = 9): numel, p, g (this sample's grad), backup, g0, acc1 (fp32), acc2 (fp32),
+explicit noise (fp32, or 0), element offset of the tensor among all parameters (for Philox).
+
+    perturb (sample i):  [first: backup = w, g0 = g]  w = backup + rho * noise_i
+                         noise_i = randn(seed_i, offset) or (2 rand(seed_i, offset) - 1) h: never stored
+    accumulate (i):      acc1 += a_i (g - g0)  [Frob: acc2 += g - g0], a_i from the loss buffer
+    last accumulate:     + restore w = backup and write g0 + c1 acc1 + c2 acc2 into the grad
+
+Losses stay on the device in a small fp32 buffer [L0, L1, ..., Ln] that the kernels read.
+Bytes per element per sample (fp32): perturb 8 (first: 20), accumulate 12-20, last +12.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .table import BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, to_dtype
+
+UNCOL = 9
+MEASURE_CODES = {"frob": 0, "trace": 1, "det": 2}
+
+
+@triton.jit
+def _usam_perturb_kernel(
+    chunks, tensors, seed, rho, h,
+    DTYPE: tl.constexpr, START: tl.constexpr, UNIFORM: tl.constexpr, EXPLICIT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
+    p = column(row, 1, DTYPE)
+    g = column(row, 2, DTYPE)
+    b = column(row, 3, DTYPE)
+    g0 = column(row, 4, DTYPE)
+    noise = column(row, 7, tl.float32)
+    base = tl.load(row + 8)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < end
+        if START:
+            raw = tl.load(p + idx, mask=mask)
+            tl.store(b + idx, raw, mask=mask)
+            tl.store(g0 + idx, tl.load(g + idx, mask=mask), mask=mask)
+        else:
+            raw = tl.load(b + idx, mask=mask)
+        if EXPLICIT:
+            z = tl.load(noise + idx, mask=mask, other=0.0)
+        elif UNIFORM:
+            z = (tl.rand(seed, base + idx) * 2.0 - 1.0) * h
+        else:
+            z = tl.randn(seed, base + idx)
+        tl.store(p + idx, to_dtype(raw.to(tl.float32) + rho * z, DTYPE), mask=mask)
+
+
+@triton.jit
+def _sample_weight(losses, i, n, rho, MEASURE: tl.constexpr):
+    """a_i: Frob L_i - L0; Trace 1/n; Det psi'(d_i)/n = -exp(-d_i/2)/(2n), d_i = (L_i - L0)/rho^2."""
+    dl = tl.load(losses + i + 1) - tl.load(losses)
+    if MEASURE == 0:
+        a = dl
+    elif MEASURE == 1:
+        a = 1.0 / n + 0.0 * dl
+    else:
+        a = -0.5 * tl.exp(-dl / (2.0 * rho * rho)) / n
+    return a
+
+
+@triton.jit
+def _usam_accumulate_kernel(
+    chunks, tensors, losses, i, n, rho, lam,
+    DTYPE: tl.constexpr, MEASURE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
+    p = column(row, 1, DTYPE)
+    g = column(row, 2, DTYPE)
+    b = column(row, 3, DTYPE)
+    g0 = column(row, 4, DTYPE)
+    acc1 = column(row, 5, tl.float32)
+    acc2 = column(row, 6, tl.float32)
+    a = _sample_weight(losses, i, n, rho, MEASURE)
+    if LAST:  # the coefficients of the combination, from all the losses
+        l0 = tl.load(losses)
+        total = l0 * 0.0
+        for j in range(1, n + 1):
+            dl = tl.load(losses + j) - l0
+            if MEASURE == 2:
+                total += tl.exp(-dl / (2.0 * rho * rho))
+            else:
+                total += dl
+        if MEASURE == 0:
+            c1 = lam / (rho * rho) / (n - 1)
+            c2 = -c1 * total / n
+        elif MEASURE == 1:
+            c1 = lam + 0.0 * total
+            c2 = 0.0 * total
+        else:
+            x = total / n
+            c1 = lam * (-2.0 / (x * x * x))
+            c2 = 0.0 * total
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < end
+        base = tl.load(g0 + idx, mask=mask, other=0.0).to(tl.float32)
+        diff = tl.load(g + idx, mask=mask, other=0.0).to(tl.float32) - base
+        s1 = a * diff
+        if not FIRST:
+            s1 += tl.load(acc1 + idx, mask=mask, other=0.0)
+        if MEASURE == 0:
+            s2 = diff
+            if not FIRST:
+                s2 += tl.load(acc2 + idx, mask=mask, other=0.0)
+        if LAST:
+            out = base + c1 * s1
+            if MEASURE == 0:
+                out += c2 * s2
+            tl.store(g + idx, to_dtype(out, DTYPE), mask=mask)
+            tl.store(p + idx, tl.load(b + idx, mask=mask), mask=mask)
+        else:
+            tl.store(acc1 + idx, s1, mask=mask)
+            if MEASURE == 0:
+                tl.store(acc2 + idx, s2, mask=mask)
+
+
+def perturb(table: PointerTable, dtype, seed: int, rho: float, h: float, start: bool, uniform: bool,
+            explicit: bool) -> None:
+    if table.n_chunks == 0:
+        return
+    _usam_perturb_kernel[(table.n_chunks,)](
+        table.chunks, table.tensors, int(seed), float(rho), float(h),
+        DTYPE=TL_DTYPES[dtype], START=bool(start), UNIFORM=bool(uniform), EXPLICIT=bool(explicit),
+        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+
+
+def accumulate(table: PointerTable, dtype, losses, i: int, n: int, rho: float, lam: float, measure: str,
+               first: bool, last: bool) -> None:
+    if table.n_chunks == 0:
+        return
+    _usam_accumulate_kernel[(table.n_chunks,)](
+        table.chunks, table.tensors, losses, int(i), int(n), float(rho), float(lam),
+        DTYPE=TL_DTYPES[dtype], MEASURE=MEASURE_CODES[measure], FIRST=bool(first), LAST=bool(last),
+        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )

@@ -1,0 +1,180 @@
+"""The universal class of sharpness-aware objectives: Frob-SAM, Trace-SAM and Det-SAM.
+
+Tahmasebi, Soleymani, Bahri, Jegelka, Jaillet, "A Universal Class of Sharpness-Aware Minimization
+Algorithms", ICML 2024. Any function of the Hessian becomes a sharpness-aware objective estimated
+with n random perturbations eps_i of the weights; with g0 the gradient at w and L_i, g_i the loss
+and gradient at w + eps_i (weights restored exactly after each sample), the update direction is
+
+    Frob-SAM  (Frobenius norm of the Hessian), eps_i = rho z_i, z_i ~ N(0, I), n >= 2:
+        g = g0 + (lam / rho^2) / (n - 1) * [sum_i L_i g_i - (1/n)(sum_i L_i)(sum_i g_i)]
+    Trace-SAM (trace of the Hessian), eps_i = rho z_i, z_i ~ N(0, I); psi(d) = d, phi' = 1
+    Det-SAM   (product of the non-zero eigenvalues; scale-invariant), eps_i = rho u_i,
+              u_i ~ U[-h, h]^d; psi(d) = exp(-d/2), psi' = -psi/2, phi'(x) = -2 / x^3
+        g = g0 + lam * phi'(x) * sum_i psi'(d_i)/n * (g_i - g0),
+        d_i = (L_i - L0) / rho^2,  x = (1/n) sum_i psi(d_i)
+
+and the base optimizer (SGD, AdamW, any) is applied with g. The closure is called n + 1 times per
+step. Defaults are the paper's: Frob-SAM rho = lam = 0.005, n = 2; Trace-SAM rho = 0.01;
+Det-SAM rho = 1, h = 0.01. The paper's rule leaves lam of Trace- and Det-SAM to the user: the
+defaults here (0.1, 0.01) are ours. Large lam / rho^2 makes the estimator's variance explode:
+see the README for the range measured stable.
+
+Memory: besides the base optimizer's state, parameter-sized buffers for the backup of w, g0 and
+the accumulated sum(s): 4 for Frob-SAM (sum (L_i - L0)(g_i - g0) and sum (g_i - g0)), 3 for
+Trace- and Det-SAM. The noise is never stored by the Triton backend: its kernels draw it from a
+counter-based generator (Philox) keyed by (seed, step, sample) and the element's offset.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .backends import BackendUnavailable
+from .backends.universal_reference import MEASURES, UniversalTorchBackend
+from .optimizer import SAMOptimizer, _check_nonneg
+
+UNIVERSAL_BACKENDS = ("torch", "triton")
+_PAPER_DEFAULTS = {"frob": dict(rho=0.005, lam=0.005), "trace": dict(rho=0.01, lam=0.1), "det": dict(rho=1.0, lam=0.01)}
+
+
+def _make_universal_backend(name: str | None, optimizer):
+    from .backends import _devices, triton_interpreting
+
+    devices = _devices(optimizer)
+    if name is None:
+        name = "triton" if len(devices) == 1 and next(iter(devices)).type == "cuda" else "torch"
+        if name == "triton":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                name = "torch"
+    if name == "torch":
+        return UniversalTorchBackend(optimizer)
+    if name == "triton":
+        try:
+            from .backends.universal_triton import UniversalTritonBackend
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend 'triton' cannot load: {exc}") from exc
+        (device, *rest) = devices
+        if rest or not (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
+            raise BackendUnavailable(
+                "backend 'triton' needs every parameter on one CUDA device (or the CPU under TRITON_INTERPRET=1)"
+            )
+        return UniversalTritonBackend(optimizer)
+    if name in ("cpu", "cuda"):
+        raise BackendUnavailable(
+            f"backend {name!r}: the universal SAM class runs on the 'torch' and 'triton' backends only"
+        )
+    raise ValueError(f"unknown backend {name!r}; choose one of {list(UNIVERSAL_BACKENDS)} or None")
+
+
+class UniversalSAM(SAMOptimizer):
+    """Frob-SAM, Trace-SAM or Det-SAM (``measure="frob" | "trace" | "det"``) around any base optimizer.
+
+    Args:
+        params: parameters or param groups; a group may set its own ``rho`` and ``lam``.
+        base_optimizer: the optimizer class applied with the combined direction.
+        measure: which function of the Hessian is penalized.
+        rho: perturbation scale; lam: weight of the sharpness term (paper defaults per measure).
+        n_samples: perturbations per step (Frob-SAM needs at least 2).
+        h: half-width of Det-SAM's uniform noise.
+        seed: seed of the perturbation noise (default: drawn from torch's global generator).
+        noise: optional ``noise(step, sample, params) -> list[Tensor]`` giving the standardized draw
+            (z_i, or u_i for Det-SAM) of each parameter: every backend then uses exactly that noise.
+        backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA parameters, else torch).
+
+    Use through ``step(closure)``; the closure runs forward + backward and returns the loss. It
+    returns the loss at w. ``state_dict()`` is the base optimizer's (the step counter that keys
+    the noise is kept in the param groups, so a resumed run draws the same noise).
+    """
+
+    _group_keys = ("rho", "lam")
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type = torch.optim.SGD,
+        measure: str = "frob",
+        rho: float | None = None,
+        lam: float | None = None,
+        n_samples: int = 2,
+        h: float = 0.01,
+        seed: int | None = None,
+        noise: Callable | None = None,
+        backend: str | None = None,
+        **base_kwargs,
+    ) -> None:
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {list(MEASURES)}, got {measure!r}")
+        rho = _PAPER_DEFAULTS[measure]["rho"] if rho is None else rho
+        lam = _PAPER_DEFAULTS[measure]["lam"] if lam is None else lam
+        _check_nonneg("lam", lam)
+        _check_nonneg("h", h)
+        if not (isinstance(rho, (int, float)) and rho > 0):
+            raise ValueError(f"rho must be a positive number, got {rho!r}")
+        if not isinstance(n_samples, int) or n_samples < (2 if measure == "frob" else 1):
+            raise ValueError(
+                f"n_samples must be an integer >= {2 if measure == 'frob' else 1} for {measure}, got {n_samples!r}"
+            )
+        if backend is not None and backend not in UNIVERSAL_BACKENDS + ("cpu", "cuda"):
+            raise ValueError(f"unknown backend {backend!r}; choose one of {list(UNIVERSAL_BACKENDS)} or None")
+        self.measure, self.n_samples, self.h, self.noise = measure, n_samples, float(h), noise
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
+        super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, base_kwargs,
+                         _make_universal_backend)
+
+    def _check_group(self, group: dict) -> None:
+        if not (isinstance(group["rho"], (int, float)) and group["rho"] > 0):
+            raise ValueError(f"rho must be a positive number, got {group['rho']!r}")
+        _check_nonneg("lam", group["lam"])
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure that runs forward and backward "
+                               "and returns the loss")
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        with torch.no_grad():
+            work = self._collect()
+            if not work:
+                return loss
+            step = self.param_groups[0].setdefault("usam_step", 0)
+            backend = self._backend
+            backend.begin(work, loss)
+            for i in range(self.n_samples):
+                backend.perturb(work, step, i)
+                self.zero_grad()
+                with torch.enable_grad():
+                    loss_i = closure()
+                backend.accumulate(work, i, loss_i)
+            backend.finish(work)
+            self.base_optimizer.step()
+            for group in self.param_groups:
+                group["usam_step"] = step + 1
+        self._opt_called = True
+        return loss
+
+
+class FrobSAM(UniversalSAM):
+    """Frob-SAM: penalizes the Frobenius norm of the Hessian (paper defaults rho = lam = 0.005, n = 2)."""
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.005, lam=0.005, n_samples=2, **kwargs):
+        super().__init__(params, base_optimizer, measure="frob", rho=rho, lam=lam, n_samples=n_samples, **kwargs)
+
+
+class TraceSAM(UniversalSAM):
+    """Trace-SAM: penalizes the trace of the Hessian (paper default rho = 0.01)."""
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.01, lam=0.1, n_samples=2, **kwargs):
+        super().__init__(params, base_optimizer, measure="trace", rho=rho, lam=lam, n_samples=n_samples, **kwargs)
+
+
+class DetSAM(UniversalSAM):
+    """Det-SAM: penalizes the product of the non-zero Hessian eigenvalues, scale-invariant
+    (paper defaults rho = 1, h = 0.01)."""
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho=1.0, lam=0.01, n_samples=2, h=0.01, **kwargs):
+        super().__init__(params, base_optimizer, measure="det", rho=rho, lam=lam, n_samples=n_samples, h=h, **kwargs)
