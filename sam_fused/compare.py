@@ -24,22 +24,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import FusedSAM, __version__
+from . import FusedSAM, UniversalSAM, __version__
 
-OPTIMIZERS = ("sgd", "sam", "asam")
+OPTIMIZERS = ("sgd", "sam", "asam", "frob", "trace", "det")
+DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="train SGD, SAM and ASAM on digits with noisy labels; measure sharpness",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS,
-                   help="optimizer to train, repeatable (default: all of " + ", ".join(OPTIMIZERS) + ")")
+                   help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
+                        "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
     p.add_argument("--epochs", type=int, default=150, help="training epochs (default: 150)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of the SGD-momentum base (default: 0.05)")
     p.add_argument("--rho", type=float, default=0.05, help="SAM's rho (default: 0.05)")
     p.add_argument("--asam-rho", type=float, default=0.5, help="ASAM's rho (default: 0.5)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="lam of frob/trace/det (default: each class's default, e.g. Frob-SAM 0.005)")
     p.add_argument("--width", type=int, default=128, help="hidden width of the MLP (default: 128)")
     p.add_argument("--probes", type=int, default=50, help="Hutchinson probes for the trace (default: 50)")
     p.add_argument("--landscape-steps", type=int, default=31, help="points per landscape axis (default: 31)")
@@ -83,6 +87,9 @@ def make_optimizer(name: str, params, args):
         return FusedSAM(params, torch.optim.SGD, rho=args.rho, **base)
     if name == "asam":
         return FusedSAM(params, torch.optim.SGD, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
+    if name in ("frob", "trace", "det"):
+        lam = {} if getattr(args, "lam", None) is None else dict(lam=args.lam)
+        return UniversalSAM(params, torch.optim.SGD, measure=name, seed=args.seed, **lam, **base)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -101,7 +108,7 @@ def train(model, opt, x, y, epochs: int, batch_size: int, seed: int) -> None:
                 return loss
 
             opt.zero_grad()
-            if isinstance(opt, FusedSAM):
+            if isinstance(opt, (FusedSAM, UniversalSAM)):
                 opt.step(closure)
             else:
                 closure()
@@ -118,7 +125,7 @@ def evaluate(model, x, y) -> tuple[float, float]:
 def run(args) -> int:
     from .sharpness import hessian_eigenvalues, hessian_spectrum, hessian_trace, loss_landscape, plot_landscapes
 
-    names = args.optimizer or list(OPTIMIZERS)
+    names = args.optimizer or list(DEFAULT_OPTIMIZERS)
     x_tr, y_tr, y_clean, x_te, y_te = load_digits_split(args.noise, args.seed)
     train_data = [(x_tr, y_tr)]
     results, models = {}, {}

@@ -108,8 +108,10 @@ class FusedSAM(SAMOptimizer):
         rho: radius of the neighbourhood (>= 0).
         adaptive: ASAM (Kwon et al., 2021): the ball is scaled per weight by ``T = |w| + eta``.
         eta: ASAM's offset (>= 0); ``0`` reproduces the common implementation.
-        backend: ``"torch"`` (reference, any device), ``"triton"`` (multi-tensor kernels, CUDA, or
-            the CPU under ``TRITON_INTERPRET=1``), or ``None`` to pick the fastest available.
+        backend: ``"torch"`` (reference, any device), ``"triton"`` (multi-tensor Triton kernels; CUDA,
+            or the CPU under ``TRITON_INTERPRET=1``), ``"cuda"`` / ``"cpu"`` (native C++ kernels from
+            ``csrc/``), or ``None``: Triton on CUDA, the native kernels on the CPU when they build,
+            else the reference.
         **base_kwargs: handed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     ``param_groups`` is the base optimizer's own list, so LR schedulers, ``add_param_group`` and

@@ -16,7 +16,7 @@ from sam_fused.cli import main
 def test_bench_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--device", "cpu", "--model", "resnet", "--steps", "2", "--warmup", "1",
-               "--backend", "torch", "--batch-size", "2", "--json", str(out)])
+               "--backend", "torch", "--batch-size", "2", "--universal", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "Optimizer step alone: resnet" in text and "Training: resnet, custom, batch 2" in text
@@ -33,6 +33,10 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert train["sgd"]["ratio_vs_sgd"] == 1.0
     assert train["sam-torch"]["extra_bytes_per_param"] == 4.0  # one fp32 backup per parameter
     assert train["sam-baseline"]["extra_bytes_per_param"] == 4.0
+    # universal SAM: backup, g0 and sums (fp32): Frob-SAM 4 buffers, Trace- and Det-SAM 3
+    assert train["usam-frob"]["extra_bytes_per_param"] == 16.0
+    assert train["usam-det"]["extra_bytes_per_param"] == 12.0
+    assert "vs SAM" in text and "usam-trace" not in {r["variant"] for r in data["optimizer_step"]}
 
 
 def test_bench_help_runs_as_module():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .. import FusedSAM, __version__
+from .. import FusedSAM, UniversalSAM, __version__
 from ..backends import available_backends, triton_interpreting
 from .baseline import PerParameterSAM
 from .measure import bytes_per_param, copy_bandwidth, count_launches, held_bytes, median, sync, time_ms
@@ -54,6 +54,9 @@ def add_parser(sub) -> None:
                    help="approximate transformer size (default: 1e8 on GPU, 2e6 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-train", action="store_true", help="measure the optimizer step only")
+    p.add_argument("--universal", action="store_true",
+                   help="also train with Frob-SAM, Trace-SAM and Det-SAM (n = 2; training table only, "
+                        "with their cost relative to SGD and to SAM)")
     p.add_argument("--json", type=Path, default=None, help="write every figure and the environment to this file")
     p.set_defaults(func=run)
 
@@ -118,6 +121,8 @@ def _cpu_name() -> str:
 
 def _sam(variant: str, params, base: str):
     cls, kw, _ = BASES[base]
+    if variant.startswith("usam-"):
+        return UniversalSAM(params, cls, measure=variant[len("usam-"):], n_samples=2, seed=0, **kw)
     if variant == "sam-baseline":
         return PerParameterSAM(params, cls, rho=0.05, **kw)
     return FusedSAM(params, cls, rho=0.05, backend=variant[len("sam-"):], **kw)
@@ -143,8 +148,12 @@ def variants(device: torch.device, base: str, backends: list[str]) -> list[str]:
     return out + ["sam-baseline"] + [f"sam-{b}" for b in backends]
 
 
+def is_sam(variant: str) -> bool:
+    return variant.startswith(("sam-", "usam-"))
+
+
 def make_optimizer(variant: str, params, base: str):
-    return _sam(variant, params, base) if variant.startswith("sam-") else _plain(variant, params, base)
+    return _sam(variant, params, base) if is_sam(variant) else _plain(variant, params, base)
 
 
 def _sam_or_plain_step(name: str, opt, closure=None):
@@ -157,7 +166,7 @@ def _sam_or_plain_step(name: str, opt, closure=None):
         else:
             def step():
                 opt.step()
-    elif name.startswith("sam-"):
+    elif is_sam(name):
         def step():
             opt.zero_grad()
             opt.step(closure)
@@ -170,6 +179,7 @@ def _sam_or_plain_step(name: str, opt, closure=None):
 
 
 def optimizer_step_table(workload, variant_names, base, device, dtype, warmup, reps, copy_gbs, progress):
+    variant_names = [n for n in variant_names if not n.startswith("usam-")]  # they need a closure
     params = list(workload.model.parameters())
     n_params = sum(p.numel() for p in params)
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -239,8 +249,10 @@ def train_table(workload, variant_names, base, device, warmup, reps, batch_sizes
                                      median_ms=ms, times_ms=times[name], samples_per_s=bs / (ms * 1e-3),
                                      held_bytes=held_bytes(opts[name]), peak_bytes=peaks.get(name), params=n_params))
         sgd = setting_rows[0]
+        sam = [r for r in setting_rows if r["variant"].startswith("sam-") and r["variant"] != "sam-baseline"][-1]
         for r in setting_rows:
             r["ratio_vs_sgd"] = r["samples_per_s"] / sgd["samples_per_s"]
+            r["ratio_vs_sam"] = r["samples_per_s"] / sam["samples_per_s"]
             r["extra_bytes_per_param"] = (r["held_bytes"] - sgd["held_bytes"]) / n_params
             if r["peak_bytes"] is not None:
                 r["extra_peak_bytes_per_param"] = (r["peak_bytes"] - sgd["peak_bytes"]) / n_params
@@ -275,13 +287,15 @@ def report(env, copy_gbs, step_rows, train_rows) -> str:
     for key in dict.fromkeys((r["model"], r["setting"], r["batch_size"]) for r in train_rows):
         rs = [r for r in train_rows if (r["model"], r["setting"], r["batch_size"]) == key]
         out.append(f"Training: {key[0]}, {key[1]}, batch {key[2]}  (SAM/SGD ideal: 0.5)")
-        headers = ["variant", "median ms", "samples/s", "vs SGD", "extra B/param"]
+        universal = any(r["variant"].startswith("usam-") for r in rs)
+        headers = ["variant", "median ms", "samples/s", "vs SGD"] + (["vs SAM"] if universal else []) + ["extra B/param"]
         if rs[0]["peak_bytes"] is not None:
             headers.append("extra peak B/param")
         table = []
         for r in rs:
-            row = [r["variant"], f"{r['median_ms']:.2f}", f"{r['samples_per_s']:.1f}", f"{r['ratio_vs_sgd']:.3f}",
-                   f"{r['extra_bytes_per_param']:.1f}"]
+            row = [r["variant"], f"{r['median_ms']:.2f}", f"{r['samples_per_s']:.1f}", f"{r['ratio_vs_sgd']:.3f}"]
+            row += [f"{r['ratio_vs_sam']:.3f}"] if universal else []
+            row += [f"{r['extra_bytes_per_param']:.1f}"]
             if r["peak_bytes"] is not None:
                 row.append(f"{r['extra_peak_bytes_per_param']:.1f}")
             table.append(row)
@@ -313,10 +327,12 @@ def run(args) -> int:
     models = args.model or ["resnet", "transformer"]
     tparams = args.transformer_params or (1e8 if device.type == "cuda" else 2e6)
     names = variants(device, args.base, backends)
+    universal = ["usam-frob", "usam-trace", "usam-det"] if args.universal else []
     workloads = [build(m, device, tparams, dtype) for m in models]
     n_settings = 1 if args.batch_size else 2
     per_setting = len(names) + 1  # building each variant, then timing them in turn
-    progress = Progress(1 + len(workloads) * per_setting * (1 + (0 if args.no_train else n_settings)))
+    train_tasks = 0 if args.no_train else n_settings * (per_setting + len(universal))
+    progress = Progress(1 + len(workloads) * (per_setting + train_tasks))
 
     progress.start("device copy bandwidth")
     copy_gbs = copy_bandwidth(device)
@@ -327,7 +343,7 @@ def run(args) -> int:
         step_rows += optimizer_step_table(w, names, args.base, device, dtype, args.warmup, reps, copy_gbs, progress)
         if not args.no_train:
             sizes = {"custom": args.batch_size} if args.batch_size else w.batch_sizes
-            train_rows += train_table(w, names, args.base, device, args.warmup, reps, sizes, progress)
+            train_rows += train_table(w, names + universal, args.base, device, args.warmup, reps, sizes, progress)
     print(report(env, copy_gbs, step_rows, train_rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -144,6 +144,9 @@ def held_bytes(opt) -> int:
     backend = getattr(opt, "_backend", None)
     for b in getattr(backend, "backups", {}).values():
         add(b)
+    for bufs in getattr(backend, "buffers", {}).values():  # universal SAM: g0 and the sums
+        for b in bufs.values():
+            add(b)
     return total
 
 
