@@ -166,32 +166,33 @@ def _estimate(samples: list[float]) -> Estimate:
     return Estimate(float(arr.mean()), stderr, samples)
 
 
+def _hutchinson(model, loss_fn, data, num_probes: int, seed: int, train: bool,
+                statistic: Callable[[Tensor, HessianOperator], float]) -> Estimate:
+    """Mean and standard error of ``statistic(v, H)`` over Rademacher probes v."""
+    gen = torch.Generator().manual_seed(seed)
+    with _evaluating(model, train):
+        op = HessianOperator(model, loss_fn, _batches(data))
+        samples = [statistic(_rademacher(op.size, gen), op) for _ in range(num_probes)]
+    return _estimate(samples)
+
+
 def hessian_trace(
     model: nn.Module, loss_fn: LossFn, data: Iterable, num_probes: int = 100, seed: int = 0, train: bool = False,
 ) -> Estimate:
     """Hutchinson's trace estimate: the mean of v^T H v over ``num_probes`` Rademacher vectors."""
-    gen = torch.Generator().manual_seed(seed)
-    with _evaluating(model, train):
-        op = HessianOperator(model, loss_fn, _batches(data))
-        samples = []
-        for _ in range(num_probes):
-            v = _rademacher(op.size, gen)
-            samples.append(float(v @ op.matvec(v)))
-    return _estimate(samples)
+    return _hutchinson(model, loss_fn, data, num_probes, seed, train, lambda v, op: float(v @ op.matvec(v)))
 
 
 def hessian_frobenius(
     model: nn.Module, loss_fn: LossFn, data: Iterable, num_probes: int = 100, seed: int = 0, train: bool = False,
 ) -> Estimate:
     """The squared Frobenius norm ||H||_F^2 = tr(H^2), estimated as the mean of ||H v||^2."""
-    gen = torch.Generator().manual_seed(seed)
-    with _evaluating(model, train):
-        op = HessianOperator(model, loss_fn, _batches(data))
-        samples = []
-        for _ in range(num_probes):
-            hv = op.matvec(_rademacher(op.size, gen))
-            samples.append(float(hv @ hv))
-    return _estimate(samples)
+
+    def squared_norm(v: Tensor, op: HessianOperator) -> float:
+        hv = op.matvec(v)
+        return float(hv @ hv)
+
+    return _hutchinson(model, loss_fn, data, num_probes, seed, train, squared_norm)
 
 
 # ---------------------------------------------------------------------------- spectral density

@@ -397,6 +397,27 @@ def test_triton_norm_is_deterministic():
     assert abs(float(opt.grad_norm) - expected) <= 1e-5 * expected
 
 
+def _counts_per_step(spec, backend, counts, instrument=None):
+    """The counts of two steps each of optimizers over 3 and over 300 tensors; the base
+    optimizer's own step() must not be called (it is replaced by None)."""
+    cls, kw = SPECS[spec]
+    seen = []
+    for n in (3, 300):
+        params = [torch.nn.Parameter(torch.randn(7, device=DEVICE)) for _ in range(n)]
+        opt = FusedSAM(params, cls, rho=0.1, backend=backend, **kw)
+        if instrument is not None:
+            instrument(opt)
+        opt.base_optimizer.step = None
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            counts.clear()
+            opt.first_step()
+            opt.second_step()
+            seen.append(dict(counts))
+    return seen
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("spec", ["sgd", "adamw"])
 def test_triton_launches_do_not_grow_with_tensor_count(monkeypatch, spec):
@@ -415,19 +436,7 @@ def test_triton_launches_do_not_grow_with_tensor_count(monkeypatch, spec):
 
     for name in ("sq_partials", "finalize", "perturb_kernel", "restore_update"):
         monkeypatch.setattr(tb, name, counting(name, getattr(tb, name)))
-    cls, kw = SPECS[spec]
-    seen = []
-    for n in (3, 300):
-        params = [torch.nn.Parameter(torch.randn(7, device=DEVICE)) for _ in range(n)]
-        opt = FusedSAM(params, cls, rho=0.1, backend="triton", **kw)
-        opt.base_optimizer.step = None  # would raise if called
-        for step in range(2):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            counts.clear()
-            opt.first_step()
-            opt.second_step()
-            seen.append(dict(counts))
+    seen = _counts_per_step(spec, "triton", counts)
     assert seen[1] == seen[3] == {"sq_partials": 1, "finalize": 1, "perturb_kernel": 1, "restore_update": 1}
 
 
@@ -451,20 +460,7 @@ def test_native_calls_do_not_grow_with_tensor_count(monkeypatch, spec):
 
             return wrapper
 
-    cls, kw = SPECS[spec]
-    seen = []
-    for n in (3, 300):
-        params = [torch.nn.Parameter(torch.randn(7)) for _ in range(n)]
-        opt = FusedSAM(params, cls, rho=0.1, backend="cpu", **kw)
-        opt._backend._C = Counting()
-        opt.base_optimizer.step = None  # would raise if called
-        for step in range(2):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            counts.clear()
-            opt.first_step()
-            opt.second_step()
-            seen.append(dict(counts))
+    seen = _counts_per_step(spec, "cpu", counts, lambda opt: setattr(opt._backend, "_C", Counting()))
     assert seen[1] == seen[3] == {"sq_sum": 1, "perturb_": 1, "restore_update_": 1}
 
 
