@@ -67,3 +67,11 @@ def test_cuda_graph_replay_matches_eager():
     torch.cuda.synchronize()
     for a, b in zip(eager, graphed):
         assert torch.equal(a, b)
+
+
+def test_native_cuda_backend_builds_on_a_gpu():
+    """With a GPU and nvcc the native extension carries CUDA kernels, so the parity matrix of
+    test_parity.py covers backend "cuda" as well as "triton"."""
+    from sam_fused import available_backends
+
+    assert {"triton", "cuda"} <= set(available_backends("cuda"))
