@@ -5,6 +5,8 @@
 // The norm never leaves the device: sq_sum writes partials, a one-block kernel sums them in a
 // fixed order, and perturb_ reads the result through a pointer.
 #include <ATen/OpMathType.h>
+
+#include <cstdint>
 #include <c10/cuda/CUDAStream.h>
 
 #include "multi_tensor_apply.cuh"
@@ -17,6 +19,49 @@ namespace {
 template <typename T>
 __device__ T* slot(void* p) {
   return static_cast<T*>(p);
+}
+
+// Each thread handles kVec consecutive elements per iteration: one 16-byte load per array for fp32
+// (8 bytes for bf16/fp16) when every pointer of the block is aligned to kVec elements (a chunk
+// starts at a multiple of 65536 elements, so the base pointers decide), else element by element.
+constexpr int kVec = 4;
+
+template <typename T>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ bool vec_aligned(const T* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kVec) == 0;
+}
+
+// out[j] = p[i + j], zero past end.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, int64_t i, int64_t end, bool vec, T (&out)[kVec]) {
+  if (vec && i + kVec <= end) {
+    const Pack<T> pk = *reinterpret_cast<const Pack<T>*>(p + i);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = pk.v[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = i + j < end ? p[i + j] : T(0);
+  }
+}
+
+// p[i + j] = in[j] for the elements before end.
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, int64_t i, int64_t end, bool vec, const T (&in)[kVec]) {
+  if (vec && i + kVec <= end) {
+    Pack<T> pk;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) pk.v[j] = in[j];
+    *reinterpret_cast<Pack<T>*>(p + i) = pk;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      if (i + j < end) p[i + j] = in[j];
+  }
 }
 
 // Sum of a per-thread value over the block, in a fixed order (deterministic).
@@ -41,9 +86,16 @@ struct SqSumFunctor {
     const int64_t end = min(begin + kCudaChunk, meta.sizes[t]);
     const scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
     const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
+    const bool vec = vec_aligned(w) && vec_aligned(g);
     acc_t acc = 0;
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
-      acc += weighted_square<acc_t>(acc_t(w[i]), acc_t(g[i]), adaptive, acc_t(eta));
+    scalar_t wv[kVec], gv[kVec];
+    for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
+      load_vec(g, i, end, vec, gv);
+      if (adaptive) load_vec(w, i, end, vec, wv);  // SAM reads only g
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)
+        acc += weighted_square<acc_t>(adaptive ? acc_t(wv[j]) : acc_t(0), acc_t(gv[j]), adaptive, acc_t(eta));
+    }
     acc = block_sum<acc_t>(acc);
     if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = static_cast<float>(acc);
   }
@@ -68,13 +120,19 @@ struct PerturbFunctor {
     scalar_t* b = slot<scalar_t>(meta.addresses[2][t]);
     bool ok;
     const acc_t scale = perturb_scale<acc_t>(*norm, rho, &ok);
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const scalar_t raw = w[i];
-      b[i] = raw;
-      if (ok) {
-        const acc_t x = acc_t(raw);
-        w[i] = scalar_t(x + perturbation<acc_t>(x, acc_t(g[i]), scale, adaptive, acc_t(eta)));
+    const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(b);
+    scalar_t wv[kVec], gv[kVec];
+    for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
+      load_vec(w, i, end, vec, wv);
+      store_vec(b, i, end, vec, wv);
+      if (!ok) continue;  // non-finite norm: the weights stay as they are
+      load_vec(g, i, end, vec, gv);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const acc_t x = acc_t(wv[j]);
+        wv[j] = scalar_t(x + perturbation<acc_t>(x, acc_t(gv[j]), scale, adaptive, acc_t(eta)));
       }
+      store_vec(w, i, end, vec, wv);
     }
   }
 };
@@ -91,21 +149,33 @@ struct UpdateFunctor {
     const scalar_t* src = slot<scalar_t>(meta.addresses[2][t]);
     scalar_t* s1 = slot<scalar_t>(meta.addresses[3][t]);
     scalar_t* s2 = slot<scalar_t>(meta.addresses[4][t]);
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      if (OPT == kOptRestore) {
-        w[i] = src[i];
-      } else if (OPT == kOptSgd) {
-        acc_t m = HAS_MOMENTUM ? acc_t(s1[i]) : acc_t(0);
-        const acc_t out = sgd_element<acc_t, HAS_MOMENTUM, NESTEROV>(u, acc_t(src[i]), acc_t(g[i]), m);
-        if (HAS_MOMENTUM) s1[i] = scalar_t(m);
-        w[i] = scalar_t(out);
-      } else {
-        acc_t m = acc_t(s1[i]), v = acc_t(s2[i]);
-        const acc_t out = adam_element<acc_t>(u, acc_t(src[i]), acc_t(g[i]), m, v);
-        s1[i] = scalar_t(m);
-        s2[i] = scalar_t(v);
-        w[i] = scalar_t(out);
+    constexpr bool kMomentum = OPT == kOptAdam || (OPT == kOptSgd && HAS_MOMENTUM);
+    const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(src) && vec_aligned(s1) && vec_aligned(s2);
+    scalar_t wv[kVec], gv[kVec], mv[kVec], vv[kVec];
+    for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
+      load_vec(src, i, end, vec, wv);
+      if (OPT != kOptRestore) {
+        load_vec(g, i, end, vec, gv);
+        if (kMomentum) load_vec(s1, i, end, vec, mv);
+        if (OPT == kOptAdam) load_vec(s2, i, end, vec, vv);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          acc_t m = kMomentum ? acc_t(mv[j]) : acc_t(0);
+          acc_t out;
+          if (OPT == kOptSgd) {
+            out = sgd_element<acc_t, HAS_MOMENTUM, NESTEROV>(u, acc_t(wv[j]), acc_t(gv[j]), m);
+          } else {
+            acc_t v = acc_t(vv[j]);
+            out = adam_element<acc_t>(u, acc_t(wv[j]), acc_t(gv[j]), m, v);
+            vv[j] = scalar_t(v);
+          }
+          mv[j] = scalar_t(m);
+          wv[j] = scalar_t(out);
+        }
+        if (kMomentum) store_vec(s1, i, end, vec, mv);
+        if (OPT == kOptAdam) store_vec(s2, i, end, vec, vv);
       }
+      store_vec(w, i, end, vec, wv);
     }
   }
 };
