@@ -1,0 +1,83 @@
+"""Compile every Triton kernel variant for a Hopper GPU (sm_90) without a GPU.
+
+Run as a script with TRITON_INTERPRET unset (tests/test_gpu_compile.py does): the interpreter
+runs the kernels' Python on the CPU and cannot see type or lowering errors that only the GPU
+compiler (Triton -> LLVM -> PTX -> ptxas) reports. Prints one line per variant and a summary
+with the widest global load found in the PTX.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sam_fused.kernels import norm, perturb, universal, update
+from sam_fused.kernels.table import BLOCK, CHUNK, NUM_WARPS
+
+TARGET = GPUTarget("cuda", 90, 32)
+DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+COMMON = {"CHUNK": CHUNK, "BLOCK": BLOCK}
+
+
+def sig(kernel, types: dict) -> dict:
+    """Every argument of ``kernel`` typed: constexprs as such, the others from ``types``."""
+    out = {}
+    for name in kernel.arg_names:
+        out[name] = types.get(name, "constexpr")
+    return out
+
+
+def variants():
+    f32 = "fp32"
+    for dt, ad in itertools.product(DTYPES, (False, True)):
+        c = dict(COMMON, DTYPE=DTYPES[dt], ADAPTIVE=ad)
+        yield ("norm", dt, ad), norm._sq_partials_kernel, dict(
+            chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", eta=f32), c
+        yield ("perturb", dt, ad), perturb._perturb_kernel, dict(
+            chunks="*i64", tensors="*i64", norm_ptr="*fp32", rho=f32, eta=f32), c
+    yield ("finalize",), norm._finalize_kernel, dict(partials="*fp32", n="i32", norm="*fp32"), dict(PBLOCK=1024)
+    floats = ("lr weight_decay momentum one_minus_dampening one_minus_beta1 beta2 one_minus_beta2 eps step_size "
+              "bias_correction2_sqrt decay").split()
+    utypes = dict(chunks="*i64", tensors="*i64", **{f: f32 for f in floats})
+    for dt in DTYPES:
+        for opt, mom, first, nest, maxi, dec in [(0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 1, 0), (1, 1, 1, 0, 0, 0),
+                                                 (1, 1, 0, 1, 0, 0), (2, 0, 0, 0, 0, 1), (2, 0, 0, 0, 1, 0)]:
+            c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, HAS_MOMENTUM=bool(mom), FIRST=bool(first),
+                     NESTEROV=bool(nest), MAXIMIZE=bool(maxi), DECOUPLED=bool(dec))
+            yield ("update", dt, opt, mom, first, nest, maxi, dec), update._restore_update_kernel, utypes, c
+        for start, uni, expl in itertools.product((False, True), repeat=3):
+            c = dict(COMMON, DTYPE=DTYPES[dt], START=start, UNIFORM=uni, EXPLICIT=expl)
+            yield ("usam_perturb", dt, start, uni, expl), universal._usam_perturb_kernel, dict(
+                chunks="*i64", tensors="*i64", seed="i32", rho=f32, h=f32), c
+        for measure, first, last in itertools.product((0, 1, 2), (False, True), (False, True)):
+            c = dict(COMMON, DTYPE=DTYPES[dt], MEASURE=measure, FIRST=first, LAST=last)
+            yield ("usam_accumulate", dt, measure, first, last), universal._usam_accumulate_kernel, dict(
+                chunks="*i64", tensors="*i64", losses="*fp32", i="i32", n="i32", rho=f32, lam=f32), c
+
+
+def main() -> int:
+    widest = {}
+    count = 0
+    for name, kernel, types, constexprs in variants():
+        if not isinstance(kernel, triton.runtime.jit.JITFunction):
+            print("kernels are interpreted: run with TRITON_INTERPRET unset", file=sys.stderr)
+            return 2
+        src = ASTSource(fn=kernel, signature=sig(kernel, types), constexprs=constexprs)
+        compiled = triton.compile(src, target=TARGET, options=dict(num_warps=NUM_WARPS))
+        assert compiled.asm.get("cubin"), name
+        loads = re.findall(r"ld\.global(?:\.\w+)*?\.(v\d)?\.?[bfu](\d+)", compiled.asm["ptx"])
+        bits = max((int(b) * (int(v[1:]) if v else 1) for v, b in loads), default=0)
+        widest[name[0]] = max(widest.get(name[0], 0), bits)
+        count += 1
+    print(f"compiled {count} kernel variants for sm_90; widest global load per family (bits): {widest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
