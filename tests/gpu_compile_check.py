@@ -3,7 +3,7 @@
 Run as a script with TRITON_INTERPRET unset (tests/test_gpu_compile.py does): the interpreter
 runs the kernels' Python on the CPU and cannot see type or lowering errors that only the GPU
 compiler (Triton -> LLVM -> PTX -> ptxas) reports. Prints one line per variant and a summary
-with the widest global load found in the PTX.
+with the widest global access found in the PTX (the ALIGNED variants must use vector ones).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ def sig(kernel, types: dict) -> dict:
 
 def variants():
     f32 = "fp32"
-    for dt, ad in itertools.product(DTYPES, (False, True)):
-        c = dict(COMMON, DTYPE=DTYPES[dt], ADAPTIVE=ad)
-        yield ("norm", dt, ad), norm._sq_partials_kernel, dict(
+    for dt, ad, al in itertools.product(DTYPES, (False, True), (False, True)):
+        c = dict(COMMON, DTYPE=DTYPES[dt], ADAPTIVE=ad, ALIGNED=al)
+        yield ("norm", dt, ad, al), norm._sq_partials_kernel, dict(
             chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", eta=f32), c
-        yield ("perturb", dt, ad), perturb._perturb_kernel, dict(
+        yield ("perturb", dt, ad, al), perturb._perturb_kernel, dict(
             chunks="*i64", tensors="*i64", norm_ptr="*fp32", rho=f32, eta=f32), c
     yield ("finalize",), norm._finalize_kernel, dict(partials="*fp32", n="i32", norm="*fp32"), dict(PBLOCK=1024)
     floats = ("lr weight_decay momentum one_minus_dampening one_minus_beta1 beta2 one_minus_beta2 eps step_size "
@@ -48,9 +48,10 @@ def variants():
     for dt in DTYPES:
         for opt, mom, first, nest, maxi, dec in [(0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 1, 0), (1, 1, 1, 0, 0, 0),
                                                  (1, 1, 0, 1, 0, 0), (2, 0, 0, 0, 0, 1), (2, 0, 0, 0, 1, 0)]:
-            c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, HAS_MOMENTUM=bool(mom), FIRST=bool(first),
-                     NESTEROV=bool(nest), MAXIMIZE=bool(maxi), DECOUPLED=bool(dec))
-            yield ("update", dt, opt, mom, first, nest, maxi, dec), update._restore_update_kernel, utypes, c
+            for al in (False, True):
+                c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, HAS_MOMENTUM=bool(mom), FIRST=bool(first),
+                         NESTEROV=bool(nest), MAXIMIZE=bool(maxi), DECOUPLED=bool(dec), ALIGNED=al)
+                yield ("update", dt, opt, mom, first, nest, maxi, dec, al), update._restore_update_kernel, utypes, c
         for start, uni, expl in itertools.product((False, True), repeat=3):
             c = dict(COMMON, DTYPE=DTYPES[dt], START=start, UNIFORM=uni, EXPLICIT=expl)
             yield ("usam_perturb", dt, start, uni, expl), universal._usam_perturb_kernel, dict(
@@ -71,11 +72,14 @@ def main() -> int:
         src = ASTSource(fn=kernel, signature=sig(kernel, types), constexprs=constexprs)
         compiled = triton.compile(src, target=TARGET, options=dict(num_warps=NUM_WARPS))
         assert compiled.asm.get("cubin"), name
-        loads = re.findall(r"ld\.global(?:\.\w+)*?\.(v\d)?\.?[bfu](\d+)", compiled.asm["ptx"])
-        bits = max((int(b) * (int(v[1:]) if v else 1) for v, b in loads), default=0)
+        ptx = compiled.asm["ptx"]
+        if constexprs.get("ALIGNED"):  # the vectorized full blocks must show as 16-byte accesses
+            assert re.search(r"(ld|st)\.global(\.\w+)*\.v[248]\.b(32|16)", ptx), f"no vector access in {name}"
+        vec = re.findall(r"(?:ld|st)\.global(?:\.\w+)*?\.v(\d)\.b(\d+)", ptx)
+        bits = max((int(v) * int(b) for v, b in vec), default=32)
         widest[name[0]] = max(widest.get(name[0], 0), bits)
         count += 1
-    print(f"compiled {count} kernel variants for sm_90; widest global load per family (bits): {widest}")
+    print(f"compiled {count} kernel variants for sm_90; widest global access per family (bits): {widest}")
     return 0
 
 

@@ -481,3 +481,16 @@ def test_native_disabled_by_environment(monkeypatch):
         FusedSAM([p], torch.optim.SGD, lr=0.1, backend="cpu")
     monkeypatch.setattr(native, "_MODULE", None)
     monkeypatch.setattr(native, "_ERROR", None)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_pointer_table_vector_access_only_when_every_address_is_aligned():
+    from sam_fused.kernels.table import PointerTable
+
+    base = torch.zeros(64, device=DEVICE)
+    grad = torch.zeros(64, device=DEVICE)
+    table = PointerTable().update(DEVICE, [(base[:8], grad[:8], None)])
+    assert table.aligned  # allocations are aligned, a view at offset 0 too
+    table = PointerTable().update(DEVICE, [(base[:8], grad[:8], None), (base[1:9], grad[1:9], None)])
+    assert not table.aligned  # 4 bytes off: the kernels must not assume 16-byte alignment
+    assert table.n_chunks == 2

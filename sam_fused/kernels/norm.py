@@ -15,29 +15,39 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .table import BLOCK, CHUNK, NORM_PROGRAMS, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column
+from .table import (BLOCK, CHUNK, NORM_PROGRAMS, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column,
+                    full_block, load)
+
+
+@triton.jit
+def _sq_block(p, g, idx, mask, eta, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr):
+    x = load(g, idx, mask, MASKED).to(tl.float32)
+    if ADAPTIVE:
+        w = load(p, idx, mask, MASKED).to(tl.float32)
+        x = x * (tl.abs(w) + eta)
+    return x * x
 
 
 @triton.jit
 def _sq_partials_kernel(
     chunks, tensors, partials, n_chunks, eta,
-    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(pid, n_chunks, n_programs):
         row, start, end = chunk_of(chunks, tensors, c, CHUNK)
-        p = column(row, 1, DTYPE)
-        g = column(row, 2, DTYPE)
-        for off in range(start, end, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            mask = idx < end
-            x = tl.load(g + idx, mask=mask, other=0.0).to(tl.float32)
-            if ADAPTIVE:
-                w = tl.load(p + idx, mask=mask, other=0.0).to(tl.float32)
-                x = x * (tl.abs(w) + eta)
-            acc += x * x
+        p = column(row, 1, DTYPE, ALIGNED)
+        g = column(row, 2, DTYPE, ALIGNED)
+        n_full = (end - start) // BLOCK
+        for k in range(0, n_full):
+            idx = full_block(start, k, BLOCK)
+            acc += _sq_block(p, g, idx, idx, eta, ADAPTIVE, False)
+        tail = start + n_full * BLOCK
+        if tail < end:
+            idx = tail + tl.arange(0, BLOCK)
+            acc += _sq_block(p, g, idx, idx < end, eta, ADAPTIVE, True)
     tl.store(partials + pid, tl.sum(acc, axis=0))
 
 
@@ -60,7 +70,8 @@ def sq_partials(table: PointerTable, partials: Tensor, dtype, adaptive: bool, et
         return
     _sq_partials_kernel[(grid,)](
         table.chunks, table.tensors, partials, table.n_chunks, float(eta),
-        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), ALIGNED=table.aligned, CHUNK=CHUNK, BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )
 
 

@@ -13,34 +13,45 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .table import BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, to_dtype
+from .table import (BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, full_block, load,
+                    store, to_dtype)
+
+
+@triton.jit
+def _perturb_block(p, g, b, idx, mask, ok, scale, eta, DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
+                   MASKED: tl.constexpr):
+    raw = load(p, idx, mask, MASKED)
+    store(b, idx, raw, mask, MASKED)
+    w = raw.to(tl.float32)
+    x = load(g, idx, mask, MASKED).to(tl.float32)
+    if ADAPTIVE:
+        t = tl.abs(w) + eta
+        e = t * t * x * scale
+    else:
+        e = x * scale
+    store(p, idx, tl.where(ok, to_dtype(w + e, DTYPE), raw), mask, MASKED)
 
 
 @triton.jit
 def _perturb_kernel(
     chunks, tensors, norm_ptr, rho, eta,
-    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK)
-    p = column(row, 1, DTYPE)
-    g = column(row, 2, DTYPE)
-    b = column(row, 3, DTYPE)
+    p = column(row, 1, DTYPE, ALIGNED)
+    g = column(row, 2, DTYPE, ALIGNED)
+    b = column(row, 3, DTYPE, ALIGNED)
     norm = tl.load(norm_ptr)
     ok = norm < float("inf")  # False for inf and NaN
     scale = tl.where(ok, rho / (norm + 1e-12), 0.0)
-    for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        mask = idx < end
-        raw = tl.load(p + idx, mask=mask)
-        tl.store(b + idx, raw, mask=mask)
-        w = raw.to(tl.float32)
-        x = tl.load(g + idx, mask=mask, other=0.0).to(tl.float32)
-        if ADAPTIVE:
-            t = tl.abs(w) + eta
-            e = t * t * x * scale
-        else:
-            e = x * scale
-        tl.store(p + idx, tl.where(ok, to_dtype(w + e, DTYPE), raw), mask=mask)
+    n_full = (end - start) // BLOCK
+    for k in range(0, n_full):
+        idx = full_block(start, k, BLOCK)
+        _perturb_block(p, g, b, idx, idx, ok, scale, eta, DTYPE, ADAPTIVE, False)
+    tail = start + n_full * BLOCK
+    if tail < end:
+        idx = tail + tl.arange(0, BLOCK)
+        _perturb_block(p, g, b, idx, idx < end, ok, scale, eta, DTYPE, ADAPTIVE, True)
 
 
 def perturb(table: PointerTable, norm: Tensor, dtype, rho: float, adaptive: bool, eta: float) -> None:
@@ -48,5 +59,6 @@ def perturb(table: PointerTable, norm: Tensor, dtype, rho: float, adaptive: bool
         return
     _perturb_kernel[(table.n_chunks,)](
         table.chunks, table.tensors, norm, float(rho), float(eta),
-        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), ALIGNED=table.aligned, CHUNK=CHUNK, BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )

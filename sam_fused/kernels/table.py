@@ -47,6 +47,7 @@ class PointerTable:
         self.tensors: Tensor | None = None
         self._numels: list[int] | None = None
         self._addrs: list[int] | None = None
+        self.aligned = False  # every address a multiple of 16 bytes: kernels may use vector accesses
 
     def update(self, device: torch.device, columns: list[tuple[Tensor | int | None, ...]]) -> "PointerTable":
         """``columns[i]`` = the tensors of row i after its numel ((p, g, source, state1, state2) for
@@ -68,6 +69,9 @@ class PointerTable:
         if addrs != self._addrs:
             self.tensors = _upload(addrs, device)
             self._addrs = addrs
+            self.aligned = all(
+                t is None or isinstance(t, int) or t.data_ptr() % 16 == 0 for cols in columns for t in cols
+            )
         return self
 
 
@@ -82,9 +86,39 @@ def chunk_of(chunks, tensors, c, CHUNK: tl.constexpr, NCOL: tl.constexpr = 6):
 
 
 @triton.jit
-def column(row, k: tl.constexpr, DTYPE: tl.constexpr):
-    """Address in column ``k`` of a tensor row, as a pointer to ``DTYPE``."""
-    return tl.load(row + k).to(tl.pointer_type(DTYPE))
+def column(row, k: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Address in column ``k`` of a tensor row, as a pointer to ``DTYPE``; with ALIGNED (the host
+    checked every address of the table) the compiler is told it is a multiple of 16 bytes."""
+    ptr = tl.load(row + k).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+# Element loops: a kernel walks [start, end) as full BLOCKs, unmasked, with the hints that let the
+# compiler emit 16-byte accesses (a chunk starts at a multiple of CHUNK, itself a multiple of
+# BLOCK), then at most one masked tail block. A masked load of an unknown end cannot be
+# vectorized: with one loop, every access was 4 bytes wide in the PTX.
+@triton.jit
+def full_block(start, k, BLOCK: tl.constexpr):
+    """Indices of the k-th full block of a chunk."""
+    return tl.max_contiguous(tl.multiple_of(start + k * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+
+
+@triton.jit
+def load(ptr, idx, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + idx, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr + idx)
+
+
+@triton.jit
+def store(ptr, idx, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + idx, value, mask=mask)
+    else:
+        tl.store(ptr + idx, value)
 
 
 @triton.jit

@@ -10,7 +10,9 @@ explicit noise (fp32, or 0), element offset of the tensor among all parameters (
     last accumulate:     + restore w = backup and write g0 + c1 acc1 + c2 acc2 into the grad
 
 Losses stay on the device in a small fp32 buffer [L0, L1, ..., Ln] that the kernels read.
-Bytes per element per sample (fp32): perturb 8 (first: 20), accumulate 12-20, last +12.
+Bytes per element per sample (fp32): perturb 8 (first: 20), accumulate 12-20, last +12. These
+kernels walk each chunk with one masked loop (4-byte accesses), not the vectorized full blocks
+of FusedSAM's kernels.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ def _usam_perturb_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
-    p = column(row, 1, DTYPE)
-    g = column(row, 2, DTYPE)
-    b = column(row, 3, DTYPE)
-    g0 = column(row, 4, DTYPE)
-    noise = column(row, 7, tl.float32)
+    p = column(row, 1, DTYPE, False)
+    g = column(row, 2, DTYPE, False)
+    b = column(row, 3, DTYPE, False)
+    g0 = column(row, 4, DTYPE, False)
+    noise = column(row, 7, tl.float32, False)
     base = tl.load(row + 8)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
@@ -75,12 +77,12 @@ def _usam_accumulate_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
-    p = column(row, 1, DTYPE)
-    g = column(row, 2, DTYPE)
-    b = column(row, 3, DTYPE)
-    g0 = column(row, 4, DTYPE)
-    acc1 = column(row, 5, tl.float32)
-    acc2 = column(row, 6, tl.float32)
+    p = column(row, 1, DTYPE, False)
+    g = column(row, 2, DTYPE, False)
+    b = column(row, 3, DTYPE, False)
+    g0 = column(row, 4, DTYPE, False)
+    acc1 = column(row, 5, tl.float32, False)
+    acc2 = column(row, 6, tl.float32, False)
     a = _sample_weight(losses, i, n, rho, MEASURE)
     if LAST:  # the coefficients of the combination, from all the losses
         l0 = tl.load(losses)
