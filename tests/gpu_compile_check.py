@@ -53,11 +53,11 @@ def variants():
                          NESTEROV=bool(nest), MAXIMIZE=bool(maxi), DECOUPLED=bool(dec), ALIGNED=al)
                 yield ("update", dt, opt, mom, first, nest, maxi, dec, al), update._restore_update_kernel, utypes, c
         for start, uni, expl in itertools.product((False, True), repeat=3):
-            c = dict(COMMON, DTYPE=DTYPES[dt], START=start, UNIFORM=uni, EXPLICIT=expl)
+            c = dict(COMMON, DTYPE=DTYPES[dt], START=start, UNIFORM=uni, EXPLICIT=expl, ALIGNED=not expl)
             yield ("usam_perturb", dt, start, uni, expl), universal._usam_perturb_kernel, dict(
                 chunks="*i64", tensors="*i64", seed="i32", rho=f32, h=f32), c
         for measure, first, last in itertools.product((0, 1, 2), (False, True), (False, True)):
-            c = dict(COMMON, DTYPE=DTYPES[dt], MEASURE=measure, FIRST=first, LAST=last)
+            c = dict(COMMON, DTYPE=DTYPES[dt], MEASURE=measure, FIRST=first, LAST=last, ALIGNED=True)
             yield ("usam_accumulate", dt, measure, first, last), universal._usam_accumulate_kernel, dict(
                 chunks="*i64", tensors="*i64", losses="*fp32", i="i32", n="i32", rho=f32, lam=f32), c
 

@@ -10,9 +10,9 @@ explicit noise (fp32, or 0), element offset of the tensor among all parameters (
     last accumulate:     + restore w = backup and write g0 + c1 acc1 + c2 acc2 into the grad
 
 Losses stay on the device in a small fp32 buffer [L0, L1, ..., Ln] that the kernels read.
-Bytes per element per sample (fp32): perturb 8 (first: 20), accumulate 12-20, last +12. These
-kernels walk each chunk with one masked loop (4-byte accesses), not the vectorized full blocks
-of FusedSAM's kernels.
+Bytes per element per sample (fp32): perturb 8 (first: 20), accumulate 12-20, last +12. Chunks
+are walked as unmasked full blocks (16-byte accesses when the table is aligned) and a masked tail,
+as in FusedSAM's kernels (kernels/table.py).
 """
 
 from __future__ import annotations
@@ -20,41 +20,53 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .table import BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, to_dtype
+from .table import (BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, full_block, load,
+                    store, to_dtype)
 
 UNCOL = 9
 MEASURE_CODES = {"frob": 0, "trace": 1, "det": 2}
 
 
 @triton.jit
+def _usam_perturb_block(p, g, b, g0, noise, base, idx, mask, seed, rho, h, DTYPE: tl.constexpr,
+                        START: tl.constexpr, UNIFORM: tl.constexpr, EXPLICIT: tl.constexpr, MASKED: tl.constexpr):
+    if START:
+        raw = load(p, idx, mask, MASKED)
+        store(b, idx, raw, mask, MASKED)
+        store(g0, idx, load(g, idx, mask, MASKED), mask, MASKED)
+    else:
+        raw = load(b, idx, mask, MASKED)
+    if EXPLICIT:
+        z = load(noise, idx, mask, MASKED)
+    elif UNIFORM:
+        z = (tl.rand(seed, base + idx) * 2.0 - 1.0) * h
+    else:
+        z = tl.randn(seed, base + idx)
+    store(p, idx, to_dtype(raw.to(tl.float32) + rho * z, DTYPE), mask, MASKED)
+
+
+@triton.jit
 def _usam_perturb_kernel(
     chunks, tensors, seed, rho, h,
     DTYPE: tl.constexpr, START: tl.constexpr, UNIFORM: tl.constexpr, EXPLICIT: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
-    p = column(row, 1, DTYPE, False)
-    g = column(row, 2, DTYPE, False)
-    b = column(row, 3, DTYPE, False)
-    g0 = column(row, 4, DTYPE, False)
-    noise = column(row, 7, tl.float32, False)
+    p = column(row, 1, DTYPE, ALIGNED)
+    g = column(row, 2, DTYPE, ALIGNED)
+    b = column(row, 3, DTYPE, ALIGNED)
+    g0 = column(row, 4, DTYPE, ALIGNED)
+    noise = column(row, 7, tl.float32, ALIGNED)
     base = tl.load(row + 8)
-    for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        mask = idx < end
-        if START:
-            raw = tl.load(p + idx, mask=mask)
-            tl.store(b + idx, raw, mask=mask)
-            tl.store(g0 + idx, tl.load(g + idx, mask=mask), mask=mask)
-        else:
-            raw = tl.load(b + idx, mask=mask)
-        if EXPLICIT:
-            z = tl.load(noise + idx, mask=mask, other=0.0)
-        elif UNIFORM:
-            z = (tl.rand(seed, base + idx) * 2.0 - 1.0) * h
-        else:
-            z = tl.randn(seed, base + idx)
-        tl.store(p + idx, to_dtype(raw.to(tl.float32) + rho * z, DTYPE), mask=mask)
+    n_full = (end - start) // BLOCK
+    for k in range(0, n_full):
+        idx = full_block(start, k, BLOCK)
+        _usam_perturb_block(p, g, b, g0, noise, base, idx, idx, seed, rho, h, DTYPE, START, UNIFORM, EXPLICIT, False)
+    tail = start + n_full * BLOCK
+    if tail < end:
+        idx = tail + tl.arange(0, BLOCK)
+        _usam_perturb_block(p, g, b, g0, noise, base, idx, idx < end, seed, rho, h, DTYPE, START, UNIFORM, EXPLICIT,
+                            True)
 
 
 @triton.jit
@@ -71,19 +83,45 @@ def _sample_weight(losses, i, n, rho, MEASURE: tl.constexpr):
 
 
 @triton.jit
+def _usam_accumulate_block(p, g, b, g0, acc1, acc2, idx, mask, a, c1, c2, DTYPE: tl.constexpr,
+                           MEASURE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, MASKED: tl.constexpr):
+    base = load(g0, idx, mask, MASKED).to(tl.float32)
+    diff = load(g, idx, mask, MASKED).to(tl.float32) - base
+    s1 = a * diff
+    if not FIRST:
+        s1 += load(acc1, idx, mask, MASKED)
+    if MEASURE == 0:
+        s2 = diff
+        if not FIRST:
+            s2 += load(acc2, idx, mask, MASKED)
+    if LAST:
+        out = base + c1 * s1
+        if MEASURE == 0:
+            out += c2 * s2
+        store(g, idx, to_dtype(out, DTYPE), mask, MASKED)
+        store(p, idx, load(b, idx, mask, MASKED), mask, MASKED)
+    else:
+        store(acc1, idx, s1, mask, MASKED)
+        if MEASURE == 0:
+            store(acc2, idx, s2, mask, MASKED)
+
+
+@triton.jit
 def _usam_accumulate_kernel(
     chunks, tensors, losses, i, n, rho, lam,
     DTYPE: tl.constexpr, MEASURE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
-    p = column(row, 1, DTYPE, False)
-    g = column(row, 2, DTYPE, False)
-    b = column(row, 3, DTYPE, False)
-    g0 = column(row, 4, DTYPE, False)
-    acc1 = column(row, 5, tl.float32, False)
-    acc2 = column(row, 6, tl.float32, False)
+    p = column(row, 1, DTYPE, ALIGNED)
+    g = column(row, 2, DTYPE, ALIGNED)
+    b = column(row, 3, DTYPE, ALIGNED)
+    g0 = column(row, 4, DTYPE, ALIGNED)
+    acc1 = column(row, 5, tl.float32, ALIGNED)
+    acc2 = column(row, 6, tl.float32, ALIGNED)
     a = _sample_weight(losses, i, n, rho, MEASURE)
+    c1 = a * 0.0
+    c2 = a * 0.0
     if LAST:  # the coefficients of the combination, from all the losses
         l0 = tl.load(losses)
         total = l0 * 0.0
@@ -94,37 +132,21 @@ def _usam_accumulate_kernel(
             else:
                 total += dl
         if MEASURE == 0:
-            c1 = lam / (rho * rho) / (n - 1)
+            c1 = lam / (rho * rho) / (n - 1) + 0.0 * total
             c2 = -c1 * total / n
         elif MEASURE == 1:
             c1 = lam + 0.0 * total
-            c2 = 0.0 * total
         else:
             x = total / n
             c1 = lam * (-2.0 / (x * x * x))
-            c2 = 0.0 * total
-    for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        mask = idx < end
-        base = tl.load(g0 + idx, mask=mask, other=0.0).to(tl.float32)
-        diff = tl.load(g + idx, mask=mask, other=0.0).to(tl.float32) - base
-        s1 = a * diff
-        if not FIRST:
-            s1 += tl.load(acc1 + idx, mask=mask, other=0.0)
-        if MEASURE == 0:
-            s2 = diff
-            if not FIRST:
-                s2 += tl.load(acc2 + idx, mask=mask, other=0.0)
-        if LAST:
-            out = base + c1 * s1
-            if MEASURE == 0:
-                out += c2 * s2
-            tl.store(g + idx, to_dtype(out, DTYPE), mask=mask)
-            tl.store(p + idx, tl.load(b + idx, mask=mask), mask=mask)
-        else:
-            tl.store(acc1 + idx, s1, mask=mask)
-            if MEASURE == 0:
-                tl.store(acc2 + idx, s2, mask=mask)
+    n_full = (end - start) // BLOCK
+    for k in range(0, n_full):
+        idx = full_block(start, k, BLOCK)
+        _usam_accumulate_block(p, g, b, g0, acc1, acc2, idx, idx, a, c1, c2, DTYPE, MEASURE, FIRST, LAST, False)
+    tail = start + n_full * BLOCK
+    if tail < end:
+        idx = tail + tl.arange(0, BLOCK)
+        _usam_accumulate_block(p, g, b, g0, acc1, acc2, idx, idx < end, a, c1, c2, DTYPE, MEASURE, FIRST, LAST, True)
 
 
 def perturb(table: PointerTable, dtype, seed: int, rho: float, h: float, start: bool, uniform: bool,
@@ -134,7 +156,7 @@ def perturb(table: PointerTable, dtype, seed: int, rho: float, h: float, start: 
     _usam_perturb_kernel[(table.n_chunks,)](
         table.chunks, table.tensors, int(seed), float(rho), float(h),
         DTYPE=TL_DTYPES[dtype], START=bool(start), UNIFORM=bool(uniform), EXPLICIT=bool(explicit),
-        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
 
 
@@ -145,5 +167,5 @@ def accumulate(table: PointerTable, dtype, losses, i: int, n: int, rho: float, l
     _usam_accumulate_kernel[(table.n_chunks,)](
         table.chunks, table.tensors, losses, int(i), int(n), float(rho), float(lam),
         DTYPE=TL_DTYPES[dtype], MEASURE=MEASURE_CODES[measure], FIRST=bool(first), LAST=bool(last),
-        CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
