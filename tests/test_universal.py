@@ -302,3 +302,31 @@ def test_extra_buffers_are_as_documented(measure, backend):
     for p in model.parameters():
         held = 1 + len(be.buffers[p])  # the backup, then g0 and the sums
         assert held == extra_buffers(measure)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("measure", list(CLASSES))
+def test_triton_equals_torch_on_a_large_tensor(measure):
+    """70,000 elements: a full chunk, full blocks and a masked tail in the kernels."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(70_000, generator=gen).to(DEVICE)
+    a = (0.5 + torch.rand(70_000, generator=gen)).to(DEVICE)
+    hyper = TEST_HYPER[measure]
+    results = []
+    for backend, lam in (("torch", hyper["lam"]), ("triton", hyper["lam"]), ("torch", 0.0)):
+        p = nn.Parameter(w0.clone())
+        opt = CLASSES[measure]([p], torch.optim.SGD, lr=0.1, n_samples=2, backend=backend,
+                               noise=explicit_noise(measure, hyper.get("h", 0.01)), **dict(hyper, lam=lam))
+
+        def closure():
+            loss = (0.5 * a * p * p + 0.1 * torch.sin(3 * p)).sum() / 100  # per-element gradients ~0.01
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(closure)
+        results.append(p.detach())
+    assert torch.allclose(results[0], results[1], atol=1e-6, rtol=1e-5)
+    effect = (results[0] - results[2]).abs().max().item()
+    assert effect > 1e-4, f"the sharpness term must be visible to this test ({effect:.3g})"
