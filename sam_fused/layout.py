@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 
-def is_dense(t: Tensor) -> bool:
-    """True when the ``numel`` elements of ``t`` fill ``numel`` consecutive slots from ``data_ptr``."""
+@functools.lru_cache(maxsize=4096)
+def _dense(shape: tuple, stride: tuple) -> bool:
     expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
+    for st, size in sorted((st, sz) for sz, st in zip(shape, stride) if sz != 1):
+        if st != expected:
             return False
         expected *= size
     return True
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when the ``numel`` elements of ``t`` fill ``numel`` consecutive slots from ``data_ptr``.
+
+    Cached per (shape, strides): the optimizers ask this of every tensor at every step, and a
+    model has few distinct layouts."""
+    return _dense(t.shape, t.stride())
 
 
 def preserved_strides(t: Tensor) -> tuple[int, ...]:
@@ -30,9 +40,17 @@ def preserved_strides(t: Tensor) -> tuple[int, ...]:
 
 def same_layout(p: Tensor, *others: Tensor | None) -> bool:
     """``p`` is dense and every other tensor has its dtype, device and strides: flat indexing is valid."""
-    if not is_dense(p):
+    stride = p.stride()
+    if not _dense(p.shape, stride):
         return False
-    return all(
-        o is None or (o.dtype == p.dtype and o.device == p.device and o.stride() == p.stride())
-        for o in others
-    )
+    dtype, device = p.dtype, None
+    for o in others:
+        if o is None:
+            continue
+        if o.stride() != stride or o.dtype != dtype:
+            return False
+        if device is None:
+            device = p.device
+        if o.device != device:
+            return False
+    return True

@@ -22,7 +22,7 @@ class GroupWork:
 class Backend:
     """Base of the backends: owns the backup of each perturbed parameter.
 
-    ``perturb(work)`` must fill ``self.backups[p]`` with an exact copy of every ``p`` it perturbs and
+    ``perturb(work)`` must fill ``self.backups[id(p)]`` with an exact copy of every ``p`` it perturbs and
     return the global norm as a 0-dim fp32 device tensor; ``restore_and_update(perturbed)`` must put
     those backups back bit-identically and apply the base optimizer with the current gradients.
     Neither may synchronize with the device.
@@ -32,11 +32,11 @@ class Backend:
 
     def __init__(self, optimizer) -> None:
         self.opt = optimizer
-        self.backups: dict[Tensor, Tensor] = {}
+        self.backups: dict[int, Tensor] = {}  # id(param) -> its backup (a Tensor key hashes slowly)
 
     def backup_for(self, p: Tensor) -> Tensor:
         """The backup buffer of ``p``: allocated on first use with ``p``'s layout, then reused."""
-        b = self.backups.get(p)
+        b = self.backups.get(id(p))
         if (
             b is None
             or b.shape != p.shape
@@ -45,7 +45,7 @@ class Backend:
             or b.stride() != preserved_strides(p)
         ):
             b = torch.empty_like(p, memory_format=torch.preserve_format).detach()
-            self.backups[p] = b
+            self.backups[id(p)] = b
         return b
 
     @staticmethod

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..layout import same_layout
+from ..layout import is_dense, same_layout
 from ..spec import OPT_ADAM, OPT_RESTORE, OPT_SGD, Update
 from . import reference
 from .base import Backend, GroupWork
@@ -91,31 +91,32 @@ class FlatBackend(Backend):
         for gw in work:
             fast = []
             for p in gw.params:
-                if self.flat(p, p.grad, self.backup_for(p)):
+                self.backup_for(p)  # has p's strides when p is dense: no need to check it again
+                if self.flat(p, p.grad):
                     fast.append(p)
                 else:
                     slow.append((gw.group, p))
             for ps in _by_dtype(fast).values():
-                bucket = _bucket("perturb", ps, [(p, p.grad, self.backups[p]) for p in ps])
+                bucket = _bucket("perturb", ps, [(p, p.grad, self.backups[id(p)]) for p in ps])
                 buckets.append((bucket, gw.group))
         slow_sq = reference.grad_sq_sum(slow, device) if slow else None
         norm = self.launch_norm(buckets, slow_sq, device)
         for bucket, group in buckets:
             self.launch_perturb(bucket, group, norm)
         for group, p in slow:
-            reference.perturb_(group, p, self.backups[p], norm)
+            reference.perturb_(group, p, self.backups[id(p)], norm)
         return norm
 
     # ------------------------------------------------------------------ second step
     def restore(self, params: list[Tensor]) -> None:
         """Bit-exact restore: one launch per dtype for the flat tensors, a copy for the others."""
-        fast = [p for p in params if self.flat(p, self.backups[p])]
+        fast = [p for p in params if self.flat(p, self.backups[id(p)])]
         for ps in _by_dtype(fast).values():
-            self.launch_update(_bucket("restore", ps, [(p, None, self.backups[p]) for p in ps]), Update(OPT_RESTORE))
+            self.launch_update(_bucket("restore", ps, [(p, None, self.backups[id(p)]) for p in ps]), Update(OPT_RESTORE))
         fast_ids = {id(p) for p in fast}
         for p in params:
             if id(p) not in fast_ids:
-                p.detach().copy_(self.backups[p])
+                p.detach().copy_(self.backups[id(p)])
 
     def _fused_kind(self) -> str | None:
         """'sgd' or 'adam' when the base optimizer and its groups can run in the fused kernel."""
@@ -147,13 +148,14 @@ class FlatBackend(Backend):
                 if p.dtype not in self.dtypes:
                     return None
                 perturbed = id(p) in perturbed_ids
-                staged = not same_layout(p)
+                staged = not is_dense(p)
                 dst = self.backup_for(p) if staged else p
-                src = self.backups[p] if perturbed else dst
-                st = state.get(p, {})
-                tensors = [v for k, v in st.items() if k != "step" and isinstance(v, Tensor)]
-                step = st.get("step")
-                if not same_layout(dst, p.grad, src, *tensors) or (
+                # the backup shares dst's layout by construction (backup_for); grad and state may not
+                src = self.backups[id(p)] if perturbed else dst
+                st = state.get(p)
+                tensors = [v for k, v in st.items() if k != "step" and isinstance(v, Tensor)] if st else ()
+                step = st.get("step") if st else None
+                if not same_layout(dst, p.grad, *tensors) or (
                     isinstance(step, Tensor) and step.device.type != "cpu"
                 ):
                     return None

@@ -68,7 +68,7 @@ class TorchBackend(Backend):
 
     def restore(self, params: list[Tensor]) -> None:
         for p in params:
-            p.detach().copy_(self.backups[p])
+            p.detach().copy_(self.backups[id(p)])
 
     def restore_and_update(self, perturbed: list[Tensor], work: list[GroupWork]) -> None:
         self.restore(perturbed)

@@ -83,7 +83,7 @@ class UniversalTritonBackend(UniversalTorchBackend):
                 zs = iter(explicit[id(p)] for gw in self._slow for p in gw.params)
                 for gw in self._slow:
                     for p in gw.params:
-                        p.detach().copy_(self.backups[p].float() + gw.group["rho"] * next(zs))
+                        p.detach().copy_(self.backups[id(p)].float() + gw.group["rho"] * next(zs))
 
     def accumulate(self, work: list[GroupWork], sample: int, loss: Tensor) -> None:
         opt = self.opt
