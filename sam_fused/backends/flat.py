@@ -218,8 +218,10 @@ class FlatBackend(Backend):
                 st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1
-            by_step.setdefault(float(st["step"]), []).append(p)
+        steps = [base.state[p]["step"] for p in ps]
+        torch._foreach_add_(steps, 1.0)  # host-side CPU scalars, as torch keeps them: no device sync
+        for p, step in zip(ps, torch.stack(steps).tolist()):
+            by_step.setdefault(step, []).append(p)
         decoupled = group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW))
         beta1, beta2 = group["betas"]
         for step, sub in by_step.items():
