@@ -3,5 +3,6 @@
 - ``table``:   the device-resident table of tensor addresses and chunk offsets, and shared helpers;
 - ``norm``:    per-program partial sums of ``(T * g)^2`` and the deterministic final reduction;
 - ``perturb``: backup + ``w += e`` in one pass, scale read from the device;
-- ``update``:  restore from the backup fused with the SGD or Adam/AdamW update (or restore alone).
+- ``update``:  restore from the backup fused with the SGD or Adam/AdamW update (or restore alone);
+- ``universal``: Frob-/Trace-/Det-SAM: in-kernel Philox noise, sums fused into the gradient pass.
 """
