@@ -30,6 +30,19 @@ struct MetaTable {
   int64_t first_block;  // index of this launch's first block among all blocks of the call
 };
 
+// The tensor and the element range [begin, end) of this block's chunk.
+struct ChunkRange {
+  int tensor;
+  int64_t begin, end;
+};
+
+template <int DEPTH>
+__device__ __forceinline__ ChunkRange chunk_range(const MetaTable<DEPTH>& meta) {
+  const int t = meta.block_to_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kCudaChunk;
+  return {t, begin, begin + kCudaChunk < meta.sizes[t] ? begin + kCudaChunk : meta.sizes[t]};
+}
+
 template <int DEPTH, typename Functor, typename... Args>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(MetaTable<DEPTH> meta, Functor functor, Args... args) {
   functor(meta, args...);

@@ -81,9 +81,7 @@ template <typename scalar_t>
 struct SqSumFunctor {
   __device__ void operator()(MetaTable<2>& meta, float* partials, bool adaptive, float eta) {
     using acc_t = at::opmath_type<scalar_t>;
-    const int t = meta.block_to_tensor[blockIdx.x];
-    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kCudaChunk;
-    const int64_t end = min(begin + kCudaChunk, meta.sizes[t]);
+    const auto [t, begin, end] = chunk_range(meta);
     const scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
     const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
     const bool vec = vec_aligned(w) && vec_aligned(g);
@@ -112,9 +110,7 @@ template <typename scalar_t>
 struct PerturbFunctor {
   __device__ void operator()(MetaTable<3>& meta, const float* norm, float rho, bool adaptive, float eta) {
     using acc_t = at::opmath_type<scalar_t>;
-    const int t = meta.block_to_tensor[blockIdx.x];
-    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kCudaChunk;
-    const int64_t end = min(begin + kCudaChunk, meta.sizes[t]);
+    const auto [t, begin, end] = chunk_range(meta);
     scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
     const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
     scalar_t* b = slot<scalar_t>(meta.addresses[2][t]);
@@ -141,9 +137,7 @@ template <typename scalar_t, int64_t OPT, bool HAS_MOMENTUM, bool NESTEROV>
 struct UpdateFunctor {
   __device__ void operator()(MetaTable<5>& meta, UpdateScalars<at::opmath_type<scalar_t>> u) {
     using acc_t = at::opmath_type<scalar_t>;
-    const int t = meta.block_to_tensor[blockIdx.x];
-    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kCudaChunk;
-    const int64_t end = min(begin + kCudaChunk, meta.sizes[t]);
+    const auto [t, begin, end] = chunk_range(meta);
     scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
     const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
     const scalar_t* src = slot<scalar_t>(meta.addresses[2][t]);

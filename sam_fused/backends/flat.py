@@ -110,7 +110,7 @@ class FlatBackend(Backend):
     # ------------------------------------------------------------------ second step
     def restore(self, params: list[Tensor]) -> None:
         """Bit-exact restore: one launch per dtype for the flat tensors, a copy for the others."""
-        fast = [p for p in params if self.flat(p, self.backups[id(p)])]
+        fast = [p for p in params if self.flat(p)]  # the backup shares p's layout (backup_for)
         for ps in _by_dtype(fast).values():
             self.launch_update(_bucket("restore", ps, [(p, None, self.backups[id(p)]) for p in ps]), Update(OPT_RESTORE))
         fast_ids = {id(p) for p in fast}
