@@ -33,15 +33,23 @@ bool on_cuda(const TensorList& params) {
 #endif
 }
 
-at::Tensor sq_sum(const TensorList& params, const TensorList& grads, bool adaptive, double eta) {
-  check_lists("sq_sum", params, {&grads});
-  TORCH_CHECK(grads.size() == params.size(), "sq_sum: one grad per parameter");
+void check_scalar(const char* op, const char* name, const at::Tensor& t, const TensorList& params) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat, op, ": ", name, " must be a one-element float32 tensor");
+  TORCH_CHECK(params.empty() || t.device() == params[0].device(), op, ": ", name, " must be on the parameters' device");
+}
+
+void sq_sum(at::Tensor out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
+            bool accumulate) {
+  check_lists("sq_sum_", params, {&grads});
+  TORCH_CHECK(grads.size() == params.size(), "sq_sum_: one grad per parameter");
+  check_scalar("sq_sum_", "out", out, params);
+  TORCH_CHECK(out.is_contiguous(), "sq_sum_: out must be contiguous");
 #ifdef SAM_FUSED_WITH_CUDA
-  if (on_cuda(params)) return sq_sum_cuda(params, grads, adaptive, eta);
+  if (on_cuda(params)) return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate);
 #else
   on_cuda(params);
 #endif
-  return sq_sum_cpu(params, grads, adaptive, eta);
+  sq_sum_cpu(out, params, grads, adaptive, eta, accumulate);
 }
 
 void perturb(const TensorList& params, const TensorList& grads, const TensorList& backups,
@@ -60,8 +68,16 @@ void perturb(const TensorList& params, const TensorList& grads, const TensorList
 }
 
 void restore_update(const TensorList& params, const TensorList& grads, const TensorList& sources,
-                    const TensorList& state1, const TensorList& state2, const UpdateArgs& u) {
+                    const TensorList& state1, const TensorList& state2, UpdateArgs u,
+                    const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& found_inf) {
   check_lists("restore_update_", params, {&grads, &sources, &state1, &state2});
+  TORCH_CHECK(inv_scale.has_value() == found_inf.has_value(), "restore_update_: inv_scale and found_inf go together");
+  if (inv_scale.has_value()) {
+    check_scalar("restore_update_", "inv_scale", *inv_scale, params);
+    check_scalar("restore_update_", "found_inf", *found_inf, params);
+    u.inv_scale = inv_scale->data_ptr<float>();
+    u.found_inf = found_inf->data_ptr<float>();
+  }
   TORCH_CHECK(u.opt >= kOptRestore && u.opt <= kOptAdam, "restore_update_: unknown opt ", u.opt);
   TORCH_CHECK(sources.size() == params.size(), "restore_update_: one source per parameter");
   TORCH_CHECK(u.opt == kOptRestore || grads.size() == params.size(), "restore_update_: one grad per parameter");
@@ -84,8 +100,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace sam_fused;
   m.doc() = "sam_fused native kernels: global grad norm, perturb with backup, restore + update";
-  m.def("sq_sum", &sq_sum, "sum of (T g)^2 over the tensors, a 0-dim float32 tensor", py::arg("params"),
-        py::arg("grads"), py::kw_only(), py::arg("adaptive"), py::arg("eta"));
+  m.def("sq_sum_", &sq_sum, "out = sum of (T g)^2 over the tensors (out += with accumulate)", py::arg("out"),
+        py::arg("params"), py::arg("grads"), py::kw_only(), py::arg("adaptive"), py::arg("eta"),
+        py::arg("accumulate") = false);
   m.def("perturb_", &perturb, "backup = w; w += e (skipped when norm is not finite)", py::arg("params"),
         py::arg("grads"), py::arg("backups"), py::kw_only(), py::arg("norm"), py::arg("rho"),
         py::arg("adaptive"), py::arg("eta"));
@@ -94,16 +111,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const TensorList& params, const TensorList& grads, const TensorList& sources, const TensorList& state1,
          const TensorList& state2, int64_t opt, double lr, double weight_decay, double momentum, double dampening,
          bool nesterov, bool maximize, bool first, double beta1, double beta2, double eps, double step_size,
-         double bias_correction2_sqrt, double decay, bool decoupled) {
+         double bias_correction2_sqrt, double decay, bool decoupled, const c10::optional<at::Tensor>& inv_scale,
+         const c10::optional<at::Tensor>& found_inf) {
         restore_update(params, grads, sources, state1, state2,
                        UpdateArgs{opt, lr, weight_decay, momentum, dampening, nesterov, maximize, first, beta1,
-                                  beta2, eps, step_size, bias_correction2_sqrt, decay, decoupled});
+                                  beta2, eps, step_size, bias_correction2_sqrt, decay, decoupled},
+                       inv_scale, found_inf);
       },
-      "w = source, fused with the SGD (opt 1) or Adam/AdamW (opt 2) update, or alone (opt 0)",
+      "w = source, fused with the SGD (opt 1) or Adam/AdamW (opt 2) update, or alone (opt 0); optional AMP "
+      "inv_scale / found_inf tensors",
       py::arg("params"), py::arg("grads"), py::arg("sources"), py::arg("state1"), py::arg("state2"), py::kw_only(),
       py::arg("opt"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
       py::arg("nesterov"), py::arg("maximize"), py::arg("first"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("step_size"), py::arg("bias_correction2_sqrt"), py::arg("decay"), py::arg("decoupled"));
+      py::arg("step_size"), py::arg("bias_correction2_sqrt"), py::arg("decay"), py::arg("decoupled"),
+      py::arg("inv_scale") = py::none(), py::arg("found_inf") = py::none());
   m.def("has_cuda", [] {
 #ifdef SAM_FUSED_WITH_CUDA
     return true;

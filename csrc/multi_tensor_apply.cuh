@@ -17,7 +17,6 @@
 namespace sam_fused {
 
 constexpr int kThreads = 512;
-constexpr int64_t kCudaChunk = 65536;
 constexpr int kMaxBlocks = 320;
 
 template <int DEPTH>

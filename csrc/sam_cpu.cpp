@@ -80,7 +80,8 @@ void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, 
 
 }  // namespace
 
-at::Tensor sq_sum_cpu(const TensorList& params, const TensorList& grads, bool adaptive, double eta) {
+void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
+                bool accumulate) {
   const auto chunks = make_chunks(params);
   std::vector<double> partial(chunks.size(), 0.0);
   if (!chunks.empty()) {
@@ -94,7 +95,8 @@ at::Tensor sq_sum_cpu(const TensorList& params, const TensorList& grads, bool ad
   }
   double total = 0.0;  // fixed order: the same gradients give the same bits, whatever the threads
   for (double v : partial) total += v;
-  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  *dst = accumulate ? static_cast<float>(static_cast<double>(*dst) + total) : static_cast<float>(total);
 }
 
 void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
@@ -157,9 +159,12 @@ void update_chunks(const std::vector<Chunk>& chunks, const TensorList& params, c
 }  // namespace
 
 void restore_update_cpu(const TensorList& params, const TensorList& grads, const TensorList& sources,
-                        const TensorList& state1, const TensorList& state2, const UpdateArgs& u) {
+                        const TensorList& state1, const TensorList& state2, const UpdateArgs& args) {
   const auto chunks = make_chunks(params);
   if (chunks.empty()) return;
+  UpdateArgs u = args;
+  if (u.found_inf != nullptr && *u.found_inf != 0.0f) u.opt = kOptRestore;  // AMP: skip, only restore
+  u.grad_mul = u.inv_scale != nullptr ? static_cast<double>(*u.inv_scale) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "restore_update_cpu", [&] {
     const auto run = [&](auto opt, auto has_momentum, auto nesterov) {
       update_chunks<scalar_t, decltype(opt)::value, decltype(has_momentum)::value, decltype(nesterov)::value>(

@@ -99,11 +99,12 @@ struct SqSumFunctor {
   }
 };
 
-__global__ void __launch_bounds__(kThreads) final_sum_kernel(const float* partials, int64_t n, float* out) {
+__global__ void __launch_bounds__(kThreads) final_sum_kernel(const float* partials, int64_t n, float* out,
+                                                            bool accumulate) {
   float acc = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
   acc = block_sum<float>(acc);
-  if (threadIdx.x == 0) *out = acc;
+  if (threadIdx.x == 0) *out = accumulate ? *out + acc : acc;
 }
 
 template <typename scalar_t>
@@ -135,8 +136,14 @@ struct PerturbFunctor {
 
 template <typename scalar_t, int64_t OPT, bool HAS_MOMENTUM, bool NESTEROV>
 struct UpdateFunctor {
-  __device__ void operator()(MetaTable<5>& meta, UpdateScalars<at::opmath_type<scalar_t>> u) {
+  __device__ void operator()(MetaTable<5>& meta, UpdateScalars<at::opmath_type<scalar_t>> u, const float* inv_scale,
+                             const float* found_inf) {
     using acc_t = at::opmath_type<scalar_t>;
+    bool skip = false;  // AMP: an inf/NaN was found, the pass only restores
+    if (inv_scale != nullptr) {
+      u.sign *= acc_t(*inv_scale);
+      skip = *found_inf != 0.f;
+    }
     const auto [t, begin, end] = chunk_range(meta);
     scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
     const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
@@ -148,7 +155,7 @@ struct UpdateFunctor {
     scalar_t wv[kVec], gv[kVec], mv[kVec], vv[kVec];
     for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
       load_vec(src, i, end, vec, wv);
-      if (OPT != kOptRestore) {
+      if (OPT != kOptRestore && !skip) {
         load_vec(g, i, end, vec, gv);
         if (kMomentum) load_vec(s1, i, end, vec, mv);
         if (OPT == kOptAdam) load_vec(s2, i, end, vec, vv);
@@ -176,9 +183,9 @@ struct UpdateFunctor {
 
 }  // namespace
 
-at::Tensor sq_sum_cuda(const TensorList& params, const TensorList& grads, bool adaptive, double eta) {
+void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
+                 bool accumulate) {
   const auto opts = params[0].options().dtype(at::kFloat);
-  auto out = at::empty({}, opts);
   auto partials = at::empty({std::max<int64_t>(total_chunks(params), 1)}, opts);
   const int64_t n = total_chunks(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cuda", [&] {
@@ -187,9 +194,8 @@ at::Tensor sq_sum_cuda(const TensorList& params, const TensorList& grads, bool a
   });
   const c10::cuda::CUDAGuard guard(params[0].device());
   final_sum_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.data_ptr<float>(), n,
-                                                                        out.data_ptr<float>());
+                                                                        out.data_ptr<float>(), accumulate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
@@ -209,15 +215,15 @@ void restore_update_cuda(const TensorList& params, const TensorList& grads, cons
     const auto u = update_scalars<acc_t>(args);
     const std::vector<const TensorList*> lists{&params, &grads, &sources, &state1, &state2};
     if (args.opt == kOptRestore) {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptRestore, false, false>(), u);
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptRestore, false, false>(), u, args.inv_scale, args.found_inf);
     } else if (args.opt == kOptAdam) {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptAdam, false, false>(), u);
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptAdam, false, false>(), u, args.inv_scale, args.found_inf);
     } else if (args.momentum == 0) {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, false, false>(), u);
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, false, false>(), u, args.inv_scale, args.found_inf);
     } else if (args.nesterov) {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, true>(), u);
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, true>(), u, args.inv_scale, args.found_inf);
     } else {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, false>(), u);
+      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, false>(), u, args.inv_scale, args.found_inf);
     }
   });
 }

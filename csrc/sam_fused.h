@@ -4,22 +4,21 @@
 // matching parameter, so element i of a tensor is at data_ptr + i in every list. Math is done in
 // fp32 (fp64 for double parameters) and stored back in the parameter's dtype.
 //
-//   sq_sum          sum over tensors of (T * g)^2, T = |w| + eta (ASAM) or 1: a 0-dim fp32 tensor,
-//                   from per-chunk partials summed in a fixed order (deterministic)
+//   sq_sum_         out (+)= sum over tensors of (T * g)^2, T = |w| + eta (ASAM) or 1, into a 0-dim
+//                   fp32 tensor, from per-chunk partials summed in a fixed order (deterministic)
 //   perturb_        backup = w; w += rho * T^2 * g / (norm + 1e-12), skipped when norm is not finite
 //   restore_update_ w = source, fused with torch.optim's SGD or Adam/AdamW update (opt 1, 2) or
-//                   alone (opt 0); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq
+//                   alone (opt 0); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq. With AMP
+//                   tensors: g *= inv_scale as it is read; found_inf != 0 turns the pass into a restore.
 #pragma once
 
 #include <torch/extension.h>
 
 #include <vector>
 
-namespace sam_fused {
+#include "sam_constants.h"
 
-constexpr int64_t kOptRestore = 0;
-constexpr int64_t kOptSgd = 1;
-constexpr int64_t kOptAdam = 2;
+namespace sam_fused {
 
 struct UpdateArgs {
   int64_t opt;
@@ -27,18 +26,24 @@ struct UpdateArgs {
   bool nesterov, maximize, first;
   double beta1, beta2, eps, step_size, bias_correction2_sqrt, decay;
   bool decoupled;
+  // AMP: both set (device or host pointers, as the tensors are), or both null
+  const float* inv_scale = nullptr;
+  const float* found_inf = nullptr;
+  double grad_mul = 1.0;  // CPU: *inv_scale, read once on the host
 };
 
 using TensorList = std::vector<at::Tensor>;
 
-at::Tensor sq_sum_cpu(const TensorList& params, const TensorList& grads, bool adaptive, double eta);
+void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
+                bool accumulate);
 void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
                  const at::Tensor& norm, double rho, bool adaptive, double eta);
 void restore_update_cpu(const TensorList& params, const TensorList& grads, const TensorList& sources,
                         const TensorList& state1, const TensorList& state2, const UpdateArgs& u);
 
 #ifdef SAM_FUSED_WITH_CUDA
-at::Tensor sq_sum_cuda(const TensorList& params, const TensorList& grads, bool adaptive, double eta);
+void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
+                 bool accumulate);
 void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
                   const at::Tensor& norm, double rho, bool adaptive, double eta);
 void restore_update_cuda(const TensorList& params, const TensorList& grads, const TensorList& sources,

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "sam_constants.h"
+
 #if defined(__CUDACC__)
 #define SAM_HD __host__ __device__ __forceinline__
 #else
@@ -13,11 +15,11 @@
 
 namespace sam_fused {
 
-// The scale rho / (norm + 1e-12), or 0 when the norm is not finite (the step is then skipped).
+// The scale rho / (norm + kNormEps), or 0 when the norm is not finite (the step is then skipped).
 template <typename acc_t>
 SAM_HD acc_t perturb_scale(float norm, double rho, bool* ok) {
   *ok = norm < INFINITY;  // false for inf and NaN; a norm is never negative
-  return *ok ? static_cast<acc_t>(static_cast<float>(rho) / (norm + 1e-12f)) : acc_t(0);
+  return *ok ? static_cast<acc_t>(static_cast<float>(rho) / (norm + kNormEps)) : acc_t(0);
 }
 
 // e = T^2 * g * scale, T = |w| + eta for ASAM, 1 for SAM.
@@ -38,7 +40,7 @@ SAM_HD acc_t weighted_square(acc_t w, acc_t g, bool adaptive, acc_t eta) {
 }
 
 // Scalars of the update, folded so that the element functions have no data-dependent branch:
-//   sign = -1 for maximize;  l2 = weight_decay unless decoupled;  decay = 1 - lr * weight_decay
+//   sign = -1 for maximize, times the AMP gradient multiplier (1 / loss scale);  l2 = weight_decay unless decoupled;  decay = 1 - lr * weight_decay
 //   for AdamW, else 1;  SGD's buffer update m = m * keep + coef * d, with (keep, coef) =
 //   (0, 1) on the first step (the buffer is zero-initialized, so m = d as torch starts it) and
 //   (momentum, 1 - dampening) afterwards.
@@ -51,7 +53,7 @@ struct UpdateScalars {
 template <typename acc_t, typename Args>
 UpdateScalars<acc_t> update_scalars(const Args& u) {
   return UpdateScalars<acc_t>{
-      acc_t(u.maximize ? -1.0 : 1.0), acc_t(u.lr), acc_t(u.decoupled ? 0.0 : u.weight_decay),
+      acc_t((u.maximize ? -1.0 : 1.0) * u.grad_mul), acc_t(u.lr), acc_t(u.decoupled ? 0.0 : u.weight_decay),
       acc_t(u.decoupled ? u.decay : 1.0), acc_t(u.momentum), acc_t(u.first ? 0.0 : u.momentum),
       acc_t(u.first ? 1.0 : 1.0 - u.dampening), acc_t(1.0 - u.beta1), acc_t(u.beta2), acc_t(1.0 - u.beta2),
       acc_t(u.eps), acc_t(u.step_size), acc_t(u.bias_correction2_sqrt)};

@@ -10,7 +10,13 @@ Environment:
     SAM_FUSED_NATIVE=0   never build or load the extension (backends "cpu" and "cuda" unavailable)
     SAM_FUSED_CUDA=0     build the CPU kernels only;  SAM_FUSED_CUDA=1  require the CUDA kernels
     SAM_FUSED_VERBOSE=1  show the compiler's output
+    SAM_FUSED_BUILD_WAIT seconds to wait for another process's build of the extension (default 600)
     MAX_JOBS             parallel compile jobs (torch's variable)
+
+A build interrupted by Ctrl-C or a killed job leaves torch's lock file in the build directory, and
+torch then waits for it forever. Each build here records its process id beside the lock; a lock
+whose owner is gone (or, without a record, older than the wait) is removed, and a lock held by a
+live process longer than the wait ends in an error that names it, never in a hang.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,12 +115,71 @@ def _load():
         raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
     from torch.utils.cpp_extension import load as jit_load
 
+    from torch.utils.cpp_extension import _get_build_directory
+
     cuda = want_cuda()
     src = source_dir()
     sources = [str(src / s) for s in SOURCES_CPU + (SOURCES_CUDA if cuda else ())]
     name = "sam_fused_C_cuda" if cuda else "sam_fused_C_cpu"
-    return jit_load(name=name, sources=sources, verbose=_flag("SAM_FUSED_VERBOSE") in ("1", "true"),
-                    extra_include_paths=[str(src)], **compile_flags(cuda))
+    verbose = _flag("SAM_FUSED_VERBOSE") in ("1", "true")
+    build_dir = Path(_get_build_directory(name, verbose))
+    clear_stale_lock(build_dir)
+    owner = build_dir / OWNER_FILE
+    try:
+        owner.write_text(str(os.getpid()))
+    except OSError:
+        owner = None
+    try:
+        return jit_load(name=name, sources=sources, verbose=verbose, extra_include_paths=[str(src)],
+                        **compile_flags(cuda))
+    finally:
+        if owner is not None and owner.exists() and owner.read_text().strip() == str(os.getpid()):
+            owner.unlink(missing_ok=True)
+
+
+OWNER_FILE = "sam_fused.owner"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale_lock(build_dir: Path, wait: float | None = None) -> None:
+    """Make sure torch's build lock in ``build_dir`` will not hang this process: remove it when its
+    owner is gone; wait (at most ``wait`` s, default SAM_FUSED_BUILD_WAIT or 600) while a live
+    process builds; then raise NativeUnavailable naming the lock file."""
+    lock = build_dir / "lock"
+    if wait is None:
+        wait = float(os.environ.get("SAM_FUSED_BUILD_WAIT", "600"))
+    deadline = time.monotonic() + wait
+    while lock.exists():
+        owner = build_dir / OWNER_FILE
+        try:
+            pid = int(owner.read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            continue  # removed meanwhile
+        stale = (pid is not None and not _alive(pid)) or (pid is None and age > wait)
+        if stale:
+            warnings.warn(f"sam_fused: removing the stale build lock {lock} (its build was interrupted)")
+            lock.unlink(missing_ok=True)
+            return
+        if time.monotonic() >= deadline:
+            who = f"process {pid}" if pid is not None else "another process"
+            raise NativeUnavailable(
+                f"the native extension's build lock {lock} is held by {who} for {age:.0f} s; wait for that "
+                f"build to finish, or remove the file if no build is running (SAM_FUSED_BUILD_WAIT={wait:g})"
+            )
+        time.sleep(min(0.5, max(deadline - time.monotonic(), 0.01)))
 
 
 def available(device: torch.device) -> bool:

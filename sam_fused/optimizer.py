@@ -9,27 +9,28 @@ import torch
 from torch import Tensor
 
 from .backends import BACKENDS, make_backend
-from .backends.base import GroupWork
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
+from .backends.base import FUSED_KINDS, check_amp
+from .plan import Buffers, ParamSet, StepPlan
 
 def _check_nonneg(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf")
+            or value > 1e30):
+        raise ValueError(f"{name} must be a finite non-negative number (at most 1e30), got {value!r}")
 
 
 class SAMOptimizer(torch.optim.Optimizer):
     """What every SAM-family optimizer here shares: the base optimizer built on the same param groups,
-    its state dict, param groups with per-group SAM hyperparameters, validation and the backend.
+    its state dict, param groups with per-group SAM hyperparameters, validation, the backend (and
+    through it the cached step plans), copying and pickling.
 
-    Subclasses name their per-group keys in ``_group_keys`` and check them in ``_check_group``.
+    Subclasses name their per-group keys in ``_group_keys``, check them in ``_check_group`` and
+    name the backend factory in ``_backend_factory`` (a function of (name, optimizer)).
     """
 
     _group_keys: tuple[str, ...] = ()
+    _backend_factory = staticmethod(make_backend)
 
-    def __init__(self, params: Iterable, base_optimizer: type, defaults: dict, backend, base_kwargs: dict,
-                 make_backend) -> None:
+    def __init__(self, params: Iterable, base_optimizer: type, defaults: dict, backend, base_kwargs: dict) -> None:
         if not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer subclass (the class, not an instance), "
@@ -42,7 +43,9 @@ class SAMOptimizer(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
-        self._backend = make_backend(backend, self)
+        self._backend = self._backend_factory(backend, self)
+        self._backend.plans.params = ParamSet(self.param_groups)  # refuses a parameter listed twice now
+        self._perturbed: StepPlan | None = None
 
     @property
     def backend(self) -> str:
@@ -51,6 +54,15 @@ class SAMOptimizer(torch.optim.Optimizer):
 
     def _check_group(self, group: dict) -> None:
         raise NotImplementedError
+
+    def _check_groups(self) -> None:
+        """Per step: every group has valid SAM hyperparameters (a group added to the base optimizer
+        directly gets the defaults)."""
+        for group in self.param_groups:
+            if any(k not in group for k in self._group_keys):
+                for key in self._group_keys:
+                    group.setdefault(key, self.defaults[key])
+            self._check_group(group)
 
     def add_param_group(self, param_group: dict) -> None:
         base = getattr(self, "base_optimizer", None)
@@ -62,6 +74,12 @@ class SAMOptimizer(torch.optim.Optimizer):
             group.setdefault(key, self.defaults[key])
         self._check_group(group)
         base.add_param_group(group)
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget the cached step plans: call after changing parameters in a way the optimizer cannot
+        see (it does see ``add_param_group``, ``load_state_dict``, new ``.grad`` tensors and
+        parameters whose storage or size changed)."""
         self._backend.invalidate()
 
     def state_dict(self) -> dict:
@@ -69,33 +87,57 @@ class SAMOptimizer(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if self._perturbed is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step(): call restore() first")
+        kind = FUSED_KINDS.get(type(self.base_optimizer))
+        if kind is not None:  # torch.optim would fail half-way with a bare KeyError
+            needed = {"sgd": (), "adam": ("step", "exp_avg", "exp_avg_sq")}[kind]
+            allowed = {"sgd": {"momentum_buffer"}, "adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}[kind]
+            for index, st in state_dict.get("state", {}).items():
+                if st and (any(k not in st for k in needed) or not set(st) <= allowed):
+                    raise ValueError(
+                        f"this checkpoint's state of parameter {index} has {sorted(st)}, not the state of "
+                        f"{type(self.base_optimizer).__name__}: was it saved by another optimizer?"
+                    )
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
             for key in self._group_keys:
                 group.setdefault(key, self.defaults[key])
-        self._backend.invalidate()
+        self.invalidate()
 
-    def _collect(self) -> list[GroupWork]:
-        """Params with a grad, per group; refuses bad input before anything is touched."""
-        name = type(self).__name__
-        work = []
-        for i, group in enumerate(self.param_groups):
-            self._check_group(group)
-            gw = GroupWork(i, group)
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
-                if p.dtype not in _FLOAT_DTYPES:
-                    raise TypeError(f"{name} supports float32, bfloat16, float16 and float64 parameters, got {p.dtype}")
-                gw.params.append(p)
-            if gw.params:
-                work.append(gw)
-        return work
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """Undo a perturbation: every perturbed parameter gets back its exact value from before
+        ``first_step()``; the gradients and the optimizer state are left alone. Returns whether
+        there was a perturbation to undo."""
+        plan, self._perturbed = self._perturbed, None
+        if plan is None:
+            return False
+        self._backend.restore(plan)
+        return True
+
+    def _step_plan(self) -> StepPlan:
+        """The cached plan of this step, after checking every grad and group (raises before any write)."""
+        self._check_groups()
+        return self._backend.plan()
+
+    # ------------------------------------------------------------------ copying
+    def __getstate__(self) -> dict:
+        if self._perturbed is not None:
+            raise RuntimeError(
+                f"a {type(self).__name__} between first_step() and second_step() cannot be copied or pickled: "
+                "its parameters are perturbed and the backups are not part of it; call second_step() or restore()"
+            )
+        state = dict(self.__dict__)
+        state["_backend"] = self._backend.name
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        torch.optim.Optimizer.__setstate__(self, state)
+        self._backend = self._backend_factory(state["_backend"], self)
+        self._perturbed = None
 
 
 class FusedSAM(SAMOptimizer):
@@ -143,9 +185,9 @@ class FusedSAM(SAMOptimizer):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
-        super().__init__(params, base_optimizer, defaults, backend, base_kwargs, make_backend)
-        self._perturbed: list[Tensor] | None = None
+        super().__init__(params, base_optimizer, defaults, backend, base_kwargs)
         self.grad_norm: Tensor | None = None
+        self._inv_scale: Tensor | None = None
 
     _group_keys = ("rho", "adaptive", "eta")
 
@@ -153,24 +195,62 @@ class FusedSAM(SAMOptimizer):
         _check_nonneg("rho", group["rho"])
         _check_nonneg("eta", group["eta"])
 
+    # A function called with the sum of squares of the (ASAM-weighted) gradients, a 0-dim fp32
+    # device tensor, before its square root becomes the norm; it may change it in place (a
+    # distributed all-reduce goes here). None: no call.
+    _reduce_sq: Callable[[Tensor], None] | None = None
+    # A SAM variant's own perturbation direction: parameter-sized buffers (plan.Buffers) the
+    # first step perturbs along, in place of the gradients. None: the gradients.
+    _direction: Buffers | None = None
+
+    def _combine(self, plan: StepPlan) -> None:
+        """A SAM variant's gradient combination: called by ``second_step`` after the gradients were
+        checked and before the update, with the step's plan (its buckets list the parameters as
+        the kernels see them); may rewrite ``p.grad`` in place. FusedSAM's does nothing."""
+
     # ------------------------------------------------------------------ SAM
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a grad to ``w + e(w)``, keeping an exact backup of ``w``."""
-        work = self._collect()
-        if work:
-            self.grad_norm = self._backend.perturb(work)
-        self._perturbed = [p for gw in work for p in gw.params]
+        """Move every parameter with a grad to ``w + e(w)``, keeping an exact backup of ``w``.
+
+        Raises, with nothing written, on a bad gradient or hyperparameter, or when the parameters
+        are already perturbed (call ``second_step()`` or ``restore()`` first)."""
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "first_step() called twice: the parameters are already perturbed; call second_step() to "
+                "update them, or restore() to undo the perturbation"
+            )
+        plan = self._step_plan()
+        self.grad_norm = self._backend.perturb(plan, self._reduce_sq, self._direction) if plan.active else None
+        self._perturbed = plan
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w`` bit-identically, then apply the base optimizer with the current grads."""
+    def second_step(self, zero_grad: bool = False, *, grad_scale: Tensor | None = None,
+                    found_inf: Tensor | None = None) -> None:
+        """Restore ``w`` bit-identically, then apply the base optimizer with the current grads.
+
+        ``grad_scale`` / ``found_inf``: one-element fp32 tensors on the parameters' device, as
+        torch's fused optimizers take them (mixed precision): the gradients are divided by
+        grad_scale inside the update, and a non-zero found_inf leaves the weights restored and the
+        state untouched. Raises, with nothing written, on bad gradients or optimizer state; the
+        parameters then stay perturbed until ``restore()`` or a successful ``second_step()``.
+        """
         if self._perturbed is None:
             raise RuntimeError("second_step() called without a preceding first_step()")
-        work = self._collect()  # refuses bad gradients before anything is restored
-        self._backend.restore_and_update(self._perturbed, work)
+        if (grad_scale is None) != (found_inf is None):
+            raise ValueError("grad_scale and found_inf go together")
+        plan = self._step_plan()  # refuses bad gradients before anything is restored
+        amp = None
+        if grad_scale is not None:
+            check_amp(plan, (grad_scale, found_inf))
+            if self._inv_scale is None or self._inv_scale.device != grad_scale.device:
+                self._inv_scale = torch.empty(1, dtype=torch.float32, device=grad_scale.device)
+            torch.reciprocal(grad_scale.reshape(1), out=self._inv_scale)
+            amp = (self._inv_scale, found_inf.reshape(1))
+        self._combine(plan)
+        self._backend.restore_and_update(self._perturbed, plan, amp)
         self._perturbed = None
         self._opt_called = True  # tells LR schedulers that the optimizer has stepped
         if zero_grad:
@@ -179,7 +259,8 @@ class FusedSAM(SAMOptimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
         """One SAM step: ``closure`` runs forward + backward and returns the loss (called twice).
 
-        Returns the loss of the first call, at the unperturbed weights.
+        Returns the loss of the first call, at the unperturbed weights. If the second call (or the
+        update) raises, the weights are restored exactly before the exception propagates.
         """
         if closure is None:
             raise RuntimeError(
@@ -189,6 +270,10 @@ class FusedSAM(SAMOptimizer):
         closure = torch.enable_grad()(closure)
         loss = closure()
         self.first_step(zero_grad=True)
-        closure()
-        self.second_step()
+        try:
+            closure()
+            self.second_step()
+        except BaseException:
+            self.restore()
+            raise
         return loss

@@ -32,43 +32,28 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .backends import BackendUnavailable
-from .backends.universal_reference import MEASURES, UniversalTorchBackend
+from .backends import ALGORITHMS, make_backend
+from .backends.universal_reference import MEASURES
+from .backends.base import GroupWork
 from .optimizer import SAMOptimizer, _check_nonneg
 
-UNIVERSAL_BACKENDS = ("torch", "triton")
+
+def work_of(plan) -> list[GroupWork]:
+    """The parameters with a gradient, per param group (the universal backends plan with no flat
+    dtypes, so every parameter is in ``plan.slow``, in group order)."""
+    work: list[GroupWork] = []
+    for group, p, _ in plan.slow:
+        if not work or work[-1].group is not group:
+            work.append(GroupWork(len(work), group))
+        work[-1].params.append(p)
+    return work
+
+UNIVERSAL_BACKENDS = ALGORITHMS["universal"]
 _PAPER_DEFAULTS = {"frob": dict(rho=0.005, lam=0.005), "trace": dict(rho=0.01, lam=0.1), "det": dict(rho=1.0, lam=0.01)}
 
 
 def _make_universal_backend(name: str | None, optimizer):
-    from .backends import _devices, triton_interpreting
-
-    devices = _devices(optimizer)
-    if name is None:
-        name = "triton" if len(devices) == 1 and next(iter(devices)).type == "cuda" else "torch"
-        if name == "triton":
-            try:
-                import triton  # noqa: F401
-            except ImportError:
-                name = "torch"
-    if name == "torch":
-        return UniversalTorchBackend(optimizer)
-    if name == "triton":
-        try:
-            from .backends.universal_triton import UniversalTritonBackend
-        except ImportError as exc:
-            raise BackendUnavailable(f"backend 'triton' cannot load: {exc}") from exc
-        (device, *rest) = devices
-        if rest or not (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
-            raise BackendUnavailable(
-                "backend 'triton' needs every parameter on one CUDA device (or the CPU under TRITON_INTERPRET=1)"
-            )
-        return UniversalTritonBackend(optimizer)
-    if name in ("cpu", "cuda"):
-        raise BackendUnavailable(
-            f"backend {name!r}: the universal SAM class runs on the 'torch' and 'triton' backends only"
-        )
-    raise ValueError(f"unknown backend {name!r}; choose one of {list(UNIVERSAL_BACKENDS)} or None")
+    return make_backend(name, optimizer, "universal")
 
 
 class UniversalSAM(SAMOptimizer):
@@ -123,8 +108,9 @@ class UniversalSAM(SAMOptimizer):
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(UNIVERSAL_BACKENDS)} or None")
         self.measure, self.n_samples, self.h, self.noise = measure, n_samples, float(h), noise
         self.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
-        super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, base_kwargs,
-                         _make_universal_backend)
+        super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, base_kwargs)
+
+    _backend_factory = staticmethod(_make_universal_backend)
 
     def _check_group(self, group: dict) -> None:
         if not (isinstance(group["rho"], (int, float)) and group["rho"] > 0):
@@ -138,18 +124,24 @@ class UniversalSAM(SAMOptimizer):
         closure = torch.enable_grad()(closure)
         loss = closure()
         with torch.no_grad():
-            work = self._collect()
-            if not work:
+            plan = self._step_plan()
+            if not plan.active:
                 return loss
+            work = work_of(plan)
             step = self.param_groups[0].setdefault("usam_step", 0)
             backend = self._backend
             backend.begin(work, loss)
-            for i in range(self.n_samples):
-                backend.perturb(work, step, i)
-                self.zero_grad()
-                with torch.enable_grad():
-                    loss_i = closure()
-                backend.accumulate(work, i, loss_i)
+            try:
+                for i in range(self.n_samples):
+                    backend.perturb(work, step, i)
+                    self.zero_grad()
+                    with torch.enable_grad():
+                        loss_i = closure()
+                    backend.accumulate(work, i, loss_i)
+            except BaseException:  # a sample's closure raised: the weights go back to w, exactly
+                for _, p, backup in plan.slow:
+                    p.detach().copy_(backup)
+                raise
             backend.finish(work)
             self.base_optimizer.step()
             for group in self.param_groups:

@@ -18,11 +18,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sam_fused.kernels import norm, perturb, universal, update
-from sam_fused.kernels.table import BLOCK, CHUNK, NUM_WARPS
+from sam_fused.kernels.table import NUM_WARPS
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
-COMMON = {"CHUNK": CHUNK, "BLOCK": BLOCK}
+COMMON: dict = {}
 
 
 def sig(kernel, types: dict) -> dict:
@@ -41,17 +41,21 @@ def variants():
             chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", eta=f32), c
         yield ("perturb", dt, ad, al), perturb._perturb_kernel, dict(
             chunks="*i64", tensors="*i64", norm_ptr="*fp32", rho=f32, eta=f32), c
-    yield ("finalize",), norm._finalize_kernel, dict(partials="*fp32", n="i32", norm="*fp32"), dict(PBLOCK=1024)
+    yield ("finalize",), norm._finalize_kernel, dict(partials="*fp32", n="i32", sq="*fp32", norm="*fp32"), dict(
+        PBLOCK=1024)
     floats = ("lr weight_decay momentum one_minus_dampening one_minus_beta1 beta2 one_minus_beta2 eps step_size "
               "bias_correction2_sqrt decay").split()
-    utypes = dict(chunks="*i64", tensors="*i64", **{f: f32 for f in floats})
+    utypes = dict(chunks="*i64", tensors="*i64", inv_scale_ptr="*fp32", found_inf_ptr="*fp32", **{f: f32 for f in floats})
     for dt in DTYPES:
-        for opt, mom, first, nest, maxi, dec in [(0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 1, 0), (1, 1, 1, 0, 0, 0),
-                                                 (1, 1, 0, 1, 0, 0), (2, 0, 0, 0, 0, 1), (2, 0, 0, 0, 1, 0)]:
+        for opt, mom, first, nest, maxi, dec, amp in [
+            (0, 0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 1, 0, 0), (1, 1, 1, 0, 0, 0, 0), (1, 1, 0, 1, 0, 0, 0),
+            (2, 0, 0, 0, 0, 1, 0), (2, 0, 0, 0, 1, 0, 0), (1, 1, 1, 0, 0, 0, 1), (1, 1, 0, 0, 0, 0, 1),
+            (2, 0, 0, 0, 0, 1, 1),
+        ]:
             for al in (False, True):
                 c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, HAS_MOMENTUM=bool(mom), FIRST=bool(first),
-                         NESTEROV=bool(nest), MAXIMIZE=bool(maxi), DECOUPLED=bool(dec), ALIGNED=al)
-                yield ("update", dt, opt, mom, first, nest, maxi, dec, al), update._restore_update_kernel, utypes, c
+                         NESTEROV=bool(nest), MAXIMIZE=bool(maxi), DECOUPLED=bool(dec), AMP=bool(amp), ALIGNED=al)
+                yield ("update", dt, opt, mom, first, nest, maxi, dec, amp, al), update._restore_update_kernel, utypes, c
         for start, uni, expl in itertools.product((False, True), repeat=3):
             c = dict(COMMON, DTYPE=DTYPES[dt], START=start, UNIFORM=uni, EXPLICIT=expl, ALIGNED=not expl)
             yield ("usam_perturb", dt, start, uni, expl), universal._usam_perturb_kernel, dict(

@@ -14,7 +14,7 @@ import torch
 
 import harness
 from harness import assert_close, max_err, run_backend, run_float64
-from tolerances import FP32, LOWP_FACTOR, LOWP_FLOOR
+from tolerances import FP32, FP32_FLOOR, LOWP_FACTOR, LOWP_FLOOR
 
 from sam_fused import available_backends
 
@@ -96,13 +96,25 @@ def test_fast_low_precision(backend, dtype, opt_name, variant):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_generic_base_optimizer_matches_reference(backend):
-    """Any other base optimizer: fused restore, then its own step()."""
+    """Any other base optimizer: fused restore, then its own step(). RMSprop divides by
+    sqrt(square_avg): where a gradient is near zero it turns a rounding difference of the norm
+    (another summation order) into a large one, by an amount that depends on the machine's
+    arithmetic. So no fixed fp32 tolerance holds everywhere; the flash-attention rule does: the
+    fast path's error against the reference run in float64 is at most LOWP_FACTOR times that of
+    the fp32 reference (tolerances.py)."""
     spec = (torch.optim.RMSprop, dict(momentum=0.5, weight_decay=1e-3))
     for variant in ("sam", "asam_eta"):
         adaptive, eta = SAM_VARIANTS[variant]
         params, states, _ = run_backend(backend, torch.float32, DEVICE, spec, adaptive, eta)
         ref_params, ref_states, _ = run_backend("torch", torch.float32, DEVICE, spec, adaptive, eta)
-        compare_fp32(params, states, ref_params, ref_states, "fast_vs_reference")
+        p64, s64, _ = run_backend("torch", torch.float64, DEVICE, spec, adaptive, eta)
+        pairs = list(zip(params, ref_params, p64))
+        for s, r, t in zip(states, ref_states, s64):
+            assert set(s) == set(r) == set(t)
+            pairs += [(s[k], r[k], t[k]) for k in _state_tensors(s)]
+        for fast, ref, exact in pairs:
+            bound = LOWP_FACTOR * max_err(ref, exact) + FP32_FLOOR
+            assert max_err(fast, exact) <= bound, f"{max_err(fast, exact):.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -300,7 +300,7 @@ def test_extra_buffers_are_as_documented(measure, backend):
     opt.step(closure)
     be = opt._backend
     for p in model.parameters():
-        held = 1 + len(be.buffers[id(p)])  # the backup, then g0 and the sums
+        held = 1 + len(be.buffers[p])  # the backup, then g0 and the sums
         assert held == extra_buffers(measure)
 
 

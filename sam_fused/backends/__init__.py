@@ -1,4 +1,9 @@
-"""Backend registry: one ``FusedSAM`` API over several implementations of the same three passes."""
+"""The one backend registry: which implementations each algorithm has, and where each can run.
+
+``make_backend(name, optimizer, algorithm)`` builds them all: ``algorithm="sam"`` (FusedSAM:
+torch, triton, cpu, cuda) and ``algorithm="universal"`` (Frob/Trace/Det-SAM: torch, triton).
+``name=None`` picks the best one available for the parameters' device.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +31,12 @@ def _devices(optimizer) -> set[torch.device]:
     return {p.device for g in optimizer.param_groups for p in g["params"]}
 
 
-def _triton_backend(optimizer) -> Backend:
+def _triton_backend(optimizer, algorithm: str = "sam") -> Backend:
     try:
-        from .triton_backend import TritonBackend
+        if algorithm == "universal":
+            from .universal_triton import UniversalTritonBackend as cls
+        else:
+            from .triton_backend import TritonBackend as cls
     except ImportError as exc:  # triton missing or broken
         raise BackendUnavailable(f"backend 'triton' cannot load: {exc}") from exc
     devices = _devices(optimizer)
@@ -42,7 +50,7 @@ def _triton_backend(optimizer) -> Backend:
             f"backend 'triton' runs on CUDA parameters, or on CPU parameters under TRITON_INTERPRET=1; "
             f"parameters are on {device}"
         )
-    return TritonBackend(optimizer)
+    return cls(optimizer)
 
 
 def _native_backend(optimizer, name: str) -> Backend:
@@ -100,16 +108,32 @@ def default_backend(optimizer) -> str:
     return "torch"
 
 
-def make_backend(name: str | None, optimizer) -> Backend:
+ALGORITHMS = {"sam": BACKENDS, "universal": ("torch", "triton")}
+
+
+def make_backend(name: str | None, optimizer, algorithm: str = "sam") -> Backend:
+    """The backend ``name`` of ``algorithm`` for ``optimizer``'s parameters (None: the default)."""
+    names = ALGORITHMS[algorithm]
     if name is None:
         name = default_backend(optimizer)
+        if name not in names:
+            name = "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {list(names)} or None")
+    if name not in names:
+        raise BackendUnavailable(
+            f"backend {name!r}: the {algorithm} algorithms run on the {' and '.join(repr(n) for n in names)} "
+            "backends only"
+        )
     if name == "torch":
+        if algorithm == "universal":
+            from .universal_reference import UniversalTorchBackend
+
+            return UniversalTorchBackend(optimizer)
         return TorchBackend(optimizer)
     if name == "triton":
-        return _triton_backend(optimizer)
-    if name in ("cpu", "cuda"):
-        return _native_backend(optimizer, name)
-    raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)} or None")
+        return _triton_backend(optimizer, algorithm)
+    return _native_backend(optimizer, name)
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:

@@ -1,13 +1,33 @@
-"""What every backend shares: the work list handed over by ``FusedSAM`` and the backup buffers."""
+"""What every backend shares: the cached step plans (and with them the backups), and the contract.
+
+A backend implements the passes of a SAM step over a :class:`~sam_fused.plan.StepPlan`:
+
+``perturb(plan, reduce_sq, direction)``
+    the sum of squares of the (ASAM-weighted) gradients, or of the ``direction`` buffers a SAM
+    variant supplies (a :class:`~sam_fused.plan.Buffers`), into a 0-dim fp32 device tensor;
+    ``reduce_sq(sq)`` (optional) may change it in place (a distributed all-reduce); then the
+    norm = sqrt(sq) and, per parameter, ``backup = w; w += e``. Returns the norm tensor.
+``restore(plan)``
+    every parameter of the plan back to its backup, bit-identically.
+``restore_and_update(perturbed, plan, amp)``
+    restore what ``perturbed`` perturbed and apply the base optimizer with the current gradients
+    (those of ``plan``); ``amp`` = (inv_scale, found_inf) device tensors or None: the gradients are
+    multiplied by inv_scale, and a non-zero found_inf leaves parameters and state as restored.
+
+Every check happens before the first write; no pass synchronizes with the device unless stated.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..layout import preserved_strides
+from ..plan import FLOAT_DTYPES, Buffers, PlanCache, StepPlan
+
+Amp = tuple[Tensor, Tensor]  # (inv_scale, found_inf), 1-element fp32 tensors on the parameters' device
 
 
 @dataclass
@@ -20,43 +40,114 @@ class GroupWork:
 
 
 class Backend:
-    """Base of the backends: owns the backup of each perturbed parameter.
-
-    ``perturb(work)`` must fill ``self.backups[id(p)]`` with an exact copy of every ``p`` it perturbs and
-    return the global norm as a 0-dim fp32 device tensor; ``restore_and_update(perturbed)`` must put
-    those backups back bit-identically and apply the base optimizer with the current gradients.
-    Neither may synchronize with the device.
-    """
+    """Base of the backends: owns the plan cache of its optimizer (and so the backups)."""
 
     name = "base"
+    dtypes: tuple[torch.dtype, ...] = ()  # dtypes the kernels index flat; others take the reference ops
 
     def __init__(self, optimizer) -> None:
         self.opt = optimizer
-        self.backups: dict[int, Tensor] = {}  # id(param) -> its backup (a Tensor key hashes slowly)
+        self.plans = PlanCache(self.dtypes)
+
+    @property
+    def backups(self) -> Buffers:
+        return self.plans.backups
 
     def backup_for(self, p: Tensor) -> Tensor:
-        """The backup buffer of ``p``: allocated on first use with ``p``'s layout, then reused."""
-        b = self.backups.get(id(p))
-        if (
-            b is None
-            or b.shape != p.shape
-            or b.dtype != p.dtype
-            or b.device != p.device
-            or b.stride() != preserved_strides(p)
-        ):
-            b = torch.empty_like(p, memory_format=torch.preserve_format).detach()
-            self.backups[id(p)] = b
-        return b
+        return self.plans.backups.get(p)
 
-    @staticmethod
-    def norm_device(work: list[GroupWork]) -> torch.device:
-        return work[0].params[0].device
+    def plan(self) -> StepPlan:
+        return self.plans.plan(self.opt.param_groups)
 
     def invalidate(self) -> None:
-        """Parameters, groups or optimizer state were replaced: drop anything cached about them."""
+        """Parameters, groups or optimizer state were replaced: drop every cached plan."""
+        self.plans.invalidate()
 
-    def perturb(self, work: list[GroupWork]) -> Tensor:
+    @staticmethod
+    def norm_device(work) -> torch.device:
+        return work[0].params[0].device
+
+    def perturb(self, plan: StepPlan, reduce_sq: Callable[[Tensor], None] | None = None,
+                direction: Buffers | None = None) -> Tensor:
         raise NotImplementedError
 
-    def restore_and_update(self, perturbed: list[Tensor], work: list[GroupWork]) -> None:
+    def restore(self, plan: StepPlan) -> None:
         raise NotImplementedError
+
+    def restore_and_update(self, perturbed: StepPlan, plan: StepPlan, amp: Amp | None = None) -> None:
+        raise NotImplementedError
+
+
+def base_step(opt, plan: StepPlan, amp: Amp | None) -> None:
+    """The base optimizer's own ``step()``; with ``amp``, on unscaled gradients, skipped when
+    found_inf is set (one host read of found_inf: this path is not capturable)."""
+    if amp is not None:
+        inv_scale, found_inf = amp
+        if float(found_inf) != 0.0:
+            return
+        grads = [p.grad for p in plan.active]
+        if grads:
+            torch._foreach_mul_(grads, inv_scale.reshape(()))
+    opt.base_optimizer.step()
+
+
+FUSED_KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
+
+
+def state_keys(kind: str, group: dict) -> tuple[str, ...]:
+    """The state tensors of a parameter that the fused update reads and writes (SGD without
+    momentum keeps none)."""
+    if kind == "sgd":
+        return ("momentum_buffer",) if group["momentum"] else ()
+    return ("exp_avg", "exp_avg_sq")
+
+
+def check_state(kind: str, p: Tensor, st: dict, keys: tuple[str, ...] | None = None) -> None:
+    """The (non-empty) optimizer state ``st`` of ``p`` fits it: every key present, every tensor of
+    p's shape, dtype and device. Raises a clear error otherwise (before anything is written)."""
+    if keys is None:
+        keys = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
+    needed = ("step",) + keys if kind == "adam" else keys
+    missing = [k for k in needed if k not in st or (kind == "sgd" and st[k] is None)]
+    if missing and not (kind == "sgd" and set(st) <= {"momentum_buffer"}):
+        raise RuntimeError(
+            f"the optimizer state of a parameter of shape {tuple(p.shape)} has {sorted(st)} but lacks {missing}: "
+            "was it loaded from a checkpoint of another optimizer?"
+        )
+    for key in keys:
+        t = st.get(key)
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            what = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else repr(type(t))
+            raise RuntimeError(
+                f"optimizer state {key!r} of a parameter of shape {tuple(p.shape)} {p.dtype} on {p.device} is "
+                f"{what}: it does not fit the parameter (a checkpoint of another model?)"
+            )
+
+
+def check_all_state(opt, plan: StepPlan) -> None:
+    """For SGD, Adam and AdamW base optimizers: ``check_state`` of every parameter with a grad."""
+    base = opt.base_optimizer
+    kind = FUSED_KINDS.get(type(base))
+    if kind is None:
+        return
+    groups = {id(g): g for g in base.param_groups}
+    for group, p, _ in plan.slow:
+        st = base.state.get(p)
+        if st:
+            check_state(kind, p, st, state_keys(kind, groups.get(id(group), group)))
+
+
+def check_amp(plan: StepPlan, amp: Amp | None) -> None:
+    if amp is None:
+        return
+    for name, t in zip(("grad_scale", "found_inf"), amp):
+        if not isinstance(t, Tensor) or t.numel() != 1 or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a one-element float32 tensor, got {t!r}")
+        if plan.active and t.device != plan.active[0].device:
+            raise ValueError(f"{name} is on {t.device}, the parameters on {plan.active[0].device}")
+
+
+__all__ = ["Amp", "Backend", "GroupWork", "FLOAT_DTYPES", "FUSED_KINDS", "base_step", "check_all_state", "check_amp",
+           "check_state", "state_keys"]

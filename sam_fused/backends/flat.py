@@ -1,31 +1,37 @@
-"""What the fused backends share: buckets of flat-indexable tensors, and when the fused update applies.
+"""The orchestration every fused backend shares: what runs in which launch, over a cached plan.
 
 A fused backend walks every tensor of a bucket (one param group, one dtype) as a flat array, so it
-only has to supply three launches per bucket; this class decides everything else:
+only supplies three launches per bucket; this class decides everything else:
 
-first_step:   the norm over every bucket (plus the reference's sum of squares for the tensors that
-              cannot be indexed flat), then a perturb launch per bucket
-second_step:  a restore + update launch per bucket (the first momentum step, and Adam tensors at
-              other step counts, get one more each), or, for any other base optimizer, a restore
-              launch per bucket followed by ``base_optimizer.step()``.
+first_step:   the sum of squares over every bucket (plus the reference's for the parameters the
+              kernels cannot index flat), the optional ``reduce_sq`` hook, the square root, then
+              one perturb launch per bucket.
+second_step:  one restore + update launch per bucket (the first momentum step, and Adam tensors
+              at other step counts, get one more each), or, for any other base optimizer, one
+              restore launch per bucket followed by ``base_optimizer.step()``.
 
-A tensor can be indexed flat when it is dense and its gradient, backup and state share its
-strides. A parameter that is not dense is perturbed by the reference ops, and updated through
-its backup buffer (contiguous, like the gradient and state autograd and torch.optim give it).
-Anything else sends the update down the generic path. No step reads a value back from the device.
+A parameter that is not dense is perturbed by the reference ops and updated through its backup
+buffer (dense), when its gradient and state share that buffer's strides. Anything else sends the
+update down the generic path. Every state tensor the kernels will touch is checked (present, same
+size, dtype and device) before the first write. In the steady state (same grads, state in place)
+a step allocates nothing, uploads nothing and reads nothing back from the device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from ..layout import is_dense, same_layout
-from ..spec import OPT_ADAM, OPT_RESTORE, OPT_SGD, Update
+from ..constants import OPT_ADAM, OPT_RESTORE, OPT_SGD
+from ..layout import is_dense
+from ..plan import Bucket, Buffers, StepPlan
+from ..spec import Update
 from . import reference
-from .base import Backend, GroupWork
+from .base import FUSED_KINDS as _FUSED
+from .base import Amp, Backend, base_step, check_state, state_keys as _state_keys
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype
@@ -35,88 +41,60 @@ except ImportError:  # older torch: Adam keeps its step count in the default flo
         return torch.get_default_dtype()
 
 
-_FUSED = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
-
-
-@dataclass
-class Bucket:
-    """Tensors of one dtype on one device, launched together.
-
-    ``columns[i]`` = (param or its staging buffer, grad, source/backup, state 1, state 2), with
-    ``None`` for a slot the launch does not use. ``key`` identifies the tensor list across steps,
-    so a backend can cache what it builds for it.
-    """
-
-    key: tuple
-    dtype: torch.dtype
-    device: torch.device
-    columns: list[tuple]
-
-
-def _by_dtype(params: list[Tensor]) -> dict[torch.dtype, list[Tensor]]:
-    out: dict[torch.dtype, list[Tensor]] = {}
-    for p in params:
-        out.setdefault(p.dtype, []).append(p)
-    return out
-
-
-def _bucket(kind, ps: list[Tensor], columns: list[tuple]) -> Bucket:
-    return Bucket((kind, tuple(map(id, ps))), ps[0].dtype, ps[0].device, columns)
 
 
 class FlatBackend(Backend):
-    """Base of the fused backends; subclasses supply the three launches and their dtypes."""
+    """Base of the fused backends; subclasses supply the launches and their dtypes."""
 
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
+    def __init__(self, optimizer) -> None:
+        super().__init__(optimizer)
+        self._sq: Tensor | None = None
+        self._norm: Tensor | None = None
+        self._updates = 0  # restore_and_update calls: dates the cached Adam step counts
+
     # ------------------------------------------------------------------ the launches
-    def launch_norm(self, buckets: list[tuple[Bucket, dict]], slow_sq: Tensor | None, device) -> Tensor:
-        """sqrt(sum over buckets of (T g)^2 [+ slow_sq]) as a 0-dim fp32 device tensor; each bucket
-        comes with its param group (``adaptive``, ``eta``)."""
+    def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
+                  direction: Buffers | None) -> None:
+        """``sq = sum over buckets of (T g)^2 [+ extra]`` and ``norm = sqrt(sq)``, into the given 0-dim
+        fp32 device tensors; each bucket's group says ``adaptive`` and ``eta``; ``g`` is the
+        gradient, or the ``direction`` buffer."""
         raise NotImplementedError
 
-    def launch_perturb(self, bucket: Bucket, group: dict, norm: Tensor) -> None:
+    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None) -> None:
         raise NotImplementedError
 
-    def launch_update(self, bucket: Bucket, update: Update) -> None:
+    def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ first step
-    def flat(self, p: Tensor, *others: Tensor | None) -> bool:
-        return p.dtype in self.dtypes and same_layout(p, *others)
+    def _scalars(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._sq is None or self._sq.device != device:
+            self._sq = torch.zeros((), dtype=torch.float32, device=device)
+            self._norm = torch.zeros((), dtype=torch.float32, device=device)
+        return self._sq, self._norm
 
-    def perturb(self, work: list[GroupWork]) -> Tensor:
-        device = self.norm_device(work)
-        buckets, slow = [], []
-        for gw in work:
-            fast = []
-            for p in gw.params:
-                self.backup_for(p)  # has p's strides when p is dense: no need to check it again
-                if self.flat(p, p.grad):
-                    fast.append(p)
-                else:
-                    slow.append((gw.group, p))
-            for ps in _by_dtype(fast).values():
-                bucket = _bucket("perturb", ps, [(p, p.grad, self.backups[id(p)]) for p in ps])
-                buckets.append((bucket, gw.group))
-        slow_sq = reference.grad_sq_sum(slow, device) if slow else None
-        norm = self.launch_norm(buckets, slow_sq, device)
-        for bucket, group in buckets:
-            self.launch_perturb(bucket, group, norm)
-        for group, p in slow:
-            reference.perturb_(group, p, self.backups[id(p)], norm)
+    def perturb(self, plan: StepPlan, reduce_sq=None, direction: Buffers | None = None) -> Tensor:
+        sq, norm = self._scalars(plan.active[0].device)
+        extra = reference.grad_sq_sum(plan.slow, sq.device, direction) if plan.slow else None
+        self.launch_sq(plan.buckets, extra, sq, norm, direction)
+        if reduce_sq is not None:
+            reduce_sq(sq)
+            torch.sqrt(sq, out=norm)
+        for bucket in plan.buckets:
+            self.launch_perturb(bucket, norm, direction)
+        for group, p, backup in plan.slow:
+            reference.perturb_(group, p, backup, norm, None if direction is None else direction.get(p))
         return norm
 
     # ------------------------------------------------------------------ second step
-    def restore(self, params: list[Tensor]) -> None:
-        """Bit-exact restore: one launch per dtype for the flat tensors, a copy for the others."""
-        fast = [p for p in params if self.flat(p)]  # the backup shares p's layout (backup_for)
-        for ps in _by_dtype(fast).values():
-            self.launch_update(_bucket("restore", ps, [(p, None, self.backups[id(p)]) for p in ps]), Update(OPT_RESTORE))
-        fast_ids = {id(p) for p in fast}
-        for p in params:
-            if id(p) not in fast_ids:
-                p.detach().copy_(self.backups[id(p)])
+    def restore(self, plan: StepPlan) -> None:
+        """Bit-exact restore: one launch per bucket, a copy for each other parameter."""
+        for bucket in plan.buckets:
+            self.launch_update(bucket, Update(OPT_RESTORE), None)
+        for _, p, backup in plan.slow:
+            p.detach().copy_(backup)
 
     def _fused_kind(self) -> str | None:
         """'sgd' or 'adam' when the base optimizer and its groups can run in the fused kernel."""
@@ -133,100 +111,169 @@ class FlatBackend(Backend):
                 return None
         return kind
 
-    def _plan(self, work: list[GroupWork], perturbed_ids: set[int]) -> dict[int, tuple] | None:
-        """Where the kernel reads and writes each parameter, or None if one cannot be indexed flat.
-
-        A dense parameter is updated in place, reading its backup (or itself, if it was not
-        perturbed). A parameter that is not dense is staged through its backup buffer, which has
-        the contiguous layout its gradient and state get from autograd and torch.optim: the kernel
-        updates the backup in place and a copy puts it back into the parameter.
-        """
-        state = self.opt.base_optimizer.state
-        plan = {}
-        for gw in work:
-            for p in gw.params:
-                if p.dtype not in self.dtypes:
-                    return None
-                perturbed = id(p) in perturbed_ids
-                staged = not is_dense(p)
-                dst = self.backup_for(p) if staged else p
-                # the backup shares dst's layout by construction (backup_for); grad and state may not
-                src = self.backups[id(p)] if perturbed else dst
-                st = state.get(p)
-                tensors = [v for k, v in st.items() if k != "step" and isinstance(v, Tensor)] if st else ()
-                step = st.get("step") if st else None
-                if not same_layout(dst, p.grad, *tensors) or (
-                    isinstance(step, Tensor) and step.device.type != "cpu"
-                ):
-                    return None
-                plan[id(p)] = (dst, src, staged and not perturbed, staged)
-        return plan
-
-    def restore_and_update(self, perturbed: list[Tensor], work: list[GroupWork]) -> None:
-        perturbed_ids = {id(p) for p in perturbed}
+    def restore_and_update(self, perturbed: StepPlan, plan: StepPlan, amp: Amp | None = None) -> None:
+        self._updates += 1
         kind = self._fused_kind()
-        plan = None if kind is None else self._plan(work, perturbed_ids)
-        if plan is None:
+        if kind == "adam" and amp is not None and float(amp[1]) != 0.0:
+            # Adam's step count lives on the host (as torch keeps it), so a skipped step is decided
+            # there: one read of found_inf. SGD decides it in the kernel.
             self.restore(perturbed)
-            self.opt.base_optimizer.step()
             return
-        params = [p for gw in work for p in gw.params]
-        for p in params:
-            dst, _, pre_copy, _ = plan[id(p)]
-            if pre_copy:
+        launches = None if kind is None else self._update_launches(kind, perturbed is plan, plan)
+        if launches is None:
+            self.restore(perturbed)
+            base_step(self.opt, plan, amp)
+            return
+        # every check has passed: from here on, only writes
+        if perturbed is not plan:
+            self.restore(perturbed)  # the update then reads the parameters themselves
+        staged = plan.cache.get("staged_now", ())
+        for p, dst, pre in staged:
+            if pre:
                 dst.copy_(p.detach())
-        for gw in work:
-            for ps in _by_dtype(gw.params).values():
-                (self._sgd if kind == "sgd" else self._adam)(gw.group, ps, plan)
-        for p in params:
-            dst, _, _, post_copy = plan[id(p)]
-            if post_copy:
-                p.detach().copy_(dst)
-        self.restore([p for p in perturbed if id(p) not in plan])
+        for bucket, update in launches:
+            self.launch_update(bucket, update, amp)
+        for p, dst, _ in staged:
+            p.detach().copy_(dst)
 
-    def _columns(self, ps: list[Tensor], plan: dict[int, tuple], *state_keys: str) -> list[tuple]:
+    # ------------------------------------------------------------------ the update's launches
+    def _update_launches(self, kind: str, from_backup: bool, plan: StepPlan) -> list[tuple[Bucket, Update]] | None:
+        """The (bucket, update) launches of a fused update, after checking every state tensor; None
+        when some tensor cannot be indexed flat with its parameter (the generic path then runs)."""
         state = self.opt.base_optimizer.state
-        return [(plan[id(p)][0], p.grad, plan[id(p)][1], *(state[p][k] for k in state_keys)) for p in ps]
+        buckets = plan.buckets if from_backup else [b.rows(range(len(b.params)), b.params) for b in plan.buckets]
+        staged = []
+        if plan.slow:
+            for group, p, backup in plan.slow:
+                if p.dtype not in self.dtypes or is_dense(p) or not is_dense(backup) or backup.stride() != p.grad.stride():
+                    return None
+                staged.append((p, backup))
+            buckets = buckets + self._staged_buckets(plan)
+        fresh: list[Tensor] = []  # parameters whose state the update creates, after every check
+        for bucket in buckets:
+            if not self._check_state(bucket, kind, state, fresh):
+                return None
+        plan.cache["staged_now"] = [(p, b, not from_backup) for p, b in staged]
+        for p in fresh:  # nothing below raises: create the state torch.optim would create
+            _init_state(kind, state[p], p)
+        fresh_ids = {id(p) for p in fresh}
+        launches = []
+        for bucket in buckets:
+            self._fill_state(bucket, kind, state)
+            launches += self._sgd(bucket, fresh_ids) if kind == "sgd" else self._adam(bucket)
+        return launches
 
-    def _sgd(self, group: dict, ps: list[Tensor], plan: dict[int, tuple]) -> None:
-        state = self.opt.base_optimizer.state
-        hyper = dict(
-            lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+    def _staged_buckets(self, plan: StepPlan) -> list[Bucket]:
+        """Non-dense parameters, updated in their dense backup buffers: per (group, dtype)."""
+        lists: dict[tuple[int, torch.dtype], tuple[int, dict, list, list]] = {}
+        for group, p, backup in plan.slow:
+            index = next(i for i, g in enumerate(self.opt.param_groups) if g is group)
+            entry = lists.setdefault((index, p.dtype), (index, group, [], []))
+            entry[2].append(backup)
+            entry[3].append(p)
+        return [Bucket(index, group, dsts, dsts, owners) for index, group, dsts, owners in lists.values()]
+
+    def _check_state(self, bucket: Bucket, kind: str, state, fresh: list[Tensor]) -> bool:
+        """Every state tensor of the bucket fits its parameter (raises otherwise); False when one
+        cannot be indexed flat with it. Lists in ``fresh`` the parameters without state yet."""
+        keys = _state_keys(kind, bucket.group)
+        if not keys:
+            return True
+        owners = bucket.owners
+        sts = bucket.cache.get("state_dicts")
+        if sts is None or sts[0] is not state:  # the per-parameter state dicts, found once
+            sts = bucket.cache["state_dicts"] = (state, [state.get(p) for p in owners])
+        sts = sts[1]
+        if bucket.state1 is not None and None not in sts:
+            cached = (bucket.state1, bucket.state2)
+            if all(_same([st.get(k) for st in sts], c) for k, c in zip(keys, cached)):
+                return True
+        bucket.cache.pop("state_dicts")  # some may be created below
+        for p, dst, st in zip(owners, bucket.params, sts):
+            if not st:
+                fresh.append(p)
+                continue
+            check_state(kind, p, st, keys)
+            if any(st.get(k) is None for k in keys):  # SGD's buffer not started yet
+                fresh.append(p)
+                continue
+            for key in keys:
+                if st[key].stride() != dst.stride():
+                    return False
+            if kind == "adam":
+                step = st["step"]
+                if not isinstance(step, Tensor) or step.device.type != "cpu" or step.numel() != 1:
+                    return False  # capturable Adam keeps its steps on the device: the generic path
+        return True
+
+    def _fill_state(self, bucket: Bucket, kind: str, state) -> None:
+        keys = _state_keys(kind, bucket.group)
+        sts = ()
+        if keys:
+            cached = bucket.cache.get("state_dicts")
+            if cached is None or cached[0] is not state:
+                cached = bucket.cache["state_dicts"] = (state, [state[p] for p in bucket.owners])
+            sts = cached[1]
+        cols = [[st[k] for st in sts] for k in keys] + [None, None]
+        if _same(cols[0], bucket.state1) and _same(cols[1], bucket.state2):
+            return
+        bucket.state1, bucket.state2 = cols[0], cols[1]
+        bucket.version += 1
+
+    def _sgd(self, bucket: Bucket, fresh_ids: set[int]) -> list[tuple[Bucket, Update]]:
+        group = bucket.group
+        update = Update(
+            OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
         )
-        keys: tuple[str, ...] = ()
-        parts = [(False, ps)]
-        if group["momentum"] != 0:
-            keys = ("momentum_buffer",)
-            first = [p for p in ps if state[p].get("momentum_buffer") is None]
-            for p in first:  # torch starts the buffer at the first gradient; the kernels write it
-                # (zeros: the native kernels compute 0 * 0 + 1 * g there, with no branch)
-                state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            first_ids = {id(p) for p in first}
-            parts = [(True, first), (False, [p for p in ps if id(p) not in first_ids])]
-        for is_first, sub in parts:
-            if sub:
-                bucket = _bucket(("sgd", is_first), sub, self._columns(sub, plan, *keys))
-                self.launch_update(bucket, Update(OPT_SGD, first=is_first, **hyper))
+        if not fresh_ids or not group["momentum"]:
+            return [(bucket, update)]
+        owners = bucket.owners
+        first = [i for i, p in enumerate(owners) if id(p) in fresh_ids]
+        if not first:
+            return [(bucket, update)]
+        if len(first) == len(owners):
+            return [(bucket, replace(update, first=True))]
+        rest = [i for i in range(len(owners)) if id(owners[i]) not in fresh_ids]
+        return [(bucket.rows(first), replace(update, first=True)), (bucket.rows(rest), update)]
 
-    def _adam(self, group: dict, ps: list[Tensor], plan: dict[int, tuple]) -> None:
+    def _adam(self, bucket: Bucket) -> list[tuple[Bucket, Update]]:
         base = self.opt.base_optimizer
-        by_step: dict[float, list[Tensor]] = {}
-        for p in ps:
-            st = base.state[p]
-            if len(st) == 0:  # as torch.optim.Adam initializes its state
-                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        steps = [base.state[p]["step"] for p in ps]
+        group = bucket.group
+        cached = bucket.cache.get("state_dicts")
+        sts = cached[1] if cached is not None and cached[0] is base.state else [base.state[p] for p in bucket.owners]
+        steps = [st["step"] for st in sts]
         torch._foreach_add_(steps, 1.0)  # host-side CPU scalars, as torch keeps them: no device sync
-        for p, step in zip(ps, torch.stack(steps).tolist()):
-            by_step.setdefault(step, []).append(p)
+        cached = bucket.cache.get("adam_step")
+        if cached is not None and cached[0] == self._updates - 1 and cached[2] is steps[0]:
+            values, uniform = None, cached[1] + 1.0
+        else:
+            values = torch.stack(steps).tolist()
+            uniform = values[0] if all(v == values[0] for v in values) else None
         decoupled = group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW))
         beta1, beta2 = group["betas"]
-        for step, sub in by_step.items():
-            bucket = _bucket("adam", sub, self._columns(sub, plan, "exp_avg", "exp_avg_sq"))
-            self.launch_update(bucket, Update(
-                OPT_ADAM, lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], step=step, decoupled=decoupled, maximize=group["maximize"],
-            ))
+        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                     decoupled=decoupled, maximize=group["maximize"])
+        if uniform is not None:
+            bucket.cache["adam_step"] = (self._updates, uniform, steps[0])
+            return [(bucket, Update(OPT_ADAM, step=uniform, **hyper))]
+        bucket.cache.pop("adam_step", None)
+        by_step: dict[float, list[int]] = {}
+        for i, v in enumerate(values):
+            by_step.setdefault(v, []).append(i)
+        return [(bucket.rows(rows), Update(OPT_ADAM, step=v, **hyper)) for v, rows in by_step.items()]
+
+
+def _same(a: list | None, b: list | None) -> bool:
+    return a is b or (a is not None and b is not None and all(map(operator.is_, a, b)))
+
+
+def _init_state(kind: str, st: dict, p: Tensor) -> None:
+    if kind == "sgd":
+        # torch starts the buffer at the first gradient; the kernels write it (zeros: the native
+        # kernels compute 0 * 0 + 1 * g there, with no branch)
+        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    else:  # as torch.optim.Adam initializes its state
+        st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

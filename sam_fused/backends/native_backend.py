@@ -9,46 +9,45 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..plan import Bucket, Buffers
 from ..spec import Update
-from .flat import Bucket, FlatBackend
-
-
-def _column(bucket: Bucket, k: int) -> list[Tensor]:
-    if len(bucket.columns[0]) <= k or bucket.columns[0][k] is None:
-        return []
-    return [c[k] for c in bucket.columns]
+from .base import Amp
+from .flat import FlatBackend
 
 
 class NativeBackend(FlatBackend):
     dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
     def __init__(self, optimizer, module, name: str) -> None:
+        if name == "cuda":
+            self.dtypes = (torch.float32, torch.bfloat16, torch.float16)
         super().__init__(optimizer)
         self._C = module
         self.name = name
-        if name == "cuda":
-            self.dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
-    def launch_norm(self, buckets, slow_sq, device) -> Tensor:
-        parts = [
-            self._C.sq_sum(_column(b, 0), _column(b, 1), adaptive=bool(g["adaptive"]), eta=float(g["eta"]))
-            for b, g in buckets
-        ]
-        if slow_sq is not None:
-            parts.append(slow_sq.reshape(()).to(torch.float32))
-        if not parts:
-            return torch.zeros((), dtype=torch.float32, device=device)
-        return torch.stack(parts).sum().sqrt() if len(parts) > 1 else parts[0].sqrt()
+    def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
+                  direction: Buffers | None) -> None:
+        for i, b in enumerate(buckets):
+            g = b.group
+            self._C.sq_sum_(sq, b.params, b.grads(direction), adaptive=bool(g["adaptive"]), eta=float(g["eta"]), accumulate=i > 0)
+        if not buckets:
+            sq.zero_()
+        if extra is not None:
+            sq.add_(extra)
+        torch.sqrt(sq, out=norm)
 
-    def launch_perturb(self, bucket: Bucket, group: dict, norm: Tensor) -> None:
-        self._C.perturb_(_column(bucket, 0), _column(bucket, 1), _column(bucket, 2), norm=norm,
-                         rho=float(group["rho"]), adaptive=bool(group["adaptive"]), eta=float(group["eta"]))
+    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None) -> None:
+        g = bucket.group
+        self._C.perturb_(bucket.params, bucket.grads(direction), bucket.backups, norm=norm, rho=float(g["rho"]),
+                         adaptive=bool(g["adaptive"]), eta=float(g["eta"]))
 
-    def launch_update(self, bucket: Bucket, u: Update) -> None:
+    def launch_update(self, bucket: Bucket, u: Update, amp: Amp | None) -> None:
+        inv_scale, found_inf = amp if amp is not None else (None, None)
         self._C.restore_update_(
-            _column(bucket, 0), _column(bucket, 1), _column(bucket, 2), _column(bucket, 3), _column(bucket, 4),
+            bucket.params, bucket.grads() if u.opt else [], bucket.backups, bucket.state1 or [], bucket.state2 or [],
             opt=u.opt, lr=float(u.lr), weight_decay=float(u.weight_decay), momentum=float(u.momentum),
             dampening=float(u.dampening), nesterov=bool(u.nesterov), maximize=bool(u.maximize), first=bool(u.first),
             beta1=float(u.beta1), beta2=float(u.beta2), eps=float(u.eps), step_size=float(u.step_size),
             bias_correction2_sqrt=float(u.bias_correction2_sqrt), decay=float(u.decay), decoupled=bool(u.decoupled),
+            inv_scale=inv_scale, found_inf=found_inf,
         )

@@ -17,35 +17,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Backend, GroupWork
+from ..constants import NORM_EPS as EPS
+from ..plan import StepPlan
+from .base import Amp, Backend, base_step, check_all_state
 
-EPS = 1e-12
 
-
-def weighted_grad(p: Tensor, group: dict) -> Tensor:
-    """``T * g`` in fp32: the quantity whose global L2 norm scales the perturbation."""
-    g = p.grad.float()
+def weighted_grad(p: Tensor, group: dict, g: Tensor | None = None) -> Tensor:
+    """``T * g`` in fp32 (fp64 for fp64 parameters): the quantity whose global L2 norm scales the
+    perturbation; ``g`` defaults to ``p.grad``."""
+    g = (p.grad if g is None else g).to(_math_dtype(p))
     if group["adaptive"]:
-        g = g * (p.detach().float().abs() + group["eta"])
+        g = g * (p.detach().to(g.dtype).abs() + group["eta"])
     return g
 
 
-def grad_sq_sum(pairs: list[tuple[dict, Tensor]], device: torch.device) -> Tensor:
-    """Sum of squares of the weighted gradients, an fp32 0-dim tensor on ``device``."""
+def _math_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def grad_sq_sum(pairs, device: torch.device, direction=None) -> Tensor:
+    """Sum of squares of the weighted gradients (or ``direction`` buffers) of ``(group, param, ...)``
+    tuples, an fp32 0-dim tensor on ``device`` (each parameter's sum in its math dtype)."""
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for group, p in pairs:
-        total += weighted_grad(p, group).square().sum().to(device)
+    for group, p, *_ in pairs:
+        g = None if direction is None else direction.get(p)
+        total += weighted_grad(p, group, g).square().sum().to(device=device, dtype=torch.float32)
     return total
 
 
-def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor) -> None:
-    """Copy ``p`` into ``backup``, then ``p += e``; ``p`` is left as it was if ``norm`` is not finite."""
+def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, g: Tensor | None = None) -> None:
+    """Copy ``p`` into ``backup``, then ``p += e`` along ``g`` (default ``p.grad``); ``p`` is left as
+    it was if ``norm`` is not finite. fp64 parameters are perturbed in fp64, the others in fp32."""
     backup.copy_(p.detach())
-    norm = norm.to(p.device)
+    dt = _math_dtype(p)
+    norm = norm.to(device=p.device, dtype=dt)
     ok = torch.isfinite(norm)
     scale = torch.where(ok, group["rho"] / (norm + EPS), torch.zeros_like(norm))
-    w = p.detach().float()
-    g = p.grad.float()
+    w = p.detach().to(dt)
+    g = (p.grad if g is None else g).to(dt)
     if group["adaptive"]:
         t = w.abs() + group["eta"]
         e = t * t * g * scale
@@ -55,21 +64,25 @@ def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor) -> None:
 
 
 class TorchBackend(Backend):
-    """Pure-PyTorch reference: one op per tensor, the base optimizer's own ``step()`` for the update."""
+    """Pure-PyTorch reference: one op per tensor, the base optimizer's own ``step()`` for the update.
+    Every parameter takes the reference ops (``dtypes`` is empty: the plan puts all in ``slow``)."""
 
     name = "torch"
 
-    def perturb(self, work: list[GroupWork]) -> Tensor:
-        pairs = [(w.group, p) for w in work for p in w.params]
-        norm = grad_sq_sum(pairs, self.norm_device(work)).sqrt()
-        for group, p in pairs:
-            perturb_(group, p, self.backup_for(p), norm)
+    def perturb(self, plan: StepPlan, reduce_sq=None, direction=None) -> Tensor:
+        sq = grad_sq_sum(plan.slow, plan.active[0].device, direction)
+        if reduce_sq is not None:
+            reduce_sq(sq)
+        norm = sq.sqrt()
+        for group, p, backup in plan.slow:
+            perturb_(group, p, backup, norm, None if direction is None else direction.get(p))
         return norm
 
-    def restore(self, params: list[Tensor]) -> None:
-        for p in params:
-            p.detach().copy_(self.backups[id(p)])
+    def restore(self, plan: StepPlan) -> None:
+        for _, p, backup in plan.slow:
+            p.detach().copy_(backup)
 
-    def restore_and_update(self, perturbed: list[Tensor], work: list[GroupWork]) -> None:
+    def restore_and_update(self, perturbed: StepPlan, plan: StepPlan, amp: Amp | None = None) -> None:
+        check_all_state(self.opt, plan)  # torch.optim would raise half-way, with state half-written
         self.restore(perturbed)
-        self.opt.base_optimizer.step()
+        base_step(self.opt, plan, amp)

@@ -1,7 +1,9 @@
 """The Triton backend: each bucket is one launch per kernel, through a device-resident pointer table.
 
 Launches per step for B buckets: B norm + 1 finalize + B perturb + B restore/update, whatever the
-number of tensors. Tables are built once per tensor list and re-sent only when an address changes.
+number of tensors. One table per bucket (numel, p, g, backup, state 1, state 2) serves the three
+passes; it is rebuilt and re-sent only when the bucket's lists change (new ``.grad`` tensors,
+state created), so a steady-state step uploads nothing.
 """
 
 from __future__ import annotations
@@ -11,53 +13,59 @@ from torch import Tensor
 
 from ..kernels.norm import finalize, norm_programs, sq_partials
 from ..kernels.perturb import perturb as perturb_kernel
-from ..kernels.table import PointerTable
+from ..kernels.table import TL_DTYPES, PointerTable
 from ..kernels.update import restore_update
+from ..plan import Bucket, Buffers
 from ..spec import Update
-from .flat import Bucket, FlatBackend
+from .base import Amp
+from .flat import FlatBackend
+
+
+def bucket_table(bucket: Bucket, direction: Buffers | None = None) -> PointerTable:
+    """The bucket's table (with ``direction``'s buffers in the grad column: another table), rebuilt
+    when the bucket's lists changed since it was built."""
+    key = "table" if direction is None else ("table", id(direction))
+    cached = bucket.cache.get(key)
+    if cached is not None and cached[0] == bucket.version:
+        return cached[1]
+    table = cached[1] if cached is not None else PointerTable()
+    s1 = bucket.state1 or [None] * len(bucket.params)
+    s2 = bucket.state2 or [None] * len(bucket.params)
+    table.update(bucket.device, list(zip(bucket.params, bucket.grads(direction), bucket.backups, s1, s2)))
+    bucket.cache[key] = (bucket.version, table)
+    return table
 
 
 class TritonBackend(FlatBackend):
     name = "triton"
+    dtypes = tuple(TL_DTYPES)
 
     def __init__(self, optimizer) -> None:
         super().__init__(optimizer)
-        self._tables: dict[tuple, PointerTable] = {}
         self._partials: Tensor | None = None
-        self._norm: Tensor | None = None
 
-    def invalidate(self) -> None:
-        self._tables.clear()
+    def _partials_for(self, n: int, device: torch.device) -> Tensor:
+        if self._partials is None or self._partials.numel() < n or self._partials.device != device:
+            self._partials = torch.empty(max(n, 64), dtype=torch.float32, device=device)
+        return self._partials
 
-    def _table(self, bucket: Bucket) -> PointerTable:
-        table = self._tables.get(bucket.key)
-        if table is None:
-            table = self._tables[bucket.key] = PointerTable()
-        return table.update(bucket.device, bucket.columns)
-
-    def _buffers(self, n_partials: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._partials is None or self._partials.numel() < n_partials or self._partials.device != device:
-            self._partials = torch.empty(max(n_partials, 64), dtype=torch.float32, device=device)
-        if self._norm is None or self._norm.device != device:
-            self._norm = torch.empty((), dtype=torch.float32, device=device)
-        return self._partials, self._norm
-
-    def launch_norm(self, buckets, slow_sq, device) -> Tensor:
-        tables = [(self._table(b), b.dtype, g) for b, g in buckets]
-        counts = [norm_programs(t) for t, _, _ in tables]
-        partials, norm = self._buffers(sum(counts) + 1, device)
+    def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
+                  direction: Buffers | None) -> None:
+        tables = [(bucket_table(b, direction), b) for b in buckets]
+        counts = [norm_programs(t) for t, _ in tables]
+        partials = self._partials_for(sum(counts) + 1, sq.device)
         off = 0
-        for (table, dtype, group), k in zip(tables, counts):
-            sq_partials(table, partials[off:], dtype, group["adaptive"], group["eta"])
+        for (table, b), k in zip(tables, counts):
+            sq_partials(table, partials[off:], b.dtype, b.group["adaptive"], b.group["eta"])
             off += k
-        if slow_sq is not None:
-            partials[off : off + 1].copy_(slow_sq.reshape(1))
+        if extra is not None:
+            partials[off : off + 1].copy_(extra.reshape(1))
             off += 1
-        finalize(partials, off, norm)
-        return norm
+        finalize(partials, off, sq, norm)
 
-    def launch_perturb(self, bucket: Bucket, group: dict, norm: Tensor) -> None:
-        perturb_kernel(self._table(bucket), norm, bucket.dtype, group["rho"], group["adaptive"], group["eta"])
+    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None) -> None:
+        g = bucket.group
+        perturb_kernel(bucket_table(bucket, direction), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"])
 
-    def launch_update(self, bucket: Bucket, update: Update) -> None:
-        restore_update(self._table(bucket), bucket.dtype, update)
+    def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None) -> None:
+        restore_update(bucket_table(bucket), bucket.dtype, update, amp)

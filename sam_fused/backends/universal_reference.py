@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torch.utils.weak import WeakIdKeyDictionary
+
 from .base import Backend, GroupWork
 
 MEASURES = ("frob", "trace", "det")
@@ -70,12 +72,14 @@ class UniversalTorchBackend(Backend):
 
     def __init__(self, optimizer) -> None:
         super().__init__(optimizer)
-        self.buffers: dict[int, dict[str, Tensor]] = {}  # id(param) -> g0 and the sums
+        self.buffers = WeakIdKeyDictionary()  # param -> {name: buffer}: g0 and the sums, freed with the param
 
     def _buf(self, p: Tensor, key: str, dtype: torch.dtype | None = None) -> Tensor:
         """A parameter-sized buffer, allocated once (g0 in the parameter's dtype, sums in fp32)."""
         dtype = dtype or p.dtype
-        bufs = self.buffers.setdefault(id(p), {})
+        bufs = self.buffers.get(p)
+        if bufs is None:
+            bufs = self.buffers[p] = {}
         b = bufs.get(key)
         if b is None or b.shape != p.shape or b.dtype != dtype or b.device != p.device:
             b = bufs[key] = torch.empty(p.shape, dtype=dtype, device=p.device)
@@ -104,7 +108,7 @@ class UniversalTorchBackend(Backend):
         zs = iter(self.noise(work, step, sample))
         for gw in work:
             for p in gw.params:
-                w = self.backups[id(p)].float()
+                w = self.backup_for(p).float()
                 p.detach().copy_(w + gw.group["rho"] * next(zs))
 
     def accumulate(self, work: list[GroupWork], sample: int, loss: Tensor) -> None:
@@ -114,7 +118,7 @@ class UniversalTorchBackend(Backend):
             a = sample_weights(measure, torch.stack(self.losses), gw.group["rho"], n)[-1]
             for p in gw.params:
                 g = p.grad if p.grad is not None else torch.zeros_like(p)  # no grad at w + eps: zero
-                diff = g.float() - self.buffers[id(p)]["g0"].float()
+                diff = g.float() - self.buffers[p]["g0"].float()
                 acc1 = self._buf(p, "acc1", torch.float32)
                 acc2 = self._buf(p, "acc2", torch.float32) if measure == "frob" else None
                 if sample == 0:
@@ -132,8 +136,8 @@ class UniversalTorchBackend(Backend):
         for gw in work:
             c1, c2 = combine_scale(self.opt.measure, losses, gw.group["rho"], gw.group["lam"], self.opt.n_samples)
             for p in gw.params:
-                p.detach().copy_(self.backups[id(p)])
-                bufs = self.buffers[id(p)]
+                p.detach().copy_(self.backup_for(p))
+                bufs = self.buffers[p]
                 g = bufs["g0"].float() + c1 * bufs["acc1"].float()
                 if self.opt.measure == "frob":
                     g = g + c2 * bufs["acc2"].float()

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..kernels import universal as K
 from ..kernels.table import TL_DTYPES, PointerTable
 from ..layout import same_layout
+from ..plan import MAX_PLANS
 from .base import GroupWork
 from .universal_reference import UniversalTorchBackend, loss_tensor, sample_seed
 
@@ -24,6 +25,7 @@ class UniversalTritonBackend(UniversalTorchBackend):
         self._losses: Tensor | None = None
 
     def invalidate(self) -> None:
+        super().invalidate()
         self._tables.clear()
 
     def _split(self, work: list[GroupWork]):
@@ -47,6 +49,8 @@ class UniversalTritonBackend(UniversalTorchBackend):
         key = tuple(id(p) for p, _ in items)
         table = self._tables.get(key)
         if table is None:
+            if len(self._tables) >= MAX_PLANS:  # bounded: one table per recent set of parameters
+                self._tables.pop(next(iter(self._tables)))
             table = self._tables[key] = PointerTable(K.UNCOL)
         cols = []
         for j, (p, offset) in enumerate(items):
@@ -83,7 +87,7 @@ class UniversalTritonBackend(UniversalTorchBackend):
                 zs = iter(explicit[id(p)] for gw in self._slow for p in gw.params)
                 for gw in self._slow:
                     for p in gw.params:
-                        p.detach().copy_(self.backups[id(p)].float() + gw.group["rho"] * next(zs))
+                        p.detach().copy_(self.backup_for(p).float() + gw.group["rho"] * next(zs))
 
     def accumulate(self, work: list[GroupWork], sample: int, loss: Tensor) -> None:
         opt = self.opt

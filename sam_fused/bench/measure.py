@@ -79,7 +79,7 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-NATIVE_KERNELS = ("sq_sum", "perturb_", "restore_update_")
+NATIVE_KERNELS = ("sq_sum_", "perturb_", "restore_update_")
 
 
 def _count_native_calls(module, counter: "_OpCounter"):

@@ -13,13 +13,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .table import (BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, full_block, load,
-                    store, to_dtype)
+from .table import BLOCK, CHUNK, COL_BACKUP, COL_GRAD, COL_PARAM, NCOL, NORM_EPS, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, load, store, to_dtype, walk, nothing
 
 
 @triton.jit
-def _perturb_block(p, g, b, idx, mask, ok, scale, eta, DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
-                   MASKED: tl.constexpr):
+def _perturb_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
+    p, g, b, ok, scale, eta = args
+    DTYPE: tl.constexpr = C[0]
+    ADAPTIVE: tl.constexpr = C[1]
     raw = load(p, idx, mask, MASKED)
     store(b, idx, raw, mask, MASKED)
     w = raw.to(tl.float32)
@@ -30,28 +31,22 @@ def _perturb_block(p, g, b, idx, mask, ok, scale, eta, DTYPE: tl.constexpr, ADAP
     else:
         e = x * scale
     store(p, idx, tl.where(ok, to_dtype(w + e, DTYPE), raw), mask, MASKED)
+    return acc
 
 
 @triton.jit
 def _perturb_kernel(
     chunks, tensors, norm_ptr, rho, eta,
-    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK)
-    p = column(row, 1, DTYPE, ALIGNED)
-    g = column(row, 2, DTYPE, ALIGNED)
-    b = column(row, 3, DTYPE, ALIGNED)
+    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, NCOL)
+    p = column(row, COL_PARAM, DTYPE, ALIGNED)
+    g = column(row, COL_GRAD, DTYPE, ALIGNED)
+    b = column(row, COL_BACKUP, DTYPE, ALIGNED)
     norm = tl.load(norm_ptr)
     ok = norm < float("inf")  # False for inf and NaN
-    scale = tl.where(ok, rho / (norm + 1e-12), 0.0)
-    n_full = (end - start) // BLOCK
-    for k in range(0, n_full):
-        idx = full_block(start, k, BLOCK)
-        _perturb_block(p, g, b, idx, idx, ok, scale, eta, DTYPE, ADAPTIVE, False)
-    tail = start + n_full * BLOCK
-    if tail < end:
-        idx = tail + tl.arange(0, BLOCK)
-        _perturb_block(p, g, b, idx, idx < end, ok, scale, eta, DTYPE, ADAPTIVE, True)
+    scale = tl.where(ok, rho / (norm + NORM_EPS), 0.0)
+    walk(start, end, _perturb_block, (p, g, b, ok, scale, eta), (DTYPE, ADAPTIVE), nothing(), BLOCK)
 
 
 def perturb(table: PointerTable, norm: Tensor, dtype, rho: float, adaptive: bool, eta: float) -> None:
@@ -59,6 +54,6 @@ def perturb(table: PointerTable, norm: Tensor, dtype, rho: float, adaptive: bool
         return
     _perturb_kernel[(table.n_chunks,)](
         table.chunks, table.tensors, norm, float(rho), float(eta),
-        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), ALIGNED=table.aligned, CHUNK=CHUNK, BLOCK=BLOCK,
+        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), ALIGNED=table.aligned,
         num_warps=NUM_WARPS,
     )

@@ -19,13 +19,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Elements per chunk (one program of the elementwise kernels) and per inner iteration.
-CHUNK = 65536
-BLOCK = 4096
+from .. import constants
+
+# The shared constants, as compile-time values the kernels may read as globals.
+CHUNK = tl.constexpr(constants.CHUNK)
+BLOCK = tl.constexpr(constants.BLOCK)
+NCOL = tl.constexpr(constants.NCOL)
+COL_PARAM = tl.constexpr(constants.COL_PARAM)
+COL_GRAD = tl.constexpr(constants.COL_GRAD)
+COL_BACKUP = tl.constexpr(constants.COL_BACKUP)
+COL_STATE1 = tl.constexpr(constants.COL_STATE1)
+COL_STATE2 = tl.constexpr(constants.COL_STATE2)
+NORM_EPS = tl.constexpr(constants.NORM_EPS)
+
 NUM_WARPS = 8
 # Programs of the persistent norm kernel per bucket: bounds the partials the reduction reads.
 NORM_PROGRAMS = 512
-NCOL = 6  # FusedSAM's tables: numel, p, g, source/backup, state 1, state 2
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -40,7 +49,7 @@ def _upload(values: list[int], device: torch.device) -> Tensor:
 class PointerTable:
     """Chunk and address table of one list of same-dtype tensors on one device."""
 
-    def __init__(self, ncol: int = NCOL) -> None:
+    def __init__(self, ncol: int = constants.NCOL) -> None:
         self.ncol = ncol
         self.n_chunks = 0
         self.chunks: Tensor | None = None
@@ -56,7 +65,7 @@ class PointerTable:
         if numels != self._numels:
             rows: list[int] = []
             for i, n in enumerate(numels):
-                for start in range(0, n, CHUNK):
+                for start in range(0, n, constants.CHUNK):
                     rows += (i, start)
             self.chunks = _upload(rows, device)
             self.n_chunks = len(rows) // 2
@@ -76,7 +85,7 @@ class PointerTable:
 
 
 @triton.jit
-def chunk_of(chunks, tensors, c, CHUNK: tl.constexpr, NCOL: tl.constexpr = 6):
+def chunk_of(chunks, tensors, c, CHUNK: tl.constexpr, NCOL: tl.constexpr):
     """(tensor row, first element, one past the last element) of chunk ``c``; rows are NCOL wide."""
     t = tl.load(chunks + 2 * c)
     start = tl.load(chunks + 2 * c + 1)
@@ -95,14 +104,30 @@ def column(row, k: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     return ptr
 
 
-# Element loops: a kernel walks [start, end) as full BLOCKs, unmasked, with the hints that let the
-# compiler emit 16-byte accesses (a chunk starts at a multiple of CHUNK, itself a multiple of
-# BLOCK), then at most one masked tail block. A masked load of an unknown end cannot be
+# The element loop of every kernel: [start, end) as full BLOCKs, unmasked, with the hints that
+# let the compiler emit 16-byte accesses (a chunk starts at a multiple of CHUNK, itself a multiple
+# of BLOCK), then at most one masked tail block. A masked load of an unknown end cannot be
 # vectorized: with one loop, every access was 4 bytes wide in the PTX.
 @triton.jit
-def full_block(start, k, BLOCK: tl.constexpr):
-    """Indices of the k-th full block of a chunk."""
-    return tl.max_contiguous(tl.multiple_of(start + k * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+def walk(start, end, body: tl.constexpr, args, C: tl.constexpr, acc, BLOCK: tl.constexpr):
+    """``acc = body(args, C, idx, mask, acc, MASKED)`` over the blocks of [start, end): ``args`` is
+    a tuple of runtime values (pointers, scalars), ``C`` one of compile-time switches, ``acc`` a
+    tensor carried through (a body that only writes returns it unchanged: ``NOTHING``)."""
+    n_full = (end - start) // BLOCK
+    for k in range(0, n_full):
+        idx = tl.max_contiguous(tl.multiple_of(start + k * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        acc = body(args, C, idx, idx, acc, False)
+    tail = start + n_full * BLOCK
+    if tail < end:
+        idx = tail + tl.arange(0, BLOCK)
+        acc = body(args, C, idx, idx < end, acc, True)
+    return acc
+
+
+@triton.jit
+def nothing():
+    """The ``acc`` of a body that only writes."""
+    return tl.zeros([1], dtype=tl.int32)
 
 
 @triton.jit

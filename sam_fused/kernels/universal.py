@@ -20,16 +20,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .table import (BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, full_block, load,
-                    store, to_dtype)
+from .table import BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, load, store, to_dtype, walk, nothing
 
 UNCOL = 9
 MEASURE_CODES = {"frob": 0, "trace": 1, "det": 2}
 
 
 @triton.jit
-def _usam_perturb_block(p, g, b, g0, noise, base, idx, mask, seed, rho, h, DTYPE: tl.constexpr,
-                        START: tl.constexpr, UNIFORM: tl.constexpr, EXPLICIT: tl.constexpr, MASKED: tl.constexpr):
+def _usam_perturb_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
+    p, g, b, g0, noise, base, seed, rho, h = args
+    DTYPE: tl.constexpr = C[0]
+    START: tl.constexpr = C[1]
+    UNIFORM: tl.constexpr = C[2]
+    EXPLICIT: tl.constexpr = C[3]
     if START:
         raw = load(p, idx, mask, MASKED)
         store(b, idx, raw, mask, MASKED)
@@ -43,13 +46,14 @@ def _usam_perturb_block(p, g, b, g0, noise, base, idx, mask, seed, rho, h, DTYPE
     else:
         z = tl.randn(seed, base + idx)
     store(p, idx, to_dtype(raw.to(tl.float32) + rho * z, DTYPE), mask, MASKED)
+    return acc
 
 
 @triton.jit
 def _usam_perturb_kernel(
     chunks, tensors, seed, rho, h,
     DTYPE: tl.constexpr, START: tl.constexpr, UNIFORM: tl.constexpr, EXPLICIT: tl.constexpr,
-    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
     p = column(row, 1, DTYPE, ALIGNED)
@@ -58,15 +62,8 @@ def _usam_perturb_kernel(
     g0 = column(row, 4, DTYPE, ALIGNED)
     noise = column(row, 7, tl.float32, ALIGNED)
     base = tl.load(row + 8)
-    n_full = (end - start) // BLOCK
-    for k in range(0, n_full):
-        idx = full_block(start, k, BLOCK)
-        _usam_perturb_block(p, g, b, g0, noise, base, idx, idx, seed, rho, h, DTYPE, START, UNIFORM, EXPLICIT, False)
-    tail = start + n_full * BLOCK
-    if tail < end:
-        idx = tail + tl.arange(0, BLOCK)
-        _usam_perturb_block(p, g, b, g0, noise, base, idx, idx < end, seed, rho, h, DTYPE, START, UNIFORM, EXPLICIT,
-                            True)
+    walk(start, end, _usam_perturb_block, (p, g, b, g0, noise, base, seed, rho, h), (DTYPE, START, UNIFORM, EXPLICIT),
+         nothing(), BLOCK)
 
 
 @triton.jit
@@ -83,8 +80,12 @@ def _sample_weight(losses, i, n, rho, MEASURE: tl.constexpr):
 
 
 @triton.jit
-def _usam_accumulate_block(p, g, b, g0, acc1, acc2, idx, mask, a, c1, c2, DTYPE: tl.constexpr,
-                           MEASURE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, MASKED: tl.constexpr):
+def _usam_accumulate_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
+    p, g, b, g0, acc1, acc2, a, c1, c2 = args
+    DTYPE: tl.constexpr = C[0]
+    MEASURE: tl.constexpr = C[1]
+    FIRST: tl.constexpr = C[2]
+    LAST: tl.constexpr = C[3]
     base = load(g0, idx, mask, MASKED).to(tl.float32)
     diff = load(g, idx, mask, MASKED).to(tl.float32) - base
     s1 = a * diff
@@ -104,13 +105,14 @@ def _usam_accumulate_block(p, g, b, g0, acc1, acc2, idx, mask, a, c1, c2, DTYPE:
         store(acc1, idx, s1, mask, MASKED)
         if MEASURE == 0:
             store(acc2, idx, s2, mask, MASKED)
+    return acc
 
 
 @triton.jit
 def _usam_accumulate_kernel(
     chunks, tensors, losses, i, n, rho, lam,
     DTYPE: tl.constexpr, MEASURE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
     p = column(row, 1, DTYPE, ALIGNED)
@@ -139,14 +141,8 @@ def _usam_accumulate_kernel(
         else:
             x = total / n
             c1 = lam * (-2.0 / (x * x * x))
-    n_full = (end - start) // BLOCK
-    for k in range(0, n_full):
-        idx = full_block(start, k, BLOCK)
-        _usam_accumulate_block(p, g, b, g0, acc1, acc2, idx, idx, a, c1, c2, DTYPE, MEASURE, FIRST, LAST, False)
-    tail = start + n_full * BLOCK
-    if tail < end:
-        idx = tail + tl.arange(0, BLOCK)
-        _usam_accumulate_block(p, g, b, g0, acc1, acc2, idx, idx < end, a, c1, c2, DTYPE, MEASURE, FIRST, LAST, True)
+    walk(start, end, _usam_accumulate_block, (p, g, b, g0, acc1, acc2, a, c1, c2), (DTYPE, MEASURE, FIRST, LAST),
+         nothing(), BLOCK)
 
 
 def perturb(table: PointerTable, dtype, seed: int, rho: float, h: float, start: bool, uniform: bool,
@@ -156,7 +152,7 @@ def perturb(table: PointerTable, dtype, seed: int, rho: float, h: float, start: 
     _usam_perturb_kernel[(table.n_chunks,)](
         table.chunks, table.tensors, int(seed), float(rho), float(h),
         DTYPE=TL_DTYPES[dtype], START=bool(start), UNIFORM=bool(uniform), EXPLICIT=bool(explicit),
-        ALIGNED=table.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, num_warps=NUM_WARPS,
     )
 
 
@@ -167,5 +163,5 @@ def accumulate(table: PointerTable, dtype, losses, i: int, n: int, rho: float, l
     _usam_accumulate_kernel[(table.n_chunks,)](
         table.chunks, table.tensors, losses, int(i), int(n), float(rho), float(lam),
         DTYPE=TL_DTYPES[dtype], MEASURE=MEASURE_CODES[measure], FIRST=bool(first), LAST=bool(last),
-        ALIGNED=table.aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, num_warps=NUM_WARPS,
     )

@@ -1,0 +1,15 @@
+// Constants shared with the Python side (sam_fused/constants.py); tests/test_layout.py checks
+// that both say the same.
+#pragma once
+
+#include <cstdint>
+
+namespace sam_fused {
+
+constexpr int64_t kOptRestore = 0;  // OPT_RESTORE
+constexpr int64_t kOptSgd = 1;      // OPT_SGD
+constexpr int64_t kOptAdam = 2;     // OPT_ADAM
+constexpr float kNormEps = 1e-12f;  // NORM_EPS
+constexpr int64_t kCudaChunk = 65536;  // CHUNK
+
+}  // namespace sam_fused

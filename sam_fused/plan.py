@@ -1,0 +1,276 @@
+"""The cached plan of a SAM step: which parameters are fused, in which bucket, with which buffers.
+
+Building a plan walks every parameter once: it validates each gradient (dense, same shape, dtype
+and device as its parameter; no sparse gradients; no parameter listed twice or with overlapping
+memory), sorts the parameters into buckets of one (param group, dtype) whose tensors can all be
+walked as one flat array, and gives each parameter its exact backup. A step then only checks that
+the plan still holds:
+
+* the grads are the same tensor objects as last time (one identity check per tensor); when
+  autograd handed out new ``.grad`` tensors (``zero_grad(set_to_none=True)``), only the grad
+  column is validated and refreshed;
+* every fused parameter still has its storage address and size (``p.data = ...`` elsewhere
+  rebuilds the plan);
+* the param groups hold the same parameters (one identity check per tensor).
+
+Plans are cached per pattern of missing grads (at most ``MAX_PLANS``, least recently used first
+out); backups and every other parameter-sized buffer live in weak dictionaries, so they die with
+their parameter. Invalidated by ``add_param_group``, ``load_state_dict`` and ``invalidate()``.
+Nothing here reads a value back from the device.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .layout import is_dense
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_PLANS = 8
+
+
+class Buffers:
+    """One parameter-sized buffer per parameter, allocated on first use, alive as long as the
+    parameter. A dense parameter's buffer has its strides, so both can be walked flat together;
+    any other parameter's is dense (``empty_like`` with ``preserve_format``)."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype  # None: the parameter's dtype
+        self._bufs = WeakIdKeyDictionary()
+
+    def get(self, p: Tensor) -> Tensor:
+        b = self._bufs.get(p)
+        dtype = self.dtype or p.dtype
+        if b is None or b.shape != p.shape or b.dtype != dtype or b.device != p.device or (
+            is_dense(p) and b.stride() != p.stride()
+        ):
+            b = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).detach()
+            self._bufs[p] = b
+        return b
+
+    def __len__(self) -> int:
+        return len(self._bufs)
+
+    def values(self):
+        return list(self._bufs.values())
+
+
+class Bucket:
+    """The flat-indexable parameters of one param group and one dtype, launched together.
+
+    ``params`` (the tensors written: the parameters, or for a staged update their buffers),
+    ``backups`` (the update's source), ``state1``, ``state2`` are parallel lists (the state lists
+    are None until the update fills them); ``owners`` are the parameters themselves, whose
+    ``.grad`` the kernels read and which key the optimizer state. No gradient is held here (that
+    would keep a replaced gradient's memory alive): ``grads()`` reads them when a launch needs
+    them. ``version`` counts changes of any column (a new grad tensor included), so a backend can
+    tell when what it built from them (a pointer table) is stale. ``cache`` is the backend's own.
+    """
+
+    __slots__ = ("index", "group", "dtype", "device", "params", "owners", "backups", "state1", "state2",
+                 "version", "cache")
+
+    def __init__(self, index: int, group: dict, params: list[Tensor], backups: list[Tensor],
+                 owners: list[Tensor] | None = None, state1: list[Tensor] | None = None,
+                 state2: list[Tensor] | None = None):
+        self.index, self.group = index, group
+        self.dtype, self.device = params[0].dtype, params[0].device
+        self.params, self.backups = params, backups
+        self.owners = params if owners is None else owners
+        self.state1, self.state2 = state1, state2
+        self.version = 0
+        self.cache: dict = {}
+
+    def grads(self, direction: "Buffers | None" = None) -> list[Tensor]:
+        """The gradients, or with ``direction`` the buffers a SAM variant perturbs along instead."""
+        if direction is None:
+            return [p.grad for p in self.owners]
+        return [direction.get(p) for p in self.owners]
+
+    def rows(self, rows, sources: list[Tensor] | None = None) -> "Bucket":
+        """A bucket of some of these rows (a launch over part of the bucket), optionally with other sources."""
+        pick = lambda xs: None if xs is None else [xs[r] for r in rows]  # noqa: E731
+        return Bucket(self.index, self.group, pick(self.params), pick(self.backups) if sources is None else pick(sources),
+                      pick(self.owners), pick(self.state1), pick(self.state2))
+
+
+class StepPlan:
+    """What a step does with one pattern of present/missing grads (see the module docstring).
+
+    ``buckets``: flat-indexable tensors per (group, dtype). ``slow``: (group, param, backup) of
+    the parameters the kernels cannot index flat (not dense, a grad with other strides, a dtype the
+    backend has no kernel for); the reference ops perturb them. ``active``: every parameter with a
+    grad, group order.
+    """
+
+    def __init__(self, owner: "PlanCache", grads: list[Tensor | None]) -> None:
+        self.active: list[Tensor] = []
+        self.buckets: list[Bucket] = []
+        self.slow: list[tuple[dict, Tensor, Tensor]] = []
+        self.cache: dict = {}  # the backend's, e.g. the update's partition of the buckets
+        self._build(owner.params, owner.dtypes, owner.backups, grads)
+        self._sign = _grad_signature(grads)  # no reference: a replaced gradient's memory is freed as usual
+
+    def _build(self, ps: "ParamSet", dtypes, backups: Buffers, grads: list[Tensor | None]) -> None:
+        k = 0
+        for gi, group in enumerate(ps.groups):
+            lists: dict[torch.dtype, tuple[list, list]] = {}
+            for p in group["params"]:
+                g = grads[k]
+                if g is not None:
+                    check_grad(p, g)
+                    self.active.append(p)
+                    b = backups.get(p)
+                    if p.dtype in dtypes and is_dense(p) and g.stride() == p.stride():
+                        cols = lists.setdefault(p.dtype, ([], []))
+                        cols[0].append(p)
+                        cols[1].append(b)
+                    else:
+                        self.slow.append((group, p, b))
+                k += 1
+            self.buckets += [Bucket(gi, group, ps_, bs) for ps_, bs in lists.values()]
+        self.ptrs = [p.data_ptr() for p in self.active]
+        self.numels = [p.numel() for p in self.active]
+
+    def still_valid(self) -> bool:
+        """Every parameter keeps its storage address and size (cheap: two calls per tensor)."""
+        act = self.active
+        return [p.data_ptr() for p in act] == self.ptrs and [p.numel() for p in act] == self.numels
+
+    def same_grads(self, grads: list[Tensor | None]) -> bool:
+        """The kernels would see the same gradients: same objects (by id), addresses and strides."""
+        ids, ptrs, strides = self._sign
+        if list(map(id, grads)) != ids:
+            return False
+        live = [g for g in grads if g is not None]
+        try:
+            return [g.data_ptr() for g in live] == ptrs and [g.stride() for g in live] == strides
+        except RuntimeError:  # a sparse gradient: no address or strides
+            return False
+
+    def refresh(self, grads: list[Tensor | None], params: list[Tensor]) -> bool:
+        """Take new grad tensors with the same present/missing pattern; False when a new grad is not
+        laid out like its parameter (the plan is then rebuilt, and a bad grad refused there).
+
+        The ``.grad`` setter and autograd already guarantee that a gradient has its parameter's
+        shape, dtype and device when it is attached, and ``still_valid`` that the parameter has not
+        changed since; what a new gradient may still differ in is its strides (or sparsity)."""
+        strides = self._sign[2]
+        try:
+            new = _grad_signature(grads)
+        except RuntimeError:  # a sparse gradient has no address or strides
+            return False
+        if new[2] != strides:
+            return False
+        self._sign = new
+        for bucket in self.buckets:  # their tables hold the old addresses
+            bucket.version += 1
+        return True
+
+
+def overlapping(t: Tensor) -> bool:
+    """Some element of ``t`` shares its memory with another (an ``expand``-ed tensor)."""
+    return not is_dense(t) and (
+        torch._debug_has_internal_overlap(t) == 1 or any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+    )
+
+
+def _grad_signature(grads: list[Tensor | None]) -> tuple[list, list, list]:
+    """What the kernels depend on: which tensors (ids; None for a missing grad), their addresses and
+    strides. A new tensor at a reused id with the same address and strides is, to the kernels,
+    the same gradient (the ``.grad`` setter guarantees shape, dtype and device)."""
+    live = [g for g in grads if g is not None]
+    return list(map(id, grads)), [g.data_ptr() for g in live], [g.stride() for g in live]
+
+
+def check_grad(p: Tensor, g: Tensor) -> None:
+    """A gradient the fused passes can use, or a clear error (raised before anything is written)."""
+    if g.is_sparse:
+        raise RuntimeError("FusedSAM does not support sparse gradients")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"FusedSAM supports float32, bfloat16, float16 and float64 parameters, got {p.dtype}")
+    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        raise RuntimeError(
+            f"a gradient does not match its parameter: grad {tuple(g.shape)} {g.dtype} on {g.device}, "
+            f"parameter {tuple(p.shape)} {p.dtype} on {p.device} (was the parameter replaced after backward?)"
+        )
+    if g.layout != torch.strided or overlapping(g):
+        raise RuntimeError("a gradient with overlapping memory (an expanded tensor) cannot be used")
+
+
+class ParamSet:
+    """The parameters of every param group, flattened, validated once (unique, no overlapping memory)."""
+
+    def __init__(self, groups: list[dict]) -> None:
+        self.groups = groups
+        self.lists = [g["params"] for g in groups]
+        self.params = [p for ps in self.lists for p in ps]
+        seen = set()
+        for p in self.params:
+            if id(p) in seen:
+                raise ValueError(
+                    "a parameter appears twice in the param groups; SAM's exact restore needs each "
+                    "parameter once (torch.optim only warns about this)"
+                )
+            seen.add(id(p))
+            if overlapping(p):
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} with strides {p.stride()} has overlapping memory "
+                    "(an expanded tensor): a step would write one element several times"
+                )
+
+    def same(self, groups: list[dict], params: list[Tensor]) -> bool:
+        """``groups`` still hold these lists of these parameters (``params``: theirs, flattened)."""
+        return (
+            len(groups) == len(self.lists)
+            and all(group["params"] is ps for group, ps in zip(groups, self.lists))
+            and len(params) == len(self.params)
+            and all(map(operator.is_, params, self.params))
+        )
+
+
+class PlanCache:
+    """The plans of one optimizer, keyed by which parameters have a grad."""
+
+    def __init__(self, dtypes: tuple[torch.dtype, ...]) -> None:
+        self.dtypes = dtypes
+        self.backups = Buffers()
+        self.params: ParamSet | None = None
+        self._plans: OrderedDict[tuple, StepPlan] = OrderedDict()
+        self._last: StepPlan | None = None
+
+    def invalidate(self) -> None:
+        """Param groups or parameters changed: forget every plan (backups stay with their params)."""
+        self.params = None
+        self._plans.clear()
+        self._last = None
+
+    def plan(self, groups: list[dict]) -> StepPlan:
+        """The plan for the grads as they are now; raises before anything is written if one is bad."""
+        ps = self.params
+        params = [p for group in groups for p in group["params"]]
+        if ps is None or not ps.same(groups, params):
+            self.invalidate()
+            ps = self.params = ParamSet(groups)
+        grads = [p.grad for p in params]
+        plan = self._last
+        if plan is not None and plan.same_grads(grads) and plan.still_valid():
+            return plan
+        key = tuple(g is None for g in grads)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            if not (plan.still_valid() and plan.refresh(grads, params)):
+                plan = None
+        if plan is None:
+            plan = StepPlan(self, grads)
+            self._plans[key] = plan
+            while len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
+        self._last = plan
+        return plan
