@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from sam_fused import __version__
-from sam_fused.compare import evaluate, load_digits_split, make_optimizer, mlp, train
-from sam_fused.sharpness import hessian_frobenius
+from sam_fused.tools.compare import evaluate, load_digits_split, make_optimizer, mlp, train
+from sam_fused.tools.sharpness import hessian_frobenius
 
 LAMS = (0.001, 0.005, 0.02, 0.1, 0.5)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sam_fused import FusedSAM
-from sam_fused.bench.baseline import PerParameterSAM
+from sam_fused.tools.bench.baseline import PerParameterSAM
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -79,11 +79,13 @@ void restore_update(const TensorList& params, const TensorList& grads, const Ten
     u.found_inf = found_inf->data_ptr<float>();
   }
   TORCH_CHECK(u.opt >= kOptRestore && u.opt <= kOptAdam, "restore_update_: unknown opt ", u.opt);
+  TORCH_CHECK(u.scalars.size() == kUpdateScalars, "restore_update_: expected ", kUpdateScalars, " scalars, got ",
+              u.scalars.size());
   TORCH_CHECK(sources.size() == params.size(), "restore_update_: one source per parameter");
   TORCH_CHECK(u.opt == kOptRestore || grads.size() == params.size(), "restore_update_: one grad per parameter");
   TORCH_CHECK(u.opt != kOptAdam || (state1.size() == params.size() && state2.size() == params.size()),
               "restore_update_: Adam needs exp_avg and exp_avg_sq");
-  TORCH_CHECK(u.opt != kOptSgd || u.momentum == 0 || state1.size() == params.size(),
+  TORCH_CHECK(u.opt != kOptSgd || !u.has_momentum || state1.size() == params.size(),
               "restore_update_: SGD with momentum needs momentum buffers");
 #ifdef SAM_FUSED_WITH_CUDA
   if (on_cuda(params)) return restore_update_cuda(params, grads, sources, state1, state2, u);
@@ -109,21 +111,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "restore_update_",
       [](const TensorList& params, const TensorList& grads, const TensorList& sources, const TensorList& state1,
-         const TensorList& state2, int64_t opt, double lr, double weight_decay, double momentum, double dampening,
-         bool nesterov, bool maximize, bool first, double beta1, double beta2, double eps, double step_size,
-         double bias_correction2_sqrt, double decay, bool decoupled, const c10::optional<at::Tensor>& inv_scale,
-         const c10::optional<at::Tensor>& found_inf) {
-        restore_update(params, grads, sources, state1, state2,
-                       UpdateArgs{opt, lr, weight_decay, momentum, dampening, nesterov, maximize, first, beta1,
-                                  beta2, eps, step_size, bias_correction2_sqrt, decay, decoupled},
-                       inv_scale, found_inf);
+         const TensorList& state2, int64_t opt, bool has_momentum, bool nesterov, std::vector<double> scalars,
+         const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& found_inf) {
+        UpdateArgs u;
+        u.opt = opt;
+        u.has_momentum = has_momentum;
+        u.nesterov = nesterov;
+        u.scalars = std::move(scalars);
+        restore_update(params, grads, sources, state1, state2, u, inv_scale, found_inf);
       },
-      "w = source, fused with the SGD (opt 1) or Adam/AdamW (opt 2) update, or alone (opt 0); optional AMP "
-      "inv_scale / found_inf tensors",
+      "w = source, fused with the SGD (opt 1) or Adam/AdamW (opt 2) update, or alone (opt 0); scalars folded "
+      "by the host (sam_fused.constants.UPDATE_SCALARS); optional AMP inv_scale / found_inf tensors",
       py::arg("params"), py::arg("grads"), py::arg("sources"), py::arg("state1"), py::arg("state2"), py::kw_only(),
-      py::arg("opt"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
-      py::arg("nesterov"), py::arg("maximize"), py::arg("first"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("step_size"), py::arg("bias_correction2_sqrt"), py::arg("decay"), py::arg("decoupled"),
+      py::arg("opt"), py::arg("has_momentum"), py::arg("nesterov"), py::arg("scalars"),
       py::arg("inv_scale") = py::none(), py::arg("found_inf") = py::none());
   m.def("has_cuda", [] {
 #ifdef SAM_FUSED_WITH_CUDA

@@ -1,5 +1,7 @@
 // Multi-tensor apply: lists of tensors cut into 65536-element chunks, one CUDA block per chunk,
 // the chunk table passed by value in the kernel arguments (no host-to-device copy, no sync).
+// The design follows NVIDIA apex's csrc/multi_tensor_apply.cuh (BSD-3-Clause), which PyTorch's
+// fused optimizers (aten/src/ATen/native/cuda/MultiTensorApply.cuh) also adopted; written anew here.
 //
 // A launch covers up to kMaxBlocks chunks and MetaTable<DEPTH>::kMaxTensors tensors (the argument
 // buffer holds 4 KB); longer lists take several launches, a tensor split across two continuing

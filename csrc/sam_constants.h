@@ -11,5 +11,6 @@ constexpr int64_t kOptSgd = 1;      // OPT_SGD
 constexpr int64_t kOptAdam = 2;     // OPT_ADAM
 constexpr float kNormEps = 1e-12f;  // NORM_EPS
 constexpr int64_t kCudaChunk = 65536;  // CHUNK
+constexpr int kUpdateScalars = 13;     // len(UPDATE_SCALARS)
 
 }  // namespace sam_fused

@@ -175,7 +175,7 @@ void restore_update_cpu(const TensorList& params, const TensorList& grads, const
     if (u.opt == kOptRestore) return run(std::integral_constant<int64_t, kOptRestore>(), F(), F());
     if (u.opt == kOptAdam) return run(std::integral_constant<int64_t, kOptAdam>(), F(), F());
     const auto sgd = std::integral_constant<int64_t, kOptSgd>();
-    if (u.momentum == 0) return run(sgd, F(), F());
+    if (!u.has_momentum) return run(sgd, F(), F());
     return u.nesterov ? run(sgd, T(), T()) : run(sgd, T(), F());
   });
 }

@@ -218,7 +218,7 @@ void restore_update_cuda(const TensorList& params, const TensorList& grads, cons
       multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptRestore, false, false>(), u, args.inv_scale, args.found_inf);
     } else if (args.opt == kOptAdam) {
       multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptAdam, false, false>(), u, args.inv_scale, args.found_inf);
-    } else if (args.momentum == 0) {
+    } else if (!args.has_momentum) {
       multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, false, false>(), u, args.inv_scale, args.found_inf);
     } else if (args.nesterov) {
       multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, true>(), u, args.inv_scale, args.found_inf);

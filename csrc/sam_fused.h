@@ -8,7 +8,7 @@
 //                   fp32 tensor, from per-chunk partials summed in a fixed order (deterministic)
 //   perturb_        backup = w; w += rho * T^2 * g / (norm + 1e-12), skipped when norm is not finite
 //   restore_update_ w = source, fused with torch.optim's SGD or Adam/AdamW update (opt 1, 2) or
-//                   alone (opt 0); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq. With AMP
+//                   alone (opt 0), with the scalars folded by the host (sam_fused/spec.py); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq. With AMP
 //                   tensors: g *= inv_scale as it is read; found_inf != 0 turns the pass into a restore.
 #pragma once
 
@@ -20,12 +20,12 @@
 
 namespace sam_fused {
 
+// The update's kind and switches, and its scalars folded on the host in the order of
+// constants.UPDATE_SCALARS (sam_math.h's UpdateScalars has the same fields in the same order).
 struct UpdateArgs {
   int64_t opt;
-  double lr, weight_decay, momentum, dampening;
-  bool nesterov, maximize, first;
-  double beta1, beta2, eps, step_size, bias_correction2_sqrt, decay;
-  bool decoupled;
+  bool has_momentum, nesterov;
+  std::vector<double> scalars;
   // AMP: both set (device or host pointers, as the tensors are), or both null
   const float* inv_scale = nullptr;
   const float* found_inf = nullptr;

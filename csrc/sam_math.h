@@ -39,11 +39,11 @@ SAM_HD acc_t weighted_square(acc_t w, acc_t g, bool adaptive, acc_t eta) {
   return g * g;
 }
 
-// Scalars of the update, folded so that the element functions have no data-dependent branch:
-//   sign = -1 for maximize, times the AMP gradient multiplier (1 / loss scale);  l2 = weight_decay unless decoupled;  decay = 1 - lr * weight_decay
-//   for AdamW, else 1;  SGD's buffer update m = m * keep + coef * d, with (keep, coef) =
-//   (0, 1) on the first step (the buffer is zero-initialized, so m = d as torch starts it) and
-//   (momentum, 1 - dampening) afterwards.
+// Scalars of the update, folded on the host (sam_fused/spec.py, Update.scalars), in the order of
+// constants.UPDATE_SCALARS: the element functions have no data-dependent branch.
+//   sign = -1 for maximize (times the AMP gradient multiplier 1 / loss scale);  l2 = weight_decay
+//   unless decoupled;  decay = 1 - lr * weight_decay for AdamW, else 1;  SGD's buffer update
+//   m = m * keep + coef * d, (keep, coef) = (0, 1) on the first step (the buffer starts zeroed).
 template <typename acc_t>
 struct UpdateScalars {
   acc_t sign, lr, l2, decay, momentum, keep, coef;
@@ -52,11 +52,10 @@ struct UpdateScalars {
 
 template <typename acc_t, typename Args>
 UpdateScalars<acc_t> update_scalars(const Args& u) {
-  return UpdateScalars<acc_t>{
-      acc_t((u.maximize ? -1.0 : 1.0) * u.grad_mul), acc_t(u.lr), acc_t(u.decoupled ? 0.0 : u.weight_decay),
-      acc_t(u.decoupled ? u.decay : 1.0), acc_t(u.momentum), acc_t(u.first ? 0.0 : u.momentum),
-      acc_t(u.first ? 1.0 : 1.0 - u.dampening), acc_t(1.0 - u.beta1), acc_t(u.beta2), acc_t(1.0 - u.beta2),
-      acc_t(u.eps), acc_t(u.step_size), acc_t(u.bias_correction2_sqrt)};
+  const auto& s = u.scalars;
+  return UpdateScalars<acc_t>{acc_t(s[0] * u.grad_mul), acc_t(s[1]), acc_t(s[2]), acc_t(s[3]), acc_t(s[4]),
+                              acc_t(s[5]), acc_t(s[6]), acc_t(s[7]), acc_t(s[8]), acc_t(s[9]), acc_t(s[10]),
+                              acc_t(s[11]), acc_t(s[12])};
 }
 
 // torch.optim.SGD on one element: returns the new weight, updates the momentum buffer m.

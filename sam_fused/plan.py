@@ -124,6 +124,7 @@ class StepPlan:
                 g = grads[k]
                 if g is not None:
                     check_grad(p, g)
+                    check_param(p)  # it may have been replaced since the ParamSet was made
                     self.active.append(p)
                     b = backups.get(p)
                     if p.dtype in dtypes and is_dense(p) and g.stride() == p.stride():
@@ -180,6 +181,14 @@ def overlapping(t: Tensor) -> bool:
     )
 
 
+def check_param(p: Tensor) -> None:
+    if overlapping(p):
+        raise ValueError(
+            f"a parameter of shape {tuple(p.shape)} with strides {p.stride()} has overlapping memory "
+            "(an expanded tensor): a step would write one element several times"
+        )
+
+
 def _grad_signature(grads: list[Tensor | None]) -> tuple[list, list, list]:
     """What the kernels depend on: which tensors (ids; None for a missing grad), their addresses and
     strides. A new tensor at a reused id with the same address and strides is, to the kernels,
@@ -218,11 +227,7 @@ class ParamSet:
                     "parameter once (torch.optim only warns about this)"
                 )
             seen.add(id(p))
-            if overlapping(p):
-                raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} with strides {p.stride()} has overlapping memory "
-                    "(an expanded tensor): a step would write one element several times"
-                )
+            check_param(p)
 
     def same(self, groups: list[dict], params: list[Tensor]) -> bool:
         """``groups`` still hold these lists of these parameters (``params``: theirs, flattened)."""

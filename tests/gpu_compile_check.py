@@ -43,19 +43,16 @@ def variants():
             chunks="*i64", tensors="*i64", norm_ptr="*fp32", rho=f32, eta=f32), c
     yield ("finalize",), norm._finalize_kernel, dict(partials="*fp32", n="i32", sq="*fp32", norm="*fp32"), dict(
         PBLOCK=1024)
-    floats = ("lr weight_decay momentum one_minus_dampening one_minus_beta1 beta2 one_minus_beta2 eps step_size "
-              "bias_correction2_sqrt decay").split()
+    floats = "sign lr l2 decay momentum keep coef one_minus_beta1 beta2 one_minus_beta2 eps step_size".split()
+    floats.append("bias_correction2_sqrt")
     utypes = dict(chunks="*i64", tensors="*i64", inv_scale_ptr="*fp32", found_inf_ptr="*fp32", **{f: f32 for f in floats})
     for dt in DTYPES:
-        for opt, mom, first, nest, maxi, dec, amp in [
-            (0, 0, 0, 0, 0, 0, 0), (1, 0, 0, 0, 1, 0, 0), (1, 1, 1, 0, 0, 0, 0), (1, 1, 0, 1, 0, 0, 0),
-            (2, 0, 0, 0, 0, 1, 0), (2, 0, 0, 0, 1, 0, 0), (1, 1, 1, 0, 0, 0, 1), (1, 1, 0, 0, 0, 0, 1),
-            (2, 0, 0, 0, 0, 1, 1),
-        ]:
+        for opt, mom, nest, amp in [(0, 0, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0), (1, 1, 1, 0), (2, 0, 0, 0),
+                                    (1, 1, 0, 1), (2, 0, 0, 1)]:
             for al in (False, True):
-                c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, HAS_MOMENTUM=bool(mom), FIRST=bool(first),
-                         NESTEROV=bool(nest), MAXIMIZE=bool(maxi), DECOUPLED=bool(dec), AMP=bool(amp), ALIGNED=al)
-                yield ("update", dt, opt, mom, first, nest, maxi, dec, amp, al), update._restore_update_kernel, utypes, c
+                c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, HAS_MOMENTUM=bool(mom), NESTEROV=bool(nest),
+                         AMP=bool(amp), ALIGNED=al)
+                yield ("update", dt, opt, mom, nest, amp, al), update._restore_update_kernel, utypes, c
         for start, uni, expl in itertools.product((False, True), repeat=3):
             c = dict(COMMON, DTYPE=DTYPES[dt], START=start, UNIFORM=uni, EXPLICIT=expl, ALIGNED=not expl)
             yield ("usam_perturb", dt, start, uni, expl), universal._usam_perturb_kernel, dict(

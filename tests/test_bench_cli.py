@@ -8,15 +8,16 @@ import sys
 
 import torch
 
-from sam_fused.bench.measure import bytes_per_param, count_launches, held_bytes
-from sam_fused.bench.models import transformer_width, Seq2Seq
-from sam_fused.cli import main
+from sam_fused.tools.bench.measure import bytes_per_param, count_launches, held_bytes
+from sam_fused.tools.bench.models import transformer_width, Seq2Seq
+from sam_fused.tools.cli import main
 
 
 def test_bench_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--device", "cpu", "--model", "resnet", "--steps", "2", "--warmup", "1",
-               "--backend", "torch", "--batch-size", "2", "--universal", "--json", str(out)])
+               "--backend", "torch", "--batch-size", "2", "--universal", "--host-tensors", "10,30",
+               "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "Optimizer step alone: resnet" in text and "Training: resnet, custom, batch 2" in text
@@ -37,6 +38,13 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert train["usam-frob"]["extra_bytes_per_param"] == 16.0
     assert train["usam-det"]["extra_bytes_per_param"] == 12.0
     assert "vs SAM" in text and "usam-trace" not in {r["variant"] for r in data["optimizer_step"]}
+    host = data["host_cost"]
+    assert [(r["tensors"], r["grads"]) for r in host] == [(10, "in place"), (10, "new"), (30, "in place"), (30, "new")]
+    for r in host:
+        assert r["sam_us_per_tensor"] > 0 and r["sgd_us_per_tensor"] > 0
+        assert r["ratio"] == r["sam_us_per_tensor"] / r["sgd_us_per_tensor"]
+        assert r["sam_q1"] <= r["sam_us_per_tensor"] <= r["sam_q3"]
+    assert "Host cost" in text
 
 
 def test_bench_help_runs_as_module():

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from sam_fused.cli import main  # noqa: E402
-from sam_fused.compare import load_digits_split  # noqa: E402
+from sam_fused.tools.cli import main  # noqa: E402
+from sam_fused.tools.compare import load_digits_split  # noqa: E402
 
 
 def test_compare_writes_json_and_pngs(tmp_path, capsys):

@@ -262,11 +262,18 @@ def test_plans_and_backups_are_bounded(backend):
 
 
 def test_constants_match_the_native_header():
-    """sam_fused/constants.py and csrc/sam_constants.h say the same."""
-    header = (Path(__file__).parents[1] / "csrc" / "sam_constants.h").read_text()
+    """sam_fused/constants.py and csrc/sam_constants.h say the same, and the C++ update scalars are
+    the folded ones in the order the host sends them."""
+    csrc = Path(__file__).parents[1] / "csrc"
+    header = (csrc / "sam_constants.h").read_text()
+    math = (csrc / "sam_math.h").read_text()
+    fields = re.search(r"struct UpdateScalars \{\s*acc_t ([^;]+);\s*acc_t ([^;]+);", math)
+    names = [n.strip() for part in fields.groups() for n in part.split(",")]
+    assert tuple(names) == constants.UPDATE_SCALARS
     values = dict(re.findall(r"constexpr \w+ (\w+) = ([0-9.e+-]+)f?;", header))
     assert int(values["kOptRestore"]) == constants.OPT_RESTORE
     assert int(values["kOptSgd"]) == constants.OPT_SGD
     assert int(values["kOptAdam"]) == constants.OPT_ADAM
     assert float(values["kNormEps"]) == constants.NORM_EPS
     assert int(values["kCudaChunk"]) == constants.CHUNK
+    assert int(values["kUpdateScalars"]) == len(constants.UPDATE_SCALARS)

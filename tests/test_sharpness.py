@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 pytest.importorskip("scipy")
-from sam_fused.sharpness import (  # noqa: E402
+from sam_fused.tools.sharpness import (  # noqa: E402
     filter_normalized_direction,
     hessian_eigenvalues,
     hessian_frobenius,

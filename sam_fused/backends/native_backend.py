@@ -45,9 +45,6 @@ class NativeBackend(FlatBackend):
         inv_scale, found_inf = amp if amp is not None else (None, None)
         self._C.restore_update_(
             bucket.params, bucket.grads() if u.opt else [], bucket.backups, bucket.state1 or [], bucket.state2 or [],
-            opt=u.opt, lr=float(u.lr), weight_decay=float(u.weight_decay), momentum=float(u.momentum),
-            dampening=float(u.dampening), nesterov=bool(u.nesterov), maximize=bool(u.maximize), first=bool(u.first),
-            beta1=float(u.beta1), beta2=float(u.beta2), eps=float(u.eps), step_size=float(u.step_size),
-            bias_correction2_sqrt=float(u.bias_correction2_sqrt), decay=float(u.decay), decoupled=bool(u.decoupled),
+            opt=u.opt, has_momentum=u.momentum != 0, nesterov=bool(u.nesterov), scalars=u.scalars(),
             inv_scale=inv_scale, found_inf=found_inf,
         )

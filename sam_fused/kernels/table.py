@@ -31,6 +31,8 @@ COL_BACKUP = tl.constexpr(constants.COL_BACKUP)
 COL_STATE1 = tl.constexpr(constants.COL_STATE1)
 COL_STATE2 = tl.constexpr(constants.COL_STATE2)
 NORM_EPS = tl.constexpr(constants.NORM_EPS)
+OPT_RESTORE = tl.constexpr(constants.OPT_RESTORE)
+OPT_SGD = tl.constexpr(constants.OPT_SGD)
 
 NUM_WARPS = 8
 # Programs of the persistent norm kernel per bucket: bounds the partials the reduction reads.

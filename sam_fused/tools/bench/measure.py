@@ -110,7 +110,7 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> int:
             fn()
             sync(device)
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    from .. import native
+    from ... import native
 
     counter = _OpCounter()
     undo = _count_native_calls(native._MODULE, counter) if native._MODULE is not None else None

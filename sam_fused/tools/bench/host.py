@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..optimizer import FusedSAM
+from ...optimizer import FusedSAM
 from .measure import sync
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .. import FusedSAM, UniversalSAM, __version__
-from ..backends import available_backends, triton_interpreting
+from ... import FusedSAM, UniversalSAM, __version__
+from ...backends import available_backends, triton_interpreting
 from .baseline import PerParameterSAM
+from .host import format_rows as format_host_rows
+from .host import host_cost
 from .measure import bytes_per_param, copy_bandwidth, count_launches, held_bytes, median, sync, time_ms
 from .models import MODELS, build
 
@@ -57,6 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--universal", action="store_true",
                    help="also train with Frob-SAM, Trace-SAM and Det-SAM (n = 2; training table only, "
                         "with their cost relative to SGD and to SAM)")
+    p.add_argument("--host-tensors", default="100,1000,10000",
+                   help="tensor counts of the host-cost table, comma-separated; 'none' skips it "
+                        "(default: 100,1000,10000)")
     p.add_argument("--json", type=Path, default=None, help="write every figure and the environment to this file")
     p.set_defaults(func=run)
 
@@ -271,10 +276,19 @@ def _fmt_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def report(env, copy_gbs, step_rows, train_rows) -> str:
+def report(env, copy_gbs, step_rows, train_rows, host_rows=()) -> str:
     out = [f"sam-fused bench: {env['device_name']} ({env['device']}, {env['threads']} threads), torch "
            f"{env['torch']}, triton {env['triton']}, {env['date']}",
            f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s", ""]
+    if host_rows:
+        r0 = host_rows[0]
+        gpu = env["device"] == "cuda"
+        out.append(f"Host cost: FusedSAM first_step + second_step ({r0['backend']} backend) vs one "
+                   f"SGD(fused=True).step(), {r0['numel']}-element tensors, us per tensor, median [quartiles]"
+                   + (" (host wall time to enqueue; kernel time beside)" if gpu else ""))
+        headers = ["tensors", "grads", "SAM", "fused SGD", "SAM / SGD"] + (["SAM kernels"] if gpu else [])
+        out.append(_fmt_table(headers, format_host_rows(list(host_rows), torch.device(env["device"]))))
+        out.append("")
     unit = "launches" if env["device"] == "cuda" else "ops"
     for model in dict.fromkeys(r["model"] for r in step_rows):
         rs = [r for r in step_rows if r["model"] == model]
@@ -332,23 +346,30 @@ def run(args) -> int:
     n_settings = 1 if args.batch_size else 2
     per_setting = len(names) + 1  # building each variant, then timing them in turn
     train_tasks = 0 if args.no_train else n_settings * (per_setting + len(universal))
-    progress = Progress(1 + len(workloads) * (per_setting + train_tasks))
+    host_counts = [] if args.host_tensors == "none" else [int(n) for n in args.host_tensors.split(",")]
+    host_backend = next((b for b in backends if b != "torch"), "torch")
+    progress = Progress(1 + bool(host_counts) + len(workloads) * (per_setting + train_tasks))
 
     progress.start("device copy bandwidth")
     copy_gbs = copy_bandwidth(device)
     progress.finish()
     env = environment(device)
+    host_rows = []
+    if host_counts:
+        progress.start(f"host cost of a step on {', '.join(map(str, host_counts))} tiny tensors ({host_backend})")
+        host_rows = host_cost(device, host_backend, host_counts, reps=reps)
+        progress.finish()
     step_rows, train_rows = [], []
     for w in workloads:
         step_rows += optimizer_step_table(w, names, args.base, device, dtype, args.warmup, reps, copy_gbs, progress)
         if not args.no_train:
             sizes = {"custom": args.batch_size} if args.batch_size else w.batch_sizes
             train_rows += train_table(w, names + universal, args.base, device, args.warmup, reps, sizes, progress)
-    print(report(env, copy_gbs, step_rows, train_rows))
+    print(report(env, copy_gbs, step_rows, train_rows, host_rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = dict(environment=env, copy_gbs=copy_gbs, base=args.base, dtype=args.dtype,
-                       optimizer_step=step_rows, training=train_rows)
+                       host_cost=host_rows, optimizer_step=step_rows, training=train_rows)
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0

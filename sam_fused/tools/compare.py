@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import FusedSAM, UniversalSAM, __version__
+from .. import FusedSAM, UniversalSAM, __version__
 
 OPTIMIZERS = ("sgd", "sam", "asam", "frob", "trace", "det")
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")

@@ -18,7 +18,7 @@ Measures used by the SAM literature:
 
 Example::
 
-    from sam_fused.sharpness import hessian_eigenvalues, hessian_trace, loss_landscape
+    from sam_fused.tools.sharpness import hessian_eigenvalues, hessian_trace, loss_landscape
 
     batches = [(x, y)]                                # or a DataLoader
     top = hessian_eigenvalues(model, F.cross_entropy, batches, k=5)
