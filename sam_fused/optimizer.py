@@ -221,7 +221,10 @@ class FusedSAM(SAMOptimizer):
                 "update them, or restore() to undo the perturbation"
             )
         plan = self._step_plan()
-        self.grad_norm = self._backend.perturb(plan, self._reduce_sq, self._direction) if plan.active else None
+        try:
+            self.grad_norm = self._backend.perturb(plan, self._reduce_sq, self._direction) if plan.active else None
+        finally:
+            self._backend.plans.end_pass()
         self._perturbed = plan
         if zero_grad:
             self.zero_grad()
@@ -242,15 +245,18 @@ class FusedSAM(SAMOptimizer):
         if (grad_scale is None) != (found_inf is None):
             raise ValueError("grad_scale and found_inf go together")
         plan = self._step_plan()  # refuses bad gradients before anything is restored
-        amp = None
-        if grad_scale is not None:
-            check_amp(plan, (grad_scale, found_inf))
-            if self._inv_scale is None or self._inv_scale.device != grad_scale.device:
-                self._inv_scale = torch.empty(1, dtype=torch.float32, device=grad_scale.device)
-            torch.reciprocal(grad_scale.reshape(1), out=self._inv_scale)
-            amp = (self._inv_scale, found_inf.reshape(1))
-        self._combine(plan)
-        self._backend.restore_and_update(self._perturbed, plan, amp)
+        try:
+            amp = None
+            if grad_scale is not None:
+                check_amp(plan, (grad_scale, found_inf))
+                if self._inv_scale is None or self._inv_scale.device != grad_scale.device:
+                    self._inv_scale = torch.empty(1, dtype=torch.float32, device=grad_scale.device)
+                torch.reciprocal(grad_scale.reshape(1), out=self._inv_scale)
+                amp = (self._inv_scale, found_inf.reshape(1))
+            self._combine(plan)
+            self._backend.restore_and_update(self._perturbed, plan, amp)
+        finally:
+            self._backend.plans.end_pass()
         self._perturbed = None
         self._opt_called = True  # tells LR schedulers that the optimizer has stepped
         if zero_grad:

@@ -73,7 +73,7 @@ class Bucket:
     """
 
     __slots__ = ("index", "group", "dtype", "device", "params", "owners", "backups", "state1", "state2",
-                 "version", "cache")
+                 "version", "cache", "positions", "_grads")
 
     def __init__(self, index: int, group: dict, params: list[Tensor], backups: list[Tensor],
                  owners: list[Tensor] | None = None, state1: list[Tensor] | None = None,
@@ -85,12 +85,16 @@ class Bucket:
         self.state1, self.state2 = state1, state2
         self.version = 0
         self.cache: dict = {}
+        self.positions: operator.itemgetter | None = None  # picks this bucket's grads from a step's list
+        self._grads: tuple | None = None  # this pass's gradients (held only during the pass)
 
-    def grads(self, direction: "Buffers | None" = None) -> list[Tensor]:
+    def grads(self, direction: "Buffers | None" = None) -> list[Tensor] | tuple:
         """The gradients, or with ``direction`` the buffers a SAM variant perturbs along instead."""
-        if direction is None:
-            return [p.grad for p in self.owners]
-        return [direction.get(p) for p in self.owners]
+        if direction is not None:
+            return [direction.get(p) for p in self.owners]
+        if self._grads is not None:
+            return self._grads
+        return [p.grad for p in self.owners]
 
     def rows(self, rows, sources: list[Tensor] | None = None) -> "Bucket":
         """A bucket of some of these rows (a launch over part of the bucket), optionally with other sources."""
@@ -119,7 +123,7 @@ class StepPlan:
     def _build(self, ps: "ParamSet", dtypes, backups: Buffers, grads: list[Tensor | None]) -> None:
         k = 0
         for gi, group in enumerate(ps.groups):
-            lists: dict[torch.dtype, tuple[list, list]] = {}
+            lists: dict[torch.dtype, tuple[list, list, list]] = {}
             for p in group["params"]:
                 g = grads[k]
                 if g is not None:
@@ -128,29 +132,39 @@ class StepPlan:
                     self.active.append(p)
                     b = backups.get(p)
                     if p.dtype in dtypes and is_dense(p) and g.stride() == p.stride():
-                        cols = lists.setdefault(p.dtype, ([], []))
+                        cols = lists.setdefault(p.dtype, ([], [], []))
                         cols[0].append(p)
                         cols[1].append(b)
+                        cols[2].append(k)
                     else:
                         self.slow.append((group, p, b))
                 k += 1
-            self.buckets += [Bucket(gi, group, ps_, bs) for ps_, bs in lists.values()]
-        self.ptrs = [p.data_ptr() for p in self.active]
-        self.numels = [p.numel() for p in self.active]
+            for ps_, bs, pos in lists.values():
+                bucket = Bucket(gi, group, ps_, bs)
+                bucket.positions = operator.itemgetter(*pos) if len(pos) > 1 else (lambda xs, i=pos[0]: (xs[i],))
+                self.buckets.append(bucket)
+        self.ptrs = list(map(Tensor.data_ptr, self.active))
+        self.numels = list(map(Tensor.numel, self.active))
+
+    def hold_grads(self, grads: list[Tensor | None] | None) -> None:
+        """Hand each bucket this pass's gradients (one C-level pick per bucket), or, with None, let
+        go of them at the end of the pass (a replaced gradient's memory is then freed as usual)."""
+        for b in self.buckets:
+            b._grads = None if grads is None else b.positions(grads)
 
     def still_valid(self) -> bool:
         """Every parameter keeps its storage address and size (cheap: two calls per tensor)."""
         act = self.active
-        return [p.data_ptr() for p in act] == self.ptrs and [p.numel() for p in act] == self.numels
+        return list(map(Tensor.data_ptr, act)) == self.ptrs and list(map(Tensor.numel, act)) == self.numels
 
-    def same_grads(self, grads: list[Tensor | None]) -> bool:
-        """The kernels would see the same gradients: same objects (by id), addresses and strides."""
-        ids, ptrs, strides = self._sign
-        if list(map(id, grads)) != ids:
+    def same_grads(self, ids: list[int], grads: list[Tensor | None]) -> bool:
+        """The kernels would see the same gradients: same objects (``ids``), addresses and strides."""
+        old_ids, ptrs, strides = self._sign
+        if ids != old_ids:
             return False
         live = [g for g in grads if g is not None]
         try:
-            return [g.data_ptr() for g in live] == ptrs and [g.stride() for g in live] == strides
+            return list(map(Tensor.data_ptr, live)) == ptrs and list(map(Tensor.stride, live)) == strides
         except RuntimeError:  # a sparse gradient: no address or strides
             return False
 
@@ -181,6 +195,9 @@ def overlapping(t: Tensor) -> bool:
     )
 
 
+_NONE_ID = id(None)
+
+
 def check_param(p: Tensor) -> None:
     if overlapping(p):
         raise ValueError(
@@ -194,7 +211,7 @@ def _grad_signature(grads: list[Tensor | None]) -> tuple[list, list, list]:
     strides. A new tensor at a reused id with the same address and strides is, to the kernels,
     the same gradient (the ``.grad`` setter guarantees shape, dtype and device)."""
     live = [g for g in grads if g is not None]
-    return list(map(id, grads)), [g.data_ptr() for g in live], [g.stride() for g in live]
+    return list(map(id, grads)), list(map(Tensor.data_ptr, live)), list(map(Tensor.stride, live))
 
 
 def check_grad(p: Tensor, g: Tensor) -> None:
@@ -263,10 +280,12 @@ class PlanCache:
             self.invalidate()
             ps = self.params = ParamSet(groups)
         grads = [p.grad for p in params]
+        ids = list(map(id, grads))
         plan = self._last
-        if plan is not None and plan.same_grads(grads) and plan.still_valid():
+        if plan is not None and plan.same_grads(ids, grads) and plan.still_valid():
+            plan.hold_grads(grads)
             return plan
-        key = tuple(g is None for g in grads)
+        key = bytes(map(_NONE_ID.__eq__, ids))  # which parameters have no grad
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
@@ -278,4 +297,10 @@ class PlanCache:
             while len(self._plans) > MAX_PLANS:
                 self._plans.popitem(last=False)
         self._last = plan
+        plan.hold_grads(grads)
         return plan
+
+    def end_pass(self) -> None:
+        """Let go of the gradients the buckets held during a pass."""
+        if self._last is not None:
+            self._last.hold_grads(None)
