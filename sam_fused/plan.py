@@ -168,7 +168,7 @@ class StepPlan:
         except RuntimeError:  # a sparse gradient: no address or strides
             return False
 
-    def refresh(self, grads: list[Tensor | None], params: list[Tensor]) -> bool:
+    def refresh(self, grads: list[Tensor | None], ids: list[int]) -> bool:
         """Take new grad tensors with the same present/missing pattern; False when a new grad is not
         laid out like its parameter (the plan is then rebuilt, and a bad grad refused there).
 
@@ -177,7 +177,7 @@ class StepPlan:
         changed since; what a new gradient may still differ in is its strides (or sparsity)."""
         strides = self._sign[2]
         try:
-            new = _grad_signature(grads)
+            new = _grad_signature(grads, ids)
         except RuntimeError:  # a sparse gradient has no address or strides
             return False
         if new[2] != strides:
@@ -206,12 +206,12 @@ def check_param(p: Tensor) -> None:
         )
 
 
-def _grad_signature(grads: list[Tensor | None]) -> tuple[list, list, list]:
+def _grad_signature(grads: list[Tensor | None], ids: list[int] | None = None) -> tuple[list, list, list]:
     """What the kernels depend on: which tensors (ids; None for a missing grad), their addresses and
     strides. A new tensor at a reused id with the same address and strides is, to the kernels,
     the same gradient (the ``.grad`` setter guarantees shape, dtype and device)."""
     live = [g for g in grads if g is not None]
-    return list(map(id, grads)), list(map(Tensor.data_ptr, live)), list(map(Tensor.stride, live))
+    return ids or list(map(id, grads)), list(map(Tensor.data_ptr, live)), list(map(Tensor.stride, live))
 
 
 def check_grad(p: Tensor, g: Tensor) -> None:
@@ -289,7 +289,7 @@ class PlanCache:
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
-            if not (plan.still_valid() and plan.refresh(grads, params)):
+            if not (plan.still_valid() and plan.refresh(grads, ids)):
                 plan = None
         if plan is None:
             plan = StepPlan(self, grads)

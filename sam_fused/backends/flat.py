@@ -176,6 +176,7 @@ class FlatBackend(Backend):
     def _check_state(self, bucket: Bucket, kind: str, state, fresh: list[Tensor]) -> bool:
         """Every state tensor of the bucket fits its parameter (raises otherwise); False when one
         cannot be indexed flat with it. Lists in ``fresh`` the parameters without state yet."""
+        bucket.cache.pop("state_checked", None)
         keys = _state_keys(kind, bucket.group)
         if not keys:
             return True
@@ -187,6 +188,7 @@ class FlatBackend(Backend):
         if bucket.state1 is not None and None not in sts:
             cached = (bucket.state1, bucket.state2)
             if all(_same([st.get(k) for st in sts], c) for k, c in zip(keys, cached)):
+                bucket.cache["state_checked"] = True  # _fill_state has nothing to do
                 return True
         bucket.cache.pop("state_dicts")  # some may be created below
         for p, dst, st in zip(owners, bucket.params, sts):
@@ -207,6 +209,8 @@ class FlatBackend(Backend):
         return True
 
     def _fill_state(self, bucket: Bucket, kind: str, state) -> None:
+        if bucket.cache.pop("state_checked", False):
+            return
         keys = _state_keys(kind, bucket.group)
         sts = ()
         if keys:
