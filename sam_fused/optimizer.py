@@ -115,8 +115,29 @@ class SAMOptimizer(torch.optim.Optimizer):
         plan, self._perturbed = self._perturbed, None
         if plan is None:
             return False
+        self._check_unmoved(plan)
         self._backend.restore(plan)
         return True
+
+    @torch.no_grad()
+    def _check_unmoved(self, plan: StepPlan) -> None:
+        """The perturbed parameters still have their storage (the kernels would write the backups to
+        the old addresses otherwise). If one was replaced (``p.data = ...``) between the two steps,
+        the others are restored by plain copies, and a clear error is raised."""
+        if plan.still_valid():
+            return
+        self._perturbed = None
+        moved = 0
+        for p, ptr, n in zip(plan.active, plan.ptrs, plan.numels):
+            if p.data_ptr() == ptr and p.numel() == n:
+                p.detach().copy_(self._backend.backups.get(p))
+            else:
+                moved += 1
+        self.invalidate()
+        raise RuntimeError(
+            f"{moved} parameter(s) got new storage (p.data = ...) between first_step() and second_step(): their "
+            "perturbation cannot be undone through them; the other parameters were restored and no update was made"
+        )
 
     def _step_plan(self) -> StepPlan:
         """The cached plan of this step, after checking every grad and group (raises before any write)."""
@@ -244,6 +265,7 @@ class FusedSAM(SAMOptimizer):
             raise RuntimeError("second_step() called without a preceding first_step()")
         if (grad_scale is None) != (found_inf is None):
             raise ValueError("grad_scale and found_inf go together")
+        self._check_unmoved(self._perturbed)
         plan = self._step_plan()  # refuses bad gradients before anything is restored
         try:
             amp = None

@@ -164,6 +164,29 @@ def test_parameter_resized_after_backward_is_refused(backend):
     assert torch.equal(p, w0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameter_replaced_between_the_steps_is_never_written_through_its_old_address(backend):
+    params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (5, 70_000, 3)]
+    opt = FusedSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    w0 = snap(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.first_step()
+    old = params[1].data
+    kept = old.clone()
+    params[1].data = torch.zeros(70_000, device=DEVICE)
+    with pytest.raises(RuntimeError, match="new storage"):
+        opt.second_step()
+    assert torch.equal(old, kept)  # the old storage was not written (no stale address used)
+    assert torch.equal(params[1], torch.zeros(70_000, device=DEVICE))
+    assert same_bits([params[0], params[2]], [w0[0], w0[2]])
+    assert opt.restore() is False
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.first_step()  # the optimizer goes on with the new storage
+    opt.second_step()
+
+
 # ---------------------------------------------------------------------- 4. nothing half-done
 def test_expanded_parameter_is_refused_at_construction():
     base = torch.randn(1, 5, device=DEVICE)
