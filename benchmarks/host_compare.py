@@ -5,25 +5,32 @@ two commits can be compared:  PYTHONPATH=/path/to/old/checkout python benchmarks
 import statistics, sys, time
 import torch
 from sam_fused import FusedSAM
-counts = [int(c) for c in sys.argv[1].split(",")]
-reps = 20
-for n in counts:
-    gen = torch.Generator().manual_seed(n)
-    data = [torch.randn(16, generator=gen) for _ in range(n)]
-    sets = [[torch.randn(16, generator=gen) for _ in range(n)] for _ in range(4)]
-    for regime in ("in place", "new"):
-        sp = [torch.nn.Parameter(d.clone()) for d in data]; gp = [torch.nn.Parameter(d.clone()) for d in data]
-        sam = FusedSAM(sp, torch.optim.SGD, rho=0.05, lr=1e-3, momentum=0.9, backend="cpu")
-        sgd = torch.optim.SGD(gp, lr=1e-3, momentum=0.9, fused=True)
-        def setg(ps, k):
-            for p, g in zip(ps, sets[k]):
-                if regime == "new" or p.grad is None: p.grad = g.clone()
-                else: p.grad.copy_(g)
-        ts, tg = [], []
-        for r in range(3 + reps):
-            setg(sp, 0); t0 = time.perf_counter(); sam.first_step(); a = time.perf_counter() - t0
-            setg(sp, 1); t0 = time.perf_counter(); sam.second_step(); b = time.perf_counter() - t0
-            setg(gp, 2); t0 = time.perf_counter(); sgd.step(); c = time.perf_counter() - t0
-            if r >= 3: ts.append((a + b) * 1e6 / n); tg.append(c * 1e6 / n)
-        ms, mg = statistics.median(ts), statistics.median(tg)
-        print(f"{n:6d} {regime:9s} sam {ms:6.2f} us  sgd {mg:5.2f} us  ratio {ms / mg:4.2f}")
+
+
+def main() -> None:
+    counts = [int(c) for c in sys.argv[1].split(",")]
+    reps = 20
+    for n in counts:
+        gen = torch.Generator().manual_seed(n)
+        data = [torch.randn(16, generator=gen) for _ in range(n)]
+        sets = [[torch.randn(16, generator=gen) for _ in range(n)] for _ in range(4)]
+        for regime in ("in place", "new"):
+            sp = [torch.nn.Parameter(d.clone()) for d in data]; gp = [torch.nn.Parameter(d.clone()) for d in data]
+            sam = FusedSAM(sp, torch.optim.SGD, rho=0.05, lr=1e-3, momentum=0.9, backend="cpu")
+            sgd = torch.optim.SGD(gp, lr=1e-3, momentum=0.9, fused=True)
+            def setg(ps, k):
+                for p, g in zip(ps, sets[k]):
+                    if regime == "new" or p.grad is None: p.grad = g.clone()
+                    else: p.grad.copy_(g)
+            ts, tg = [], []
+            for r in range(3 + reps):
+                setg(sp, 0); t0 = time.perf_counter(); sam.first_step(); a = time.perf_counter() - t0
+                setg(sp, 1); t0 = time.perf_counter(); sam.second_step(); b = time.perf_counter() - t0
+                setg(gp, 2); t0 = time.perf_counter(); sgd.step(); c = time.perf_counter() - t0
+                if r >= 3: ts.append((a + b) * 1e6 / n); tg.append(c * 1e6 / n)
+            ms, mg = statistics.median(ts), statistics.median(tg)
+            print(f"{n:6d} {regime:9s} sam {ms:6.2f} us  sgd {mg:5.2f} us  ratio {ms / mg:4.2f}")
+
+
+if __name__ == "__main__":
+    main()
