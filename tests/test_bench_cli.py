@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -79,3 +80,12 @@ def test_transformer_width_hits_the_target():
     d = transformer_width(2e6)
     n = sum(p.numel() for p in Seq2Seq(d, 6).parameters())
     assert 0.6e6 < n < 4e6 and d % 64 == 0
+
+
+@pytest.mark.parametrize("args", [["--help"], ["bench", "--help"], ["compare", "--help"]])
+def test_help_shows_no_markup(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: sam-fused" in text and "``" not in text

@@ -6,8 +6,13 @@ import argparse
 import sys
 
 
+def plain(doc: str | None) -> str:
+    """A module docstring as --help text: without reStructuredText's double backticks."""
+    return (doc or "").replace("``", "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sam-fused", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sam-fused", description=plain(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     from .bench.cli import add_parser as add_bench
     from .compare import add_parser as add_compare

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import FusedSAM, UniversalSAM, __version__
+from .cli import plain
 
 OPTIMIZERS = ("sgd", "sam", "asam", "frob", "trace", "det")
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
@@ -32,7 +33,7 @@ DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="train SGD, SAM and ASAM on digits with noisy labels; measure sharpness",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS,
                    help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")

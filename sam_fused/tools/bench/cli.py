@@ -21,6 +21,7 @@ import torch
 
 from ... import FusedSAM, UniversalSAM, __version__
 from ...backends import available_backends, triton_interpreting
+from ..cli import plain
 from .baseline import PerParameterSAM
 from .host import format_rows as format_host_rows
 from .host import host_cost
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="measure SAM optimizer steps and training throughput against SGD",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
