@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from sam_fused.tools.bench.measure import bytes_per_param, count_launches, held_bytes
