@@ -353,3 +353,20 @@ def test_lock_of_a_live_build_times_out_with_its_name(tmp_path):
         native.clear_stale_lock(tmp_path, wait=0.5)
     assert time.monotonic() - t0 < 5
     assert (tmp_path / "lock").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_of_the_wrong_size_on_the_generic_path_is_refused_before_any_write(backend):
+    """float64 parameters take the generic path (restore + torch.optim's step) on the Triton
+    backend: the state is checked there too, before the restore."""
+    p = torch.nn.Parameter(torch.randn(64, dtype=torch.float64, device=DEVICE))
+    opt = FusedSAM([p], torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    sd = opt.state_dict()
+    sd["state"] = {0: {"momentum_buffer": torch.randn(16, dtype=torch.float64, device=DEVICE)}}
+    opt.load_state_dict(sd)
+    p.grad = torch.randn_like(p)
+    opt.first_step()
+    perturbed, buf = p.detach().clone(), opt.state[p]["momentum_buffer"].clone()
+    with pytest.raises(RuntimeError, match="does not fit"):
+        opt.second_step()
+    assert torch.equal(p, perturbed) and torch.equal(opt.state[p]["momentum_buffer"], buf)

@@ -132,11 +132,11 @@ def check_all_state(opt, plan: StepPlan) -> None:
     kind = FUSED_KINDS.get(type(base))
     if kind is None:
         return
-    groups = {id(g): g for g in base.param_groups}
-    for group, p, _ in plan.slow:
+    pairs = [(b.group, p) for b in plan.buckets for p in b.owners] + [(g, p) for g, p, _ in plan.slow]
+    for group, p in pairs:
         st = base.state.get(p)
         if st:
-            check_state(kind, p, st, state_keys(kind, groups.get(id(group), group)))
+            check_state(kind, p, st, state_keys(kind, group))
 
 
 def check_amp(plan: StepPlan, amp: Amp | None) -> None:

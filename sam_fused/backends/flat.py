@@ -31,7 +31,7 @@ from ..plan import Bucket, Buffers, StepPlan
 from ..spec import Update
 from . import reference
 from .base import FUSED_KINDS as _FUSED
-from .base import Amp, Backend, base_step, check_state, state_keys as _state_keys
+from .base import Amp, Backend, base_step, check_all_state, check_state, state_keys as _state_keys
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype
@@ -121,6 +121,7 @@ class FlatBackend(Backend):
             return
         launches = None if kind is None else self._update_launches(kind, perturbed is plan, plan)
         if launches is None:
+            check_all_state(self.opt, plan)  # torch.optim would raise half-way, with state half-written
             self.restore(perturbed)
             base_step(self.opt, plan, amp)
             return
