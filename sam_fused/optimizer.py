@@ -12,6 +12,12 @@ from .backends import BACKENDS, make_backend
 from .backends.base import FUSED_KINDS, check_amp
 from .plan import Buffers, ParamSet, StepPlan
 
+# Inside a function compiled with torch.compile, the steps run eagerly (a graph break): traced,
+# the reference backend's backup copy was reordered after the perturbation (the weights were
+# never restored) and the native and Triton launches cannot be traced at all.
+_eager = torch.compiler.disable
+
+
 def _check_nonneg(name: str, value) -> None:
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf")
             or value > 1e30):
@@ -107,6 +113,7 @@ class SAMOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, self.defaults[key])
         self.invalidate()
 
+    @_eager
     @torch.no_grad()
     def restore(self) -> bool:
         """Undo a perturbation: every perturbed parameter gets back its exact value from before
@@ -230,6 +237,7 @@ class FusedSAM(SAMOptimizer):
         the kernels see them); may rewrite ``p.grad`` in place. FusedSAM's does nothing."""
 
     # ------------------------------------------------------------------ SAM
+    @_eager
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move every parameter with a grad to ``w + e(w)``, keeping an exact backup of ``w``.
@@ -250,6 +258,7 @@ class FusedSAM(SAMOptimizer):
         if zero_grad:
             self.zero_grad()
 
+    @_eager
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, grad_scale: Tensor | None = None,
                     found_inf: Tensor | None = None) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor
 from .backends import ALGORITHMS, make_backend
 from .backends.universal_reference import MEASURES
 from .backends.base import GroupWork
-from .optimizer import SAMOptimizer, _check_nonneg
+from .optimizer import SAMOptimizer, _check_nonneg, _eager
 
 
 def work_of(plan) -> list[GroupWork]:
@@ -117,6 +117,7 @@ class UniversalSAM(SAMOptimizer):
             raise ValueError(f"rho must be a positive number, got {group['rho']!r}")
         _check_nonneg("lam", group["lam"])
 
+    @_eager
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that runs forward and backward "
