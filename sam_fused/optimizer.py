@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .backends import BACKENDS, make_backend
 from .backends.base import FUSED_KINDS, check_amp
-from .plan import Buffers, ParamSet, StepPlan
+from .plan import Buffers, StepPlan
 
 # Inside a function compiled with torch.compile, the steps run eagerly (a graph break): traced,
 # the reference backend's backup copy was reordered after the perturbation (the weights were
@@ -50,7 +50,7 @@ class SAMOptimizer(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self._backend = self._backend_factory(backend, self)
-        self._backend.plans.params = ParamSet(self.param_groups)  # refuses a parameter listed twice now
+        self._backend.plans.bind(self.param_groups)
         self._perturbed: StepPlan | None = None
 
     @property

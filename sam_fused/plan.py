@@ -266,6 +266,11 @@ class PlanCache:
         self._plans: OrderedDict[tuple, StepPlan] = OrderedDict()
         self._last: StepPlan | None = None
 
+    def bind(self, groups: list[dict]) -> None:
+        """Take these param groups now (refusing a parameter listed twice before any step)."""
+        self.invalidate()
+        self.params = ParamSet(groups)
+
     def invalidate(self) -> None:
         """Param groups or parameters changed: forget every plan (backups stay with their params)."""
         self.params = None
