@@ -38,33 +38,43 @@ void check_scalar(const char* op, const char* name, const at::Tensor& t, const T
   TORCH_CHECK(params.empty() || t.device() == params[0].device(), op, ": ", name, " must be on the parameters' device");
 }
 
+const at::Tensor* checked_inv_scale(const char* op, const c10::optional<at::Tensor>& inv_scale,
+                                    const TensorList& params) {
+  if (!inv_scale.has_value()) return nullptr;
+  check_scalar(op, "inv_scale", *inv_scale, params);
+  return &*inv_scale;
+}
+
 void sq_sum(at::Tensor out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-            bool accumulate) {
+            bool accumulate, const c10::optional<at::Tensor>& inv_scale) {
   check_lists("sq_sum_", params, {&grads});
   TORCH_CHECK(grads.size() == params.size(), "sq_sum_: one grad per parameter");
   check_scalar("sq_sum_", "out", out, params);
   TORCH_CHECK(out.is_contiguous(), "sq_sum_: out must be contiguous");
+  const at::Tensor* inv = checked_inv_scale("sq_sum_", inv_scale, params);
 #ifdef SAM_FUSED_WITH_CUDA
-  if (on_cuda(params)) return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate);
+  if (on_cuda(params)) return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate, inv);
 #else
   on_cuda(params);
 #endif
-  sq_sum_cpu(out, params, grads, adaptive, eta, accumulate);
+  sq_sum_cpu(out, params, grads, adaptive, eta, accumulate, inv);
 }
 
 void perturb(const TensorList& params, const TensorList& grads, const TensorList& backups,
-             const at::Tensor& norm, double rho, bool adaptive, double eta) {
+             const at::Tensor& norm, double rho, bool adaptive, double eta,
+             const c10::optional<at::Tensor>& inv_scale) {
   check_lists("perturb_", params, {&grads, &backups});
   TORCH_CHECK(grads.size() == params.size() && backups.size() == params.size(),
               "perturb_: one grad and one backup per parameter");
   TORCH_CHECK(norm.numel() == 1 && (params.empty() || norm.device() == params[0].device()),
               "perturb_: norm must be a one-element tensor on the parameters' device");
+  const at::Tensor* inv = checked_inv_scale("perturb_", inv_scale, params);
 #ifdef SAM_FUSED_WITH_CUDA
-  if (on_cuda(params)) return perturb_cuda(params, grads, backups, norm, rho, adaptive, eta);
+  if (on_cuda(params)) return perturb_cuda(params, grads, backups, norm, rho, adaptive, eta, inv);
 #else
   on_cuda(params);
 #endif
-  perturb_cpu(params, grads, backups, norm, rho, adaptive, eta);
+  perturb_cpu(params, grads, backups, norm, rho, adaptive, eta, inv);
 }
 
 void restore_update(const TensorList& params, const TensorList& grads, const TensorList& sources,
@@ -104,10 +114,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sam_fused native kernels: global grad norm, perturb with backup, restore + update";
   m.def("sq_sum_", &sq_sum, "out = sum of (T g)^2 over the tensors (out += with accumulate)", py::arg("out"),
         py::arg("params"), py::arg("grads"), py::kw_only(), py::arg("adaptive"), py::arg("eta"),
-        py::arg("accumulate") = false);
+        py::arg("accumulate") = false, py::arg("inv_scale") = py::none());
   m.def("perturb_", &perturb, "backup = w; w += e (skipped when norm is not finite)", py::arg("params"),
         py::arg("grads"), py::arg("backups"), py::kw_only(), py::arg("norm"), py::arg("rho"),
-        py::arg("adaptive"), py::arg("eta"));
+        py::arg("adaptive"), py::arg("eta"), py::arg("inv_scale") = py::none());
   m.def(
       "restore_update_",
       [](const TensorList& params, const TensorList& grads, const TensorList& sources, const TensorList& state1,

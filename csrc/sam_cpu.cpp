@@ -35,8 +35,9 @@ scalar_t* ptr(const TensorList& list, int64_t i) {
 
 template <typename scalar_t, bool ADAPTIVE>
 void sq_sum_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads, double eta,
-                   std::vector<double>& partial) {
+                   float grad_mul, std::vector<double>& partial) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t m = acc_t(grad_mul);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
@@ -46,9 +47,9 @@ void sq_sum_chunks(const std::vector<Chunk>& chunks, const TensorList& params, c
       int64_t i = ch.begin;
       for (; i + kLanes <= ch.end; i += kLanes) {
         for (int k = 0; k < kLanes; ++k)
-          lanes[k] += weighted_square<acc_t>(acc_t(w[i + k]), acc_t(g[i + k]), ADAPTIVE, acc_t(eta));
+          lanes[k] += weighted_square<acc_t>(acc_t(w[i + k]), acc_t(g[i + k]) * m, ADAPTIVE, acc_t(eta));
       }
-      for (; i < ch.end; ++i) lanes[0] += weighted_square<acc_t>(acc_t(w[i]), acc_t(g[i]), ADAPTIVE, acc_t(eta));
+      for (; i < ch.end; ++i) lanes[0] += weighted_square<acc_t>(acc_t(w[i]), acc_t(g[i]) * m, ADAPTIVE, acc_t(eta));
       acc_t s = 0;
       for (int k = 0; k < kLanes; ++k) s += lanes[k];
       partial[c] = static_cast<double>(s);
@@ -58,10 +59,10 @@ void sq_sum_chunks(const std::vector<Chunk>& chunks, const TensorList& params, c
 
 template <typename scalar_t, bool ADAPTIVE>
 void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads,
-                    const TensorList& backups, float norm, double rho, double eta) {
+                    const TensorList& backups, float norm, double rho, double eta, float grad_mul) {
   using acc_t = at::opmath_type<scalar_t>;
   bool ok;
-  const acc_t scale = perturb_scale<acc_t>(norm, rho, &ok);
+  const acc_t scale = perturb_scale<acc_t>(norm, rho, grad_mul, &ok);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
@@ -80,16 +81,20 @@ void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, 
 
 }  // namespace
 
+// AMP's multiplier of the gradients: a CPU tensor, read on the host (no device synchronization).
+static float grad_mul_of(const at::Tensor* inv_scale) { return inv_scale == nullptr ? 1.f : *inv_scale->data_ptr<float>(); }
+
 void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                bool accumulate) {
+                bool accumulate, const at::Tensor* inv_scale) {
+  const float grad_mul = grad_mul_of(inv_scale);
   const auto chunks = make_chunks(params);
   std::vector<double> partial(chunks.size(), 0.0);
   if (!chunks.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cpu", [&] {
       if (adaptive) {
-        sq_sum_chunks<scalar_t, true>(chunks, params, grads, eta, partial);
+        sq_sum_chunks<scalar_t, true>(chunks, params, grads, eta, grad_mul, partial);
       } else {
-        sq_sum_chunks<scalar_t, false>(chunks, params, grads, eta, partial);
+        sq_sum_chunks<scalar_t, false>(chunks, params, grads, eta, grad_mul, partial);
       }
     });
   }
@@ -100,15 +105,16 @@ void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& gra
 }
 
 void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
-                 const at::Tensor& norm, double rho, bool adaptive, double eta) {
+                 const at::Tensor& norm, double rho, bool adaptive, double eta, const at::Tensor* inv_scale) {
+  const float grad_mul = grad_mul_of(inv_scale);
   const float norm_v = norm.to(at::kFloat).item<float>();  // a CPU tensor: no device synchronization
   const auto chunks = make_chunks(params);
   if (chunks.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "perturb_cpu", [&] {
     if (adaptive) {
-      perturb_chunks<scalar_t, true>(chunks, params, grads, backups, norm_v, rho, eta);
+      perturb_chunks<scalar_t, true>(chunks, params, grads, backups, norm_v, rho, eta, grad_mul);
     } else {
-      perturb_chunks<scalar_t, false>(chunks, params, grads, backups, norm_v, rho, eta);
+      perturb_chunks<scalar_t, false>(chunks, params, grads, backups, norm_v, rho, eta, grad_mul);
     }
   });
 }

@@ -79,8 +79,9 @@ __device__ acc_t block_sum(acc_t v) {
 
 template <typename scalar_t>
 struct SqSumFunctor {
-  __device__ void operator()(MetaTable<2>& meta, float* partials, bool adaptive, float eta) {
+  __device__ void operator()(MetaTable<2>& meta, float* partials, bool adaptive, float eta, const float* inv_scale) {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t m = inv_scale == nullptr ? acc_t(1) : acc_t(*inv_scale);
     const auto [t, begin, end] = chunk_range(meta);
     const scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
     const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
@@ -92,7 +93,7 @@ struct SqSumFunctor {
       if (adaptive) load_vec(w, i, end, vec, wv);  // SAM reads only g
 #pragma unroll
       for (int j = 0; j < kVec; ++j)
-        acc += weighted_square<acc_t>(adaptive ? acc_t(wv[j]) : acc_t(0), acc_t(gv[j]), adaptive, acc_t(eta));
+        acc += weighted_square<acc_t>(adaptive ? acc_t(wv[j]) : acc_t(0), acc_t(gv[j]) * m, adaptive, acc_t(eta));
     }
     acc = block_sum<acc_t>(acc);
     if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = static_cast<float>(acc);
@@ -109,14 +110,15 @@ __global__ void __launch_bounds__(kThreads) final_sum_kernel(const float* partia
 
 template <typename scalar_t>
 struct PerturbFunctor {
-  __device__ void operator()(MetaTable<3>& meta, const float* norm, float rho, bool adaptive, float eta) {
+  __device__ void operator()(MetaTable<3>& meta, const float* norm, float rho, bool adaptive, float eta,
+                             const float* inv_scale) {
     using acc_t = at::opmath_type<scalar_t>;
     const auto [t, begin, end] = chunk_range(meta);
     scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
     const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
     scalar_t* b = slot<scalar_t>(meta.addresses[2][t]);
     bool ok;
-    const acc_t scale = perturb_scale<acc_t>(*norm, rho, &ok);
+    const acc_t scale = perturb_scale<acc_t>(*norm, rho, inv_scale == nullptr ? 1.f : *inv_scale, &ok);
     const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(b);
     scalar_t wv[kVec], gv[kVec];
     for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
@@ -184,13 +186,13 @@ struct UpdateFunctor {
 }  // namespace
 
 void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                 bool accumulate) {
+                 bool accumulate, const at::Tensor* inv_scale) {
   const auto opts = params[0].options().dtype(at::kFloat);
   auto partials = at::empty({std::max<int64_t>(total_chunks(params), 1)}, opts);
   const int64_t n = total_chunks(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cuda", [&] {
     multi_tensor_apply<2>({&params, &grads}, SqSumFunctor<scalar_t>(), partials.data_ptr<float>(), adaptive,
-                          static_cast<float>(eta));
+                          static_cast<float>(eta), inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
   });
   const c10::cuda::CUDAGuard guard(params[0].device());
   final_sum_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.data_ptr<float>(), n,
@@ -199,12 +201,13 @@ void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& gr
 }
 
 void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
-                  const at::Tensor& norm, double rho, bool adaptive, double eta) {
+                  const at::Tensor& norm, double rho, bool adaptive, double eta, const at::Tensor* inv_scale) {
   TORCH_CHECK(norm.is_cuda() && norm.scalar_type() == at::kFloat && norm.numel() == 1,
               "perturb_: norm must be a one-element float32 CUDA tensor");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "perturb_cuda", [&] {
     multi_tensor_apply<3>({&params, &grads, &backups}, PerturbFunctor<scalar_t>(), norm.data_ptr<float>(),
-                          static_cast<float>(rho), adaptive, static_cast<float>(eta));
+                          static_cast<float>(rho), adaptive, static_cast<float>(eta),
+                          inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
   });
 }
 

@@ -7,6 +7,7 @@
 //   sq_sum_         out (+)= sum over tensors of (T * g)^2, T = |w| + eta (ASAM) or 1, into a 0-dim
 //                   fp32 tensor, from per-chunk partials summed in a fixed order (deterministic)
 //   perturb_        backup = w; w += rho * T^2 * g / (norm + 1e-12), skipped when norm is not finite
+//                   (both with an optional AMP inv_scale: g *= inv_scale as it is read)
 //   restore_update_ w = source, fused with torch.optim's SGD or Adam/AdamW update (opt 1, 2) or
 //                   alone (opt 0), with the scalars folded by the host (sam_fused/spec.py); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq. With AMP
 //                   tensors: g *= inv_scale as it is read; found_inf != 0 turns the pass into a restore.
@@ -34,18 +35,20 @@ struct UpdateArgs {
 
 using TensorList = std::vector<at::Tensor>;
 
+// inv_scale (AMP): null, or a one-element fp32 tensor on the parameters' device; the gradients are
+// multiplied by it as they are read (sq_sum_) and the perturbation by it (perturb_).
 void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                bool accumulate);
+                bool accumulate, const at::Tensor* inv_scale);
 void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
-                 const at::Tensor& norm, double rho, bool adaptive, double eta);
+                 const at::Tensor& norm, double rho, bool adaptive, double eta, const at::Tensor* inv_scale);
 void restore_update_cpu(const TensorList& params, const TensorList& grads, const TensorList& sources,
                         const TensorList& state1, const TensorList& state2, const UpdateArgs& u);
 
 #ifdef SAM_FUSED_WITH_CUDA
 void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                 bool accumulate);
+                 bool accumulate, const at::Tensor* inv_scale);
 void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
-                  const at::Tensor& norm, double rho, bool adaptive, double eta);
+                  const at::Tensor& norm, double rho, bool adaptive, double eta, const at::Tensor* inv_scale);
 void restore_update_cuda(const TensorList& params, const TensorList& grads, const TensorList& sources,
                          const TensorList& state1, const TensorList& state2, const UpdateArgs& u);
 #endif

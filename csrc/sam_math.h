@@ -15,11 +15,12 @@
 
 namespace sam_fused {
 
-// The scale rho / (norm + kNormEps), or 0 when the norm is not finite (the step is then skipped).
+// The scale rho / (norm + kNormEps) * grad_mul (grad_mul: AMP's 1 / loss scale, else 1), or 0 when
+// the norm is not finite (the step is then skipped).
 template <typename acc_t>
-SAM_HD acc_t perturb_scale(float norm, double rho, bool* ok) {
+SAM_HD acc_t perturb_scale(float norm, double rho, float grad_mul, bool* ok) {
   *ok = norm < INFINITY;  // false for inf and NaN; a norm is never negative
-  return *ok ? static_cast<acc_t>(static_cast<float>(rho) / (norm + kNormEps)) : acc_t(0);
+  return *ok ? static_cast<acc_t>(static_cast<float>(rho) / (norm + kNormEps) * grad_mul) : acc_t(0);
 }
 
 // e = T^2 * g * scale, T = |w| + eta for ASAM, 1 for SAM.

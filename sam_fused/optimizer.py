@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .backends import BACKENDS, make_backend
 from .backends.base import FUSED_KINDS, check_amp
@@ -18,10 +21,69 @@ from .plan import Buffers, StepPlan
 _eager = torch.compiler.disable
 
 
+def _unwrapping(method):
+    """Run the method on the optimizer itself when called through a wrapper that copied its
+    ``__dict__`` and subclasses its class (Lightning's ``LightningOptimizer``, which keeps it as
+    ``_optimizer``): state set on the copy would be lost (the LR scheduler would never learn that
+    the optimizer stepped, a perturbation would be invisible to the optimizer)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        inner = self.__dict__.get("_optimizer")
+        if isinstance(inner, SAMOptimizer) and inner is not self:
+            return getattr(inner, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return run
+
+
 def _check_nonneg(name: str, value) -> None:
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf")
             or value > 1e30):
         raise ValueError(f"{name} must be a finite non-negative number (at most 1e30), got {value!r}")
+
+
+class _BackwardSeen:
+    """A post-accumulate-grad hook on every parameter: set when a backward has written a gradient.
+    It holds no reference to the optimizer (the hooks live on the parameters)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, _param: Tensor) -> None:
+        self.seen = True
+
+
+class BackwardWatch:
+    """Tells whether a backward pass reached the parameters since the last SAM step: what
+    ``step(closure)`` needs to know to serve both closure conventions. The hooks are registered on
+    the first ``step(closure)`` (users of ``first_step``/``second_step`` never pay for them), once
+    per parameter; each costs one Python call per parameter per backward."""
+
+    def __init__(self) -> None:
+        self.flag = _BackwardSeen()
+        self._hooks = WeakIdKeyDictionary()  # parameter -> hook handle
+        self._bound = None  # the plan cache's ParamSet the hooks were checked against
+
+    def backward_ran(self, opt: "SAMOptimizer") -> bool:
+        """Whether a backward wrote gradients since the last ``clear()``. On the first call, when no
+        hook can have fired yet, whether any parameter has a gradient at all."""
+        params = opt._backend.plans.params
+        if params is None or params is not self._bound:
+            first = not self._hooks
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad and p not in self._hooks:
+                        self._hooks[p] = p.register_post_accumulate_grad_hook(self.flag)
+                        if first and p.grad is not None:
+                            self.flag.seen = True
+            self._bound = params
+        return self.flag.seen
+
+    def clear(self) -> None:
+        self.flag.seen = False
 
 
 class SAMOptimizer(torch.optim.Optimizer):
@@ -113,6 +175,7 @@ class SAMOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, self.defaults[key])
         self.invalidate()
 
+    @_unwrapping
     @_eager
     @torch.no_grad()
     def restore(self) -> bool:
@@ -122,6 +185,7 @@ class SAMOptimizer(torch.optim.Optimizer):
         plan, self._perturbed = self._perturbed, None
         if plan is None:
             return False
+        self._end_step()
         self._check_unmoved(plan)
         self._backend.restore(plan)
         return True
@@ -146,6 +210,9 @@ class SAMOptimizer(torch.optim.Optimizer):
             "perturbation cannot be undone through them; the other parameters were restored and no update was made"
         )
 
+    def _end_step(self) -> None:
+        """A SAM step ended (updated or restored): forget what the step kept between its passes."""
+
     def _step_plan(self) -> StepPlan:
         """The cached plan of this step, after checking every grad and group (raises before any write)."""
         self._check_groups()
@@ -160,12 +227,15 @@ class SAMOptimizer(torch.optim.Optimizer):
             )
         state = dict(self.__dict__)
         state["_backend"] = self._backend.name
+        state.pop("_watch", None)  # hooks on the parameters: a copy registers its own when it needs them
         return state
 
     def __setstate__(self, state: dict) -> None:
         torch.optim.Optimizer.__setstate__(self, state)
         self._backend = self._backend_factory(state["_backend"], self)
         self._perturbed = None
+        if "_amp_first" in state:
+            self._watch = BackwardWatch()
 
 
 class FusedSAM(SAMOptimizer):
@@ -214,10 +284,27 @@ class FusedSAM(SAMOptimizer):
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
         super().__init__(params, base_optimizer, defaults, backend, base_kwargs)
-        self.grad_norm: Tensor | None = None
+        self._grad_norm: Tensor | None = None
         self._inv_scale: Tensor | None = None
+        # after first_step(grad_scaler=): (scaler, found_inf of the first pass or None, scaler enabled)
+        self._amp_first: tuple | None = None
+        self._watch = BackwardWatch()
+
+    # GradScaler.step(opt) hands this optimizer ``grad_scale`` and ``found_inf`` attributes and calls
+    # step(): the update unscales in its kernels (see step()).
+    _step_supports_amp_scaling = True
 
     _group_keys = ("rho", "adaptive", "eta")
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The global gradient norm of the last ``first_step`` (unscaled with AMP), a device tensor."""
+        inner = self.__dict__.get("_optimizer")
+        return (inner if isinstance(inner, FusedSAM) else self)._grad_norm
+
+    def _end_step(self) -> None:
+        self._amp_first = None
+        self._watch.clear()
 
     def _check_group(self, group: dict) -> None:
         _check_nonneg("rho", group["rho"])
@@ -237,10 +324,16 @@ class FusedSAM(SAMOptimizer):
         the kernels see them); may rewrite ``p.grad`` in place. FusedSAM's does nothing."""
 
     # ------------------------------------------------------------------ SAM
+    @_unwrapping
     @_eager
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: "torch.amp.GradScaler | None" = None) -> None:
         """Move every parameter with a grad to ``w + e(w)``, keeping an exact backup of ``w``.
+
+        ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled this backward's loss. The kernels
+        then read the scaled gradients and unscale them as they go; an inf or NaN among them skips
+        the perturbation, and the following ``scaler.step(opt)`` (the second step) skips the update
+        and reports the inf to ``scaler.update()``, which lowers the scale.
 
         Raises, with nothing written, on a bad gradient or hyperparameter, or when the parameters
         are already perturbed (call ``second_step()`` or ``restore()`` first)."""
@@ -250,14 +343,50 @@ class FusedSAM(SAMOptimizer):
                 "update them, or restore() to undo the perturbation"
             )
         plan = self._step_plan()
+        inv_scale = self._first_inv_scale(grad_scaler, plan) if grad_scaler is not None else None
         try:
-            self.grad_norm = self._backend.perturb(plan, self._reduce_sq, self._direction) if plan.active else None
+            norm = None
+            if plan.active:
+                norm = self._backend.perturb(plan, self._reduce_sq, self._direction, inv_scale)
+            self._grad_norm = norm
         finally:
             self._backend.plans.end_pass()
         self._perturbed = plan
+        if grad_scaler is not None:
+            found = None
+            if inv_scale is not None and norm is not None:  # the norm is finite iff every gradient is
+                found = torch.logical_not(torch.isfinite(norm)).to(torch.float32).reshape(1)
+            self._amp_first = (grad_scaler, found, inv_scale is not None)
         if zero_grad:
             self.zero_grad()
 
+    def _first_inv_scale(self, scaler, plan: StepPlan) -> Tensor | None:
+        """1 / scale of an enabled GradScaler, on the parameters' device (None when it is disabled);
+        refuses, before anything is written, a scaler in a state the SAM step cannot follow."""
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if not scaler.is_enabled():
+            return None
+        stage = scaler._per_optimizer_states[id(self)]["stage"]
+        if stage is OptState.UNSCALED:
+            raise RuntimeError(
+                "scaler.unscale_(opt) was called before first_step(grad_scaler=scaler): the first gradients must "
+                "stay scaled (first_step unscales them itself). To clip, clip the second gradient: "
+                "scaler.unscale_(opt) after the second backward, then scaler.step(opt)"
+            )
+        if stage is OptState.STEPPED:
+            raise RuntimeError("scaler.step(opt) ran since the last scaler.update(): call scaler.update() first")
+        scale = scaler._scale
+        if scale is None:
+            raise RuntimeError("the GradScaler has not scaled a loss yet: scaler.scale(loss).backward() comes first")
+        device = plan.active[0].device if plan.active else scale.device
+        if scale.device != device:
+            raise ValueError(f"the GradScaler's scale is on {scale.device}, the parameters on {device}")
+        if self._inv_scale is None or self._inv_scale.device != device:
+            self._inv_scale = torch.empty(1, dtype=torch.float32, device=device)
+        return torch.reciprocal(scale.reshape(1).float(), out=self._inv_scale)
+
+    @_unwrapping
     @_eager
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, grad_scale: Tensor | None = None,
@@ -274,6 +403,11 @@ class FusedSAM(SAMOptimizer):
             raise RuntimeError("second_step() called without a preceding first_step()")
         if (grad_scale is None) != (found_inf is None):
             raise ValueError("grad_scale and found_inf go together")
+        if grad_scale is None and self._amp_first is not None and self._amp_first[2]:
+            raise RuntimeError(
+                "after first_step(grad_scaler=scaler), the second step is scaler.step(opt) (the gradients are "
+                "scaled); the parameters stay perturbed until then or restore()"
+            )
         self._check_unmoved(self._perturbed)
         plan = self._step_plan()  # refuses bad gradients before anything is restored
         try:
@@ -284,28 +418,53 @@ class FusedSAM(SAMOptimizer):
                     self._inv_scale = torch.empty(1, dtype=torch.float32, device=grad_scale.device)
                 torch.reciprocal(grad_scale.reshape(1), out=self._inv_scale)
                 amp = (self._inv_scale, found_inf.reshape(1))
+                if self._amp_first is not None and self._amp_first[1] is not None:
+                    amp = (amp[0], amp[1] + self._amp_first[1])  # an inf in either pass skips the update
             self._combine(plan)
             self._backend.restore_and_update(self._perturbed, plan, amp)
         finally:
             self._backend.plans.end_pass()
         self._perturbed = None
+        self._end_step()
         self._opt_called = True  # tells LR schedulers that the optimizer has stepped
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
-        """One SAM step: ``closure`` runs forward + backward and returns the loss (called twice).
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One SAM step through a closure, or the second step under ``GradScaler.step(opt)``.
 
-        Returns the loss of the first call, at the unperturbed weights. If the second call (or the
-        update) raises, the weights are restored exactly before the exception propagates.
+        ``closure`` runs forward + backward and returns the loss. Both conventions work:
+
+        * torch / Lightning / accelerate: nothing ran before ``step(closure)``; the closure is called
+          twice (at ``w``, then at ``w + e``) and the loss of the first call is returned.
+        * davda54 / pytorch_optimizer: ``loss.backward()`` ran before ``step(closure)``; those
+          gradients make the perturbation, the closure is called once (at ``w + e``) and None is
+          returned (the loss at ``w`` is the one already computed).
+
+        Which one is told by the gradients, not guessed: a hook on each parameter (registered on the
+        first ``step(closure)``) records whether a backward wrote a gradient since the last SAM step.
+        If the closure (or the update) raises after the perturbation, the weights are restored
+        exactly before the exception propagates.
+
+        Called by ``scaler.step(opt)`` (``torch.amp.GradScaler``) after ``first_step(grad_scaler=scaler)``
+        and the second backward, it is the second step: the gradients are unscaled in the update
+        kernels, and an inf or NaN in either backward skips the update.
         """
+        if hasattr(self, "found_inf"):  # set by GradScaler.step around this call
+            return self._scaler_second_step(closure)
         if closure is None:
+            if self._perturbed is not None and self._amp_first is not None:  # scaler.step(opt) of a disabled scaler
+                self.second_step()
+                return None
             raise RuntimeError(
-                "FusedSAM.step() needs a closure that runs forward and backward and returns the loss; "
-                "or call first_step() and second_step() yourself"
+                "FusedSAM.step() needs a closure that runs forward and backward and returns the loss; or call "
+                "first_step() and second_step() yourself; with a GradScaler: first_step(grad_scaler=scaler), then "
+                "scaler.step(opt) after the second backward"
             )
         closure = torch.enable_grad()(closure)
-        loss = closure()
+        loss = None
+        if not self._watch.backward_ran(self):
+            loss = closure()
         self.first_step(zero_grad=True)
         try:
             closure()
@@ -314,3 +473,42 @@ class FusedSAM(SAMOptimizer):
             self.restore()
             raise
         return loss
+
+    def _scaler_second_step(self, closure) -> None:
+        """``scaler.step(opt)``: the second step with the scaler's ``grad_scale`` (None when the
+        user unscaled the second gradients already, to clip them) and ``found_inf``."""
+        try:
+            if closure is not None:
+                raise RuntimeError(
+                    "scaler.step(opt, closure) is not supported: with a GradScaler, run the passes yourself: "
+                    "first_step(grad_scaler=scaler) after the first backward, scaler.step(opt) after the second"
+                )
+            if self._perturbed is None:
+                raise RuntimeError("scaler.step(opt) is the second step: call opt.first_step(grad_scaler=scaler) first")
+            if self._amp_first is None:
+                self.restore()
+                raise RuntimeError(
+                    "scaler.step(opt) after a first_step() without grad_scaler=: the first gradients were read "
+                    "scaled and unchecked; the weights were restored and no update was made. Pass "
+                    "first_step(grad_scaler=scaler)"
+                )
+            scaler, found_first, _ = self._amp_first
+            found_inf = self.found_inf.reshape(1).to(torch.float32)
+            grad_scale = self.grad_scale
+            if grad_scale is None:  # scaler.unscale_(opt) ran: the gradients are unscaled already
+                grad_scale = torch.ones(1, dtype=torch.float32, device=found_inf.device)
+            grad_scale = grad_scale.reshape(1).to(torch.float32)
+            tracked = None
+            if found_first is not None:  # scaler.update() must see the first pass's inf too
+                tracked = scaler._per_optimizer_states[id(self)]["found_inf_per_device"].get(found_first.device)
+                if tracked is None:
+                    raise RuntimeError("the GradScaler checked no gradient on the parameters' device")
+            self.second_step(grad_scale=grad_scale, found_inf=found_inf)
+            if tracked is not None:
+                tracked.add_(found_first.reshape(tracked.shape))
+        except BaseException:
+            # GradScaler.step removes these only when step() returns
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+        return None

@@ -35,12 +35,15 @@ def sig(kernel, types: dict) -> dict:
 
 def variants():
     f32 = "fp32"
-    for dt, ad, al in itertools.product(DTYPES, (False, True), (False, True)):
-        c = dict(COMMON, DTYPE=DTYPES[dt], ADAPTIVE=ad, ALIGNED=al)
-        yield ("norm", dt, ad, al), norm._sq_partials_kernel, dict(
-            chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", eta=f32), c
-        yield ("perturb", dt, ad, al), perturb._perturb_kernel, dict(
-            chunks="*i64", tensors="*i64", norm_ptr="*fp32", rho=f32, eta=f32), c
+    # AMP (GradScaler) variants only with aligned tables: the unscale is a scalar multiply
+    for dt, ad, al, amp in itertools.product(DTYPES, (False, True), (False, True), (False, True)):
+        if amp and not al:
+            continue
+        c = dict(COMMON, DTYPE=DTYPES[dt], ADAPTIVE=ad, AMP=amp, ALIGNED=al)
+        yield ("norm", dt, ad, al, amp), norm._sq_partials_kernel, dict(
+            chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", eta=f32, inv_scale_ptr="*fp32"), c
+        yield ("perturb", dt, ad, al, amp), perturb._perturb_kernel, dict(
+            chunks="*i64", tensors="*i64", norm_ptr="*fp32", rho=f32, eta=f32, inv_scale_ptr="*fp32"), c
     yield ("finalize",), norm._finalize_kernel, dict(partials="*fp32", n="i32", sq="*fp32", norm="*fp32"), dict(
         PBLOCK=1024)
     floats = "sign lr l2 decay momentum keep coef one_minus_beta1 beta2 one_minus_beta2 eps step_size".split()

@@ -94,6 +94,81 @@ def test_step_runs_closure_with_grad_enabled(backend):
     assert any(not torch.equal(a, b) for a, b in zip(before, snapshot(m)))
 
 
+class Counted:
+    """A closure that counts its calls (each one a forward and a backward)."""
+
+    def __init__(self, model, x, y):
+        self.model, self.x, self.y, self.calls = model, x, y, 0
+
+    def __call__(self):
+        self.calls += 1
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        return loss
+
+
+def manual_steps(model, opt, x, y, n):
+    for _ in range(n):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step()
+
+
+@pytest.mark.parametrize("zero_in_place", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_closure_torch_convention_calls_it_twice(backend, zero_in_place):
+    """Nothing ran before step(closure): two forward/backward passes per step. Zeroing the grads in
+    place (which bumps their version counters) is not mistaken for a backward."""
+    x, y = batch()
+    m1, m2 = tiny_model(), tiny_model()
+    o1 = FusedSAM(m1.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, backend=backend)
+    o2 = FusedSAM(m2.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, backend=backend)
+    closure = Counted(m1, x, y)
+    for step in range(3):
+        o1.zero_grad(set_to_none=not zero_in_place)
+        assert isinstance(o1.step(closure), torch.Tensor)
+        assert closure.calls == 2 * (step + 1)
+    manual_steps(m2, o2, x, y, 3)
+    assert_bitwise(snapshot(m1), snapshot(m2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_closure_davda54_convention_calls_it_once(backend):
+    """loss.backward() ran before step(closure) (davda54's SAM, pytorch_optimizer): those gradients
+    make the perturbation and the closure runs once, at w + e; the result is the same SAM step."""
+    x, y = batch()
+    m1, m2 = tiny_model(), tiny_model()
+    o1 = FusedSAM(m1.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, backend=backend)
+    o2 = FusedSAM(m2.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, backend=backend)
+    closure = Counted(m1, x, y)
+    forwards = 0
+    for step in range(3):
+        o1.zero_grad()
+        F.cross_entropy(m1(x), y).backward()
+        forwards += 1
+        assert o1.step(closure) is None
+        assert closure.calls == step + 1
+    assert forwards + closure.calls == 6  # two passes per step, not three
+    manual_steps(m2, o2, x, y, 3)
+    assert_bitwise(snapshot(m1), snapshot(m2))
+    # and back to the other convention in the same run
+    o1.zero_grad()
+    o1.step(closure)
+    assert closure.calls == 5
+
+
+def test_step_closure_batchnorm_statistics_follow_the_passes():
+    """davda54 convention: the running statistics see two forwards per step, not three."""
+    x, y = batch()
+    m = tiny_model()
+    opt = FusedSAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    F.cross_entropy(m(x), y).backward()
+    opt.step(Counted(m, x, y))
+    assert int(m[1].num_batches_tracked) == 2
+
+
 def test_step_without_closure_is_refused():
     m = tiny_model()
     opt = FusedSAM(m.parameters(), torch.optim.SGD, lr=0.1)

@@ -71,3 +71,59 @@ def test_compiled_universal_step_equals_eager():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_model_eager_steps(backend):
+    """The common form: torch.compile(model), the SAM steps eager, as with the eager model."""
+    from tolerances import FP32
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 8, generator=gen).to(DEVICE), torch.randint(0, 3, (16,), generator=gen).to(DEVICE))
+            for _ in range(3)]
+    results = []
+    for compiled in (False, True):
+        net = _mlp()
+        model = torch.compile(net, backend="aot_eager") if compiled else net
+        opt = FusedSAM(net.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.1, backend=backend)
+        for x, y in data:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+        results.append([p.detach().clone() for p in net.parameters()])
+    atol, rtol = FP32["fast_vs_reference"]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_breaks_only_at_backward(backend):
+    """Compiling a whole training step: Dynamo never tries to trace the SAM steps' kernels (no
+    "does not know how to trace" warning, no graph break inside them); the only breaks are the
+    two ``backward()`` calls, which Dynamo does not trace in any training step."""
+    torch._dynamo.reset()
+    model = _mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
+    x, y = torch.randn(4, 8, device=DEVICE), torch.randint(0, 3, (4,), device=DEVICE)
+
+    def train_step(x, y):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explained = torch._dynamo.explain(train_step)(x, y)
+    assert not [w for w in caught if "trace" in str(w.message)]
+    reasons = [str(b.reason) for b in explained.break_reasons]
+    assert len(reasons) == 2 and all("backward" in r for r in reasons), reasons

@@ -2,9 +2,10 @@
 
 A backend implements the passes of a SAM step over a :class:`~sam_fused.plan.StepPlan`:
 
-``perturb(plan, reduce_sq, direction)``
+``perturb(plan, reduce_sq, direction, inv_scale)``
     the sum of squares of the (ASAM-weighted) gradients, or of the ``direction`` buffers a SAM
-    variant supplies (a :class:`~sam_fused.plan.Buffers`), into a 0-dim fp32 device tensor;
+    variant supplies (a :class:`~sam_fused.plan.Buffers`), into a 0-dim fp32 device tensor (with
+    AMP's ``inv_scale``, a one-element fp32 device tensor, the gradients are unscaled as read);
     ``reduce_sq(sq)`` (optional) may change it in place (a distributed all-reduce); then the
     norm = sqrt(sq) and, per parameter, ``backup = w; w += e``. Returns the norm tensor.
 ``restore(plan)``
@@ -68,7 +69,7 @@ class Backend:
         return work[0].params[0].device
 
     def perturb(self, plan: StepPlan, reduce_sq: Callable[[Tensor], None] | None = None,
-                direction: Buffers | None = None) -> Tensor:
+                direction: Buffers | None = None, inv_scale: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def restore(self, plan: StepPlan) -> None:

@@ -56,13 +56,14 @@ class FlatBackend(Backend):
 
     # ------------------------------------------------------------------ the launches
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  direction: Buffers | None) -> None:
+                  direction: Buffers | None, inv_scale: Tensor | None) -> None:
         """``sq = sum over buckets of (T g)^2 [+ extra]`` and ``norm = sqrt(sq)``, into the given 0-dim
         fp32 device tensors; each bucket's group says ``adaptive`` and ``eta``; ``g`` is the
-        gradient, or the ``direction`` buffer."""
+        gradient, or the ``direction`` buffer, times ``inv_scale`` (AMP) when given."""
         raise NotImplementedError
 
-    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None) -> None:
+    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
+                       inv_scale: Tensor | None) -> None:
         raise NotImplementedError
 
     def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None) -> None:
@@ -75,17 +76,18 @@ class FlatBackend(Backend):
             self._norm = torch.zeros((), dtype=torch.float32, device=device)
         return self._sq, self._norm
 
-    def perturb(self, plan: StepPlan, reduce_sq=None, direction: Buffers | None = None) -> Tensor:
+    def perturb(self, plan: StepPlan, reduce_sq=None, direction: Buffers | None = None,
+                inv_scale: Tensor | None = None) -> Tensor:
         sq, norm = self._scalars(plan.active[0].device)
-        extra = reference.grad_sq_sum(plan.slow, sq.device, direction) if plan.slow else None
-        self.launch_sq(plan.buckets, extra, sq, norm, direction)
+        extra = reference.grad_sq_sum(plan.slow, sq.device, direction, inv_scale) if plan.slow else None
+        self.launch_sq(plan.buckets, extra, sq, norm, direction, inv_scale)
         if reduce_sq is not None:
             reduce_sq(sq)
             torch.sqrt(sq, out=norm)
         for bucket in plan.buckets:
-            self.launch_perturb(bucket, norm, direction)
+            self.launch_perturb(bucket, norm, direction, inv_scale)
         for group, p, backup in plan.slow:
-            reference.perturb_(group, p, backup, norm, None if direction is None else direction.get(p))
+            reference.perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale)
         return norm
 
     # ------------------------------------------------------------------ second step

@@ -26,20 +26,22 @@ class NativeBackend(FlatBackend):
         self.name = name
 
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  direction: Buffers | None) -> None:
+                  direction: Buffers | None, inv_scale: Tensor | None) -> None:
         for i, b in enumerate(buckets):
             g = b.group
-            self._C.sq_sum_(sq, b.params, b.grads(direction), adaptive=bool(g["adaptive"]), eta=float(g["eta"]), accumulate=i > 0)
+            self._C.sq_sum_(sq, b.params, b.grads(direction), adaptive=bool(g["adaptive"]), eta=float(g["eta"]),
+                            accumulate=i > 0, inv_scale=inv_scale)
         if not buckets:
             sq.zero_()
         if extra is not None:
             sq.add_(extra)
         torch.sqrt(sq, out=norm)
 
-    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None) -> None:
+    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
+                       inv_scale: Tensor | None) -> None:
         g = bucket.group
         self._C.perturb_(bucket.params, bucket.grads(direction), bucket.backups, norm=norm, rho=float(g["rho"]),
-                         adaptive=bool(g["adaptive"]), eta=float(g["eta"]))
+                         adaptive=bool(g["adaptive"]), eta=float(g["eta"]), inv_scale=inv_scale)
 
     def launch_update(self, bucket: Bucket, u: Update, amp: Amp | None) -> None:
         inv_scale, found_inf = amp if amp is not None else (None, None)

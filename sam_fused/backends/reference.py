@@ -3,6 +3,7 @@
 SAM (Foret et al., 2021) and ASAM (Kwon et al., 2021) first step, per parameter ``w`` with
 gradient ``g`` and the hyperparameters of its param group:
 
+    g     = grad * inv_scale  (with AMP's GradScaler; else the gradient as it is)
     T     = |w| + eta         (ASAM)      T = 1  (SAM)
     norm  = || T * g ||_2     over every parameter with a grad, in every group, in fp32
     e     = rho * T^2 * g / (norm + 1e-12)
@@ -22,10 +23,10 @@ from ..plan import StepPlan
 from .base import Amp, Backend, base_step, check_all_state
 
 
-def weighted_grad(p: Tensor, group: dict, g: Tensor | None = None) -> Tensor:
+def weighted_grad(p: Tensor, group: dict, g: Tensor | None = None, inv_scale: Tensor | None = None) -> Tensor:
     """``T * g`` in fp32 (fp64 for fp64 parameters): the quantity whose global L2 norm scales the
-    perturbation; ``g`` defaults to ``p.grad``."""
-    g = (p.grad if g is None else g).to(_math_dtype(p))
+    perturbation; ``g`` defaults to ``p.grad``, unscaled by AMP's ``inv_scale`` when given."""
+    g = _unscaled((p.grad if g is None else g).to(_math_dtype(p)), inv_scale)
     if group["adaptive"]:
         g = g * (p.detach().to(g.dtype).abs() + group["eta"])
     return g
@@ -35,26 +36,32 @@ def _math_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def grad_sq_sum(pairs, device: torch.device, direction=None) -> Tensor:
+def _unscaled(g: Tensor, inv_scale: Tensor | None) -> Tensor:
+    return g if inv_scale is None else g * inv_scale.to(g.device).reshape(())
+
+
+def grad_sq_sum(pairs, device: torch.device, direction=None, inv_scale: Tensor | None = None) -> Tensor:
     """Sum of squares of the weighted gradients (or ``direction`` buffers) of ``(group, param, ...)``
     tuples, an fp32 0-dim tensor on ``device`` (each parameter's sum in its math dtype)."""
     total = torch.zeros((), dtype=torch.float32, device=device)
     for group, p, *_ in pairs:
         g = None if direction is None else direction.get(p)
-        total += weighted_grad(p, group, g).square().sum().to(device=device, dtype=torch.float32)
+        total += weighted_grad(p, group, g, inv_scale).square().sum().to(device=device, dtype=torch.float32)
     return total
 
 
-def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, g: Tensor | None = None) -> None:
-    """Copy ``p`` into ``backup``, then ``p += e`` along ``g`` (default ``p.grad``); ``p`` is left as
-    it was if ``norm`` is not finite. fp64 parameters are perturbed in fp64, the others in fp32."""
+def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, g: Tensor | None = None,
+             inv_scale: Tensor | None = None) -> None:
+    """Copy ``p`` into ``backup``, then ``p += e`` along ``g`` (default ``p.grad``, unscaled by AMP's
+    ``inv_scale`` when given); ``p`` is left as it was if ``norm`` is not finite. fp64 parameters
+    are perturbed in fp64, the others in fp32."""
     backup.copy_(p.detach())
     dt = _math_dtype(p)
     norm = norm.to(device=p.device, dtype=dt)
     ok = torch.isfinite(norm)
     scale = torch.where(ok, group["rho"] / (norm + EPS), torch.zeros_like(norm))
     w = p.detach().to(dt)
-    g = (p.grad if g is None else g).to(dt)
+    g = _unscaled((p.grad if g is None else g).to(dt), inv_scale)
     if group["adaptive"]:
         t = w.abs() + group["eta"]
         e = t * t * g * scale
@@ -69,13 +76,13 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def perturb(self, plan: StepPlan, reduce_sq=None, direction=None) -> Tensor:
-        sq = grad_sq_sum(plan.slow, plan.active[0].device, direction)
+    def perturb(self, plan: StepPlan, reduce_sq=None, direction=None, inv_scale=None) -> Tensor:
+        sq = grad_sq_sum(plan.slow, plan.active[0].device, direction, inv_scale)
         if reduce_sq is not None:
             reduce_sq(sq)
         norm = sq.sqrt()
         for group, p, backup in plan.slow:
-            perturb_(group, p, backup, norm, None if direction is None else direction.get(p))
+            perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale)
         return norm
 
     def restore(self, plan: StepPlan) -> None:

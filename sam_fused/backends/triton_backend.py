@@ -50,22 +50,23 @@ class TritonBackend(FlatBackend):
         return self._partials
 
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  direction: Buffers | None) -> None:
+                  direction: Buffers | None, inv_scale: Tensor | None) -> None:
         tables = [(bucket_table(b, direction), b) for b in buckets]
         counts = [norm_programs(t) for t, _ in tables]
         partials = self._partials_for(sum(counts) + 1, sq.device)
         off = 0
         for (table, b), k in zip(tables, counts):
-            sq_partials(table, partials[off:], b.dtype, b.group["adaptive"], b.group["eta"])
+            sq_partials(table, partials[off:], b.dtype, b.group["adaptive"], b.group["eta"], inv_scale)
             off += k
         if extra is not None:
             partials[off : off + 1].copy_(extra.reshape(1))
             off += 1
         finalize(partials, off, sq, norm)
 
-    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None) -> None:
+    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
+                       inv_scale: Tensor | None) -> None:
         g = bucket.group
-        perturb_kernel(bucket_table(bucket, direction), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"])
+        perturb_kernel(bucket_table(bucket, direction), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"], inv_scale)
 
     def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None) -> None:
         restore_update(bucket_table(bucket), bucket.dtype, update, amp)

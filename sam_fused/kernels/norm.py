@@ -7,6 +7,8 @@ Stage 2 (one launch per step): one program sums the partials of every bucket and
 squares and its square root (the norm); a distributed reduction can change the sum in between and
 take the root again.
 
+With AMP's ``inv_scale`` the gradient is multiplied by it as it is read (a constexpr variant).
+
 Bytes per element: SAM reads g (4 B fp32); ASAM reads g and w (8 B). The order of every addition
 is fixed by the table and the grid, so the same gradients give the same bits on every run.
 """
@@ -22,9 +24,12 @@ from .table import BLOCK, CHUNK, COL_GRAD, COL_PARAM, NCOL, NORM_PROGRAMS, NUM_W
 
 @triton.jit
 def _sq_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
-    p, g, eta = args
+    p, g, eta, grad_mul = args
     ADAPTIVE: tl.constexpr = C[0]
+    AMP: tl.constexpr = C[1]
     x = load(g, idx, mask, MASKED).to(tl.float32)
+    if AMP:
+        x = x * grad_mul
     if ADAPTIVE:
         w = load(p, idx, mask, MASKED).to(tl.float32)
         x = x * (tl.abs(w) + eta)
@@ -33,17 +38,20 @@ def _sq_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 
 @triton.jit
 def _sq_partials_kernel(
-    chunks, tensors, partials, n_chunks, eta,
-    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
+    chunks, tensors, partials, n_chunks, eta, inv_scale_ptr,
+    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    grad_mul = 1.0
+    if AMP:
+        grad_mul = tl.load(inv_scale_ptr)
     n_programs = tl.num_programs(0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(pid, n_chunks, n_programs):
         row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
         p = column(row, COL_PARAM, DTYPE, ALIGNED)
         g = column(row, COL_GRAD, DTYPE, ALIGNED)
-        acc = walk(start, end, _sq_block, (p, g, eta), (ADAPTIVE,), acc, BLOCK)
+        acc = walk(start, end, _sq_block, (p, g, eta, grad_mul), (ADAPTIVE, AMP), acc, BLOCK)
     tl.store(partials + pid, tl.sum(acc, axis=0))
 
 
@@ -61,14 +69,17 @@ def norm_programs(table: PointerTable) -> int:
     return min(table.n_chunks, NORM_PROGRAMS)
 
 
-def sq_partials(table: PointerTable, partials: Tensor, dtype, adaptive: bool, eta: float) -> None:
-    """Write ``norm_programs(table)`` partial sums of squares into ``partials[0:...]``."""
+def sq_partials(table: PointerTable, partials: Tensor, dtype, adaptive: bool, eta: float,
+                inv_scale: Tensor | None = None) -> None:
+    """Write ``norm_programs(table)`` partial sums of squares into ``partials[0:...]``; with AMP's
+    ``inv_scale`` (a one-element fp32 device tensor) the gradients are unscaled as they are read."""
     grid = norm_programs(table)
     if grid == 0:
         return
     _sq_partials_kernel[(grid,)](
         table.chunks, table.tensors, partials, table.n_chunks, float(eta),
-        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), ALIGNED=table.aligned,
+        partials if inv_scale is None else inv_scale,
+        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), AMP=inv_scale is not None, ALIGNED=table.aligned,
         num_warps=NUM_WARPS,
     )
 
