@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -35,6 +36,20 @@ def _unwrapping(method):
         return method(self, *args, **kwargs)
 
     return run
+
+
+def _called_by_dcp_state_init() -> bool:
+    """Whether this ``step()`` comes from ``torch.distributed.checkpoint``'s state initialization
+    (``set_optimizer_state_dict`` on an optimizer without state), a few frames up."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
+                "torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _check_nonneg(name: str, value) -> None:
@@ -199,9 +214,9 @@ class SAMOptimizer(torch.optim.Optimizer):
             return
         self._perturbed = None
         moved = 0
-        for p, ptr, n in zip(plan.active, plan.ptrs, plan.numels):
-            if p.data_ptr() == ptr and p.numel() == n:
-                p.detach().copy_(self._backend.backups.get(p))
+        for p, t, ptr, n in zip(plan.active, plan.locals, plan.ptrs, plan.numels):
+            if t.data_ptr() == ptr and t.numel() == n:
+                t.detach().copy_(self._backend.backups.get(p))
             else:
                 moved += 1
         self.invalidate()
@@ -318,6 +333,20 @@ class FusedSAM(SAMOptimizer):
     # first step perturbs along, in place of the gradients. None: the gradients.
     _direction: Buffers | None = None
 
+    def _sq_reduction(self) -> Callable[[Tensor], None] | None:
+        """What turns the local sum of squares into the global one: the all-reduce over the shards
+        of FSDP2 (DTensor) parameters, then ``_reduce_sq``."""
+        sharded = self._backend.plans.params.reduce_sq
+        extra = self._reduce_sq
+        if sharded is None or extra is None:
+            return sharded or extra
+
+        def both(sq: Tensor) -> None:
+            sharded(sq)
+            extra(sq)
+
+        return both
+
     def _combine(self, plan: StepPlan) -> None:
         """A SAM variant's gradient combination: called by ``second_step`` after the gradients were
         checked and before the update, with the step's plan (its buckets list the parameters as
@@ -347,7 +376,7 @@ class FusedSAM(SAMOptimizer):
         try:
             norm = None
             if plan.active:
-                norm = self._backend.perturb(plan, self._reduce_sq, self._direction, inv_scale)
+                norm = self._backend.perturb(plan, self._sq_reduction(), self._direction, inv_scale)
             self._grad_norm = norm
         finally:
             self._backend.plans.end_pass()
@@ -367,6 +396,11 @@ class FusedSAM(SAMOptimizer):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if not scaler.is_enabled():
             return None
+        if self._backend.plans.params.dtensor:
+            raise NotImplementedError(
+                "a GradScaler with FSDP2 (DTensor) parameters is not supported: use bf16 mixed precision "
+                "(fully_shard's MixedPrecisionPolicy), which needs no scaler"
+            )
         stage = scaler._per_optimizer_states[id(self)]["stage"]
         if stage is OptState.UNSCALED:
             raise RuntimeError(
@@ -455,6 +489,11 @@ class FusedSAM(SAMOptimizer):
         if closure is None:
             if self._perturbed is not None and self._amp_first is not None:  # scaler.step(opt) of a disabled scaler
                 self.second_step()
+                return None
+            if self._perturbed is None and _called_by_dcp_state_init():
+                # torch.distributed.checkpoint creates the state of a fresh optimizer it loads into by a
+                # step with zero gradients and lr = 0: the base optimizer's own step does exactly that
+                self.base_optimizer.step()
                 return None
             raise RuntimeError(
                 "FusedSAM.step() needs a closure that runs forward and backward and returns the loss; or call "

@@ -30,8 +30,58 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .layout import is_dense
 
+try:  # torch.distributed may be absent from a build
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = None
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_PLANS = 8
+
+
+def local(t: Tensor | None) -> Tensor | None:
+    """The tensor the kernels work on: a DTensor's local shard (FSDP2), any other tensor itself."""
+    if DTensor is not None and type(t) is DTensor:
+        return t._local_tensor
+    return t
+
+
+def sharded_reduce(params: list[Tensor]):
+    """(whether the parameters are DTensors (FSDP2), and a function that sums a 0-dim tensor over
+    the process groups of the mesh dimensions they are sharded on, in place, on the device, with
+    no host synchronization, so that a sum of local squares becomes the global one, or None). Refuses a mix of DTensor and plain parameters, or of meshes and
+    placements: the sum would count some squares once and others once per rank."""
+    if DTensor is None or not params:
+        return False, None
+    kinds = {type(p) is DTensor for p in params}
+    if kinds != {True}:
+        if True in kinds:
+            raise ValueError(
+                "some parameters are DTensors (FSDP2) and others are not: SAM's global norm needs all of "
+                "one optimizer's parameters sharded the same way (one optimizer per kind, or fully_shard the rest)"
+            )
+        return False, None
+    first = params[0]
+    mesh, placements = first.device_mesh, tuple(first.placements)
+    for p in params:
+        if p.device_mesh != mesh or tuple(p.placements) != placements:
+            raise ValueError(
+                f"DTensor parameters on different meshes or placements ({p.placements} vs {placements}): "
+                "SAM's global norm needs one sharding for all of an optimizer's parameters"
+            )
+    if any(not (isinstance(pl, Shard) or pl.is_replicate()) for pl in placements):
+        raise ValueError(f"parameters placed as {placements}: only sharded and replicated dimensions are supported")
+    groups = [mesh.get_group(dim) for dim, pl in enumerate(placements) if isinstance(pl, Shard)]
+    if not groups:
+        return True, None
+
+    def reduce(sq: Tensor) -> None:
+        import torch.distributed as dist
+
+        for group in groups:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
+
+    return True, reduce
 
 
 class Buffers:
@@ -44,12 +94,14 @@ class Buffers:
         self._bufs = WeakIdKeyDictionary()
 
     def get(self, p: Tensor) -> Tensor:
+        """The buffer of ``p`` (of its local shard for a DTensor), keyed by ``p`` itself."""
         b = self._bufs.get(p)
-        dtype = self.dtype or p.dtype
-        if b is None or b.shape != p.shape or b.dtype != dtype or b.device != p.device or (
-            is_dense(p) and b.stride() != p.stride()
+        t = local(p)
+        dtype = self.dtype or t.dtype
+        if b is None or b.shape != t.shape or b.dtype != dtype or b.device != t.device or (
+            is_dense(t) and b.stride() != t.stride()
         ):
-            b = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).detach()
+            b = torch.empty_like(t, dtype=dtype, memory_format=torch.preserve_format).detach()
             self._bufs[p] = b
         return b
 
@@ -94,7 +146,7 @@ class Bucket:
             return [direction.get(p) for p in self.owners]
         if self._grads is not None:
             return self._grads
-        return [p.grad for p in self.owners]
+        return [local(p.grad) for p in self.owners]
 
     def rows(self, rows, sources: list[Tensor] | None = None) -> "Bucket":
         """A bucket of some of these rows (a launch over part of the bucket), optionally with other sources."""
@@ -109,11 +161,13 @@ class StepPlan:
     ``buckets``: flat-indexable tensors per (group, dtype). ``slow``: (group, param, backup) of
     the parameters the kernels cannot index flat (not dense, a grad with other strides, a dtype the
     backend has no kernel for); the reference ops perturb them. ``active``: every parameter with a
-    grad, group order.
+    grad, group order; ``locals``: the tensors the kernels write for them (the same tensors, or a
+    DTensor's local shard under FSDP2).
     """
 
     def __init__(self, owner: "PlanCache", grads: list[Tensor | None]) -> None:
         self.active: list[Tensor] = []
+        self.locals: list[Tensor] = []
         self.buckets: list[Bucket] = []
         self.slow: list[tuple[dict, Tensor, Tensor]] = []
         self.cache: dict = {}  # the backend's, e.g. the update's partition of the buckets
@@ -125,26 +179,29 @@ class StepPlan:
         for gi, group in enumerate(ps.groups):
             lists: dict[torch.dtype, tuple[list, list, list]] = {}
             for p in group["params"]:
-                g = grads[k]
+                g = grads[k]  # already local (PlanCache.plan)
                 if g is not None:
-                    check_grad(p, g)
-                    check_param(p)  # it may have been replaced since the ParamSet was made
+                    t = local(p)
+                    check_grad(t, g)
+                    check_param(t)  # it may have been replaced since the ParamSet was made
                     self.active.append(p)
+                    self.locals.append(t)
                     b = backups.get(p)
-                    if p.dtype in dtypes and is_dense(p) and g.stride() == p.stride():
-                        cols = lists.setdefault(p.dtype, ([], [], []))
-                        cols[0].append(p)
+                    if t.dtype in dtypes and is_dense(t) and g.stride() == t.stride():
+                        cols = lists.setdefault(t.dtype, ([], [], [], []))
+                        cols[0].append(t)
                         cols[1].append(b)
                         cols[2].append(k)
+                        cols[3].append(p)
                     else:
                         self.slow.append((group, p, b))
                 k += 1
-            for ps_, bs, pos in lists.values():
-                bucket = Bucket(gi, group, ps_, bs)
+            for ts, bs, pos, owners in lists.values():
+                bucket = Bucket(gi, group, ts, bs, owners if ps.dtensor else None)
                 bucket.positions = operator.itemgetter(*pos) if len(pos) > 1 else (lambda xs, i=pos[0]: (xs[i],))
                 self.buckets.append(bucket)
-        self.ptrs = list(map(Tensor.data_ptr, self.active))
-        self.numels = list(map(Tensor.numel, self.active))
+        self.ptrs = list(map(Tensor.data_ptr, self.locals))
+        self.numels = list(map(Tensor.numel, self.locals))
 
     def hold_grads(self, grads: list[Tensor | None] | None) -> None:
         """Hand each bucket this pass's gradients (one C-level pick per bucket), or, with None, let
@@ -154,7 +211,7 @@ class StepPlan:
 
     def still_valid(self) -> bool:
         """Every parameter keeps its storage address and size (cheap: two calls per tensor)."""
-        act = self.active
+        act = self.locals
         return list(map(Tensor.data_ptr, act)) == self.ptrs and list(map(Tensor.numel, act)) == self.numels
 
     def same_grads(self, ids: list[int], grads: list[Tensor | None]) -> bool:
@@ -244,7 +301,10 @@ class ParamSet:
                     "parameter once (torch.optim only warns about this)"
                 )
             seen.add(id(p))
-            check_param(p)
+            check_param(local(p))
+        # FSDP2: DTensor parameters (the kernels see their local shards), and the all-reduce that
+        # makes a sum of local squares global (None: nothing to reduce)
+        self.dtensor, self.reduce_sq = sharded_reduce(self.params)
 
     def same(self, groups: list[dict], params: list[Tensor]) -> bool:
         """``groups`` still hold these lists of these parameters (``params``: theirs, flattened)."""
@@ -285,6 +345,8 @@ class PlanCache:
             self.invalidate()
             ps = self.params = ParamSet(groups)
         grads = [p.grad for p in params]
+        if ps.dtensor:  # the kernels see the local shards
+            grads = [None if g is None else local(g) for g in grads]
         ids = list(map(id, grads))
         plan = self._last
         if plan is not None and plan.same_grads(ids, grads) and plan.still_valid():

@@ -128,6 +128,10 @@ class UniversalSAM(SAMOptimizer):
             plan = self._step_plan()
             if not plan.active:
                 return loss
+            if self._backend.plans.params.dtensor:
+                raise NotImplementedError(
+                    f"{type(self).__name__} with FSDP2 (DTensor) parameters is not supported; FusedSAM is"
+                )
             work = work_of(plan)
             step = self.param_groups[0].setdefault("usam_step", 0)
             backend = self._backend

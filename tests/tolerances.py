@@ -25,6 +25,11 @@ FP32 = {
     # scale each gradient element is rounded twice (scaled in backward, unscaled in the kernel):
     # 1 ulp per element per pass, carried over 3 steps of a small MLP with lr 0.1.
     "amp_vs_fp32": (1e-6, 1e-5),
+    # Two ranks vs one process: the gradients are averaged by an all-reduce (DDP) or a
+    # reduce-scatter (FSDP2) instead of one mean over the global batch, and the norm is a sum of two
+    # local sums: each rounds differently by an ulp; 3 steps of a small MLP with lr 0.1 carry it
+    # to ~1e-7 (3e-8 measured); a wrong norm (a local one, or one counted twice) is off by >1e-3.
+    "distributed_vs_single": (1e-6, 1e-5),
 }
 
 # Adam's step lr * m / (sqrt(v) + eps) turns an absolute gradient error d into an update error of

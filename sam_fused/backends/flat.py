@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..constants import OPT_ADAM, OPT_RESTORE, OPT_SGD
 from ..layout import is_dense
-from ..plan import Bucket, Buffers, StepPlan
+from ..plan import Bucket, Buffers, StepPlan, local
 from ..spec import Update
 from . import reference
 from .base import FUSED_KINDS as _FUSED
@@ -78,7 +78,7 @@ class FlatBackend(Backend):
 
     def perturb(self, plan: StepPlan, reduce_sq=None, direction: Buffers | None = None,
                 inv_scale: Tensor | None = None) -> Tensor:
-        sq, norm = self._scalars(plan.active[0].device)
+        sq, norm = self._scalars(plan.locals[0].device)
         extra = reference.grad_sq_sum(plan.slow, sq.device, direction, inv_scale) if plan.slow else None
         self.launch_sq(plan.buckets, extra, sq, norm, direction, inv_scale)
         if reduce_sq is not None:
@@ -96,7 +96,7 @@ class FlatBackend(Backend):
         for bucket in plan.buckets:
             self.launch_update(bucket, Update(OPT_RESTORE), None)
         for _, p, backup in plan.slow:
-            p.detach().copy_(backup)
+            local(p).detach().copy_(backup)
 
     def _fused_kind(self) -> str | None:
         """'sgd' or 'adam' when the base optimizer and its groups can run in the fused kernel."""
@@ -148,9 +148,10 @@ class FlatBackend(Backend):
         staged = []
         if plan.slow:
             for group, p, backup in plan.slow:
-                if p.dtype not in self.dtypes or is_dense(p) or not is_dense(backup) or backup.stride() != p.grad.stride():
+                t = local(p)
+                if t.dtype not in self.dtypes or is_dense(t) or not is_dense(backup) or backup.stride() != local(p.grad).stride():
                     return None
-                staged.append((p, backup))
+                staged.append((t, backup))
             buckets = buckets + self._staged_buckets(plan)
         fresh: list[Tensor] = []  # parameters whose state the update creates, after every check
         for bucket in buckets:
@@ -190,7 +191,8 @@ class FlatBackend(Backend):
         sts = sts[1]
         if bucket.state1 is not None and None not in sts:
             cached = (bucket.state1, bucket.state2)
-            if all(_same([st.get(k) for st in sts], c) for k, c in zip(keys, cached)):
+            shards = bucket.owners is not bucket.params and self.plans.params.dtensor  # FSDP2: compare local shards
+            if all(_same([local(st.get(k)) if shards else st.get(k) for st in sts], c) for k, c in zip(keys, cached)):
                 bucket.cache["state_checked"] = True  # _fill_state has nothing to do
                 return True
         bucket.cache.pop("state_dicts")  # some may be created below
@@ -203,7 +205,7 @@ class FlatBackend(Backend):
                 fresh.append(p)
                 continue
             for key in keys:
-                if st[key].stride() != dst.stride():
+                if local(st[key]).stride() != dst.stride():
                     return False
             if kind == "adam":
                 step = st["step"]
@@ -221,7 +223,7 @@ class FlatBackend(Backend):
             if cached is None or cached[0] is not state:
                 cached = bucket.cache["state_dicts"] = (state, [state[p] for p in bucket.owners])
             sts = cached[1]
-        cols = [[st[k] for st in sts] for k in keys] + [None, None]
+        cols = [[local(st[k]) for st in sts] for k in keys] + [None, None]
         if _same(cols[0], bucket.state1) and _same(cols[1], bucket.state2):
             return
         bucket.state1, bucket.state2 = cols[0], cols[1]

@@ -19,14 +19,16 @@ import torch
 from torch import Tensor
 
 from ..constants import NORM_EPS as EPS
-from ..plan import StepPlan
+from ..plan import StepPlan, local
 from .base import Amp, Backend, base_step, check_all_state
 
 
 def weighted_grad(p: Tensor, group: dict, g: Tensor | None = None, inv_scale: Tensor | None = None) -> Tensor:
     """``T * g`` in fp32 (fp64 for fp64 parameters): the quantity whose global L2 norm scales the
     perturbation; ``g`` defaults to ``p.grad``, unscaled by AMP's ``inv_scale`` when given."""
-    g = _unscaled((p.grad if g is None else g).to(_math_dtype(p)), inv_scale)
+    g = local(p.grad) if g is None else g  # FSDP2: the local shards of the gradient and parameter
+    p = local(p)
+    g = _unscaled(g.to(_math_dtype(p)), inv_scale)
     if group["adaptive"]:
         g = g * (p.detach().to(g.dtype).abs() + group["eta"])
     return g
@@ -55,13 +57,15 @@ def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, g: Tensor | N
     """Copy ``p`` into ``backup``, then ``p += e`` along ``g`` (default ``p.grad``, unscaled by AMP's
     ``inv_scale`` when given); ``p`` is left as it was if ``norm`` is not finite. fp64 parameters
     are perturbed in fp64, the others in fp32."""
+    g = local(p.grad) if g is None else g  # FSDP2: the local shards of the gradient and parameter
+    p = local(p)
     backup.copy_(p.detach())
     dt = _math_dtype(p)
     norm = norm.to(device=p.device, dtype=dt)
     ok = torch.isfinite(norm)
     scale = torch.where(ok, group["rho"] / (norm + EPS), torch.zeros_like(norm))
     w = p.detach().to(dt)
-    g = _unscaled((p.grad if g is None else g).to(dt), inv_scale)
+    g = _unscaled(g.to(dt), inv_scale)
     if group["adaptive"]:
         t = w.abs() + group["eta"]
         e = t * t * g * scale
@@ -77,7 +81,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def perturb(self, plan: StepPlan, reduce_sq=None, direction=None, inv_scale=None) -> Tensor:
-        sq = grad_sq_sum(plan.slow, plan.active[0].device, direction, inv_scale)
+        sq = grad_sq_sum(plan.slow, plan.locals[0].device, direction, inv_scale)
         if reduce_sq is not None:
             reduce_sq(sq)
         norm = sq.sqrt()
@@ -87,7 +91,7 @@ class TorchBackend(Backend):
 
     def restore(self, plan: StepPlan) -> None:
         for _, p, backup in plan.slow:
-            p.detach().copy_(backup)
+            local(p).detach().copy_(backup)
 
     def restore_and_update(self, perturbed: StepPlan, plan: StepPlan, amp: Amp | None = None) -> None:
         check_all_state(self.opt, plan)  # torch.optim would raise half-way, with state half-written

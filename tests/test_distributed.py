@@ -1,0 +1,142 @@
+"""torch.distributed on the CPU with gloo, two processes (tests/distributed_worker.py), against
+single-process transcriptions: DDP global SAM equals SAM on the global batch; DDP m-sharpness
+equals an emulation of per-rank perturbations; FSDP2 equals single-process SAM and ASAM with
+SGD-momentum and AdamW on every CPU backend; a DCP checkpoint round trip continues identically."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torch.distributed.fsdp")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import distributed_worker as W  # noqa: E402
+from sam_fused import FusedSAM, available_backends  # noqa: E402
+from tolerances import FP32  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+WORLD = 2
+BACKENDS = [b for b in ("torch", "cpu", "triton") if b in available_backends(torch.device("cpu"))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every scenario, run once by a 2-process gloo group; returns the output folder."""
+    out = tmp_path_factory.mktemp("dist")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(W.main, args=(WORLD, port, str(out), BACKENDS), nprocs=WORLD, join=True)
+    return out
+
+
+def assert_close(got, want, key="distributed_vs_single"):
+    atol, rtol = FP32[key]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def reference_sam(cls, kw, adaptive=False, steps=W.STEPS):
+    """Single-process SAM (the torch backend) on the global batch."""
+    model = W.make_model()
+    opt = FusedSAM(model.parameters(), cls, rho=0.1, adaptive=adaptive, backend="torch", **kw)
+    W.sam_steps(model, opt, W.data(steps), 0, 1)
+    return W.snapshot(model, opt), opt.grad_norm
+
+
+def test_ddp_global_sam_is_sam_on_the_global_batch(runs):
+    ranks = torch.load(runs / "ddp_global.pt")
+    for other in ranks[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0], other)), "ranks diverged"
+    want, _ = reference_sam(torch.optim.SGD, dict(lr=0.1, momentum=0.9))
+    assert_close(ranks[0], want[: len(ranks[0])])
+
+
+def test_ddp_m_sharpness_is_per_rank_perturbation(runs):
+    ranks = torch.load(runs / "ddp_m.pt")
+    for other in ranks[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0], other)), "ranks diverged"
+    # emulation: rank r perturbs with the gradient of its own half batch; the update averages the
+    # gradients at the ranks' perturbed points
+    model = W.make_model()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for x, y in W.data():
+        second = [torch.zeros_like(p) for p in params]
+        for r in range(WORLD):
+            xs, ys = W.local_batch(x, y, r, WORLD)
+            g = torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
+            norm = torch.sqrt(sum((gi.double() ** 2).sum() for gi in g))
+            with torch.no_grad():
+                saved = [p.clone() for p in params]
+                for p, gi in zip(params, g):
+                    p.add_(gi * (0.1 / (norm + 1e-12)).float())
+            g2 = torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            for acc, gi in zip(second, g2):
+                acc += gi / WORLD
+        for p, g in zip(params, second):
+            p.grad = g
+        base.step()
+    assert_close(ranks[0], [p.detach() for p in params])
+    global_sam = torch.load(runs / "ddp_global.pt")[0]
+    assert not all(torch.allclose(a, b) for a, b in zip(ranks[0], global_sam)), "m-sharpness ran as global SAM"
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("opt_name", sorted(W.OPTIMIZERS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_equals_single_process(runs, backend, opt_name, adaptive):
+    got, norm = torch.load(runs / f"fsdp_{backend}_{opt_name}_{int(adaptive)}.pt")
+    cls, kw = W.OPTIMIZERS[opt_name]
+    want, want_norm = reference_sam(cls, kw, adaptive)
+    assert_close(got, want)
+    # the norm is global: the square root of the all-reduced sum of the local squares
+    torch.testing.assert_close(norm.reshape(()), want_norm.reshape(()), atol=0, rtol=FP32["norm_vs_float64"][1])
+
+
+def test_dcp_checkpoint_round_trip_continues_identically(runs):
+    uninterrupted, resumed = torch.load(runs / f"dcp_{BACKENDS[-1]}.pt")
+    assert len(uninterrupted) == len(resumed) > 6  # parameters, exp_avg, exp_avg_sq, step
+    for a, b in zip(uninterrupted, resumed):
+        assert torch.equal(a, b)
+
+
+def test_first_pass_refuses_m_sharpness_without_ddp():
+    from sam_fused.distributed import first_pass
+
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        with first_pass(torch.nn.Linear(2, 2), m_sharpness=True):
+            pass
+    with first_pass(torch.nn.Linear(2, 2)):  # global SAM: nothing to do
+        pass
+
+
+@pytest.mark.parametrize("example, args, expect", [
+    ("ddp_sam.py", ["--m-sharpness", "--steps", "5"], "ranks identical: True"),
+    ("fsdp2_sam.py", ["--steps", "4", "--backend", "torch"], "resumed run identical: True"),
+])
+def test_torchrun_examples(example, args, expect):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(root / "examples" / example), *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert expect in res.stdout, res.stdout[-2000:]
