@@ -46,6 +46,41 @@ def local(t: Tensor | None) -> Tensor | None:
     return t
 
 
+def shard_slices(p: Tensor) -> tuple[slice, ...] | None:
+    """Where a DTensor's local shard sits in the global tensor (one slice per dimension); None for
+    any other tensor."""
+    if DTensor is None or type(p) is not DTensor:
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def shard_start(p: Tensor) -> int:
+    """The index, in the global tensor flattened in row-major order, of a DTensor's first local
+    element (0 for any other tensor); refuses a shard that is not one contiguous range there."""
+    where = shard_slices(p)
+    if where is None:
+        return 0
+    rest = 1
+    for n in p.shape[1:]:
+        rest *= n
+    if any(sl.start != 0 or sl.stop != n for sl, n in zip(where[1:], p.shape[1:])):
+        raise ValueError(f"a DTensor sharded as {p.placements}: only sharding on dimension 0 (FSDP2's) is supported here")
+    return where[0].start * rest
+
+
+def mesh_mean(loss: Tensor, p: Tensor) -> Tensor:
+    """The mean of ``loss`` over every rank of DTensor ``p``'s mesh (each has its own data), in
+    place, on the device."""
+    import torch.distributed as dist
+
+    for dim in range(p.device_mesh.ndim):
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=p.device_mesh.get_group(dim))
+    return loss
+
+
 def sharded_reduce(params: list[Tensor]):
     """(whether the parameters are DTensors (FSDP2), and a function that sums a 0-dim tensor over
     the process groups of the mesh dimensions they are sharded on, in place, on the device, with

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .backends import ALGORITHMS, make_backend
-from .backends.universal_reference import MEASURES
+from .backends.universal_reference import MEASURES, loss_tensor
+from .plan import local, mesh_mean
 from .backends.base import GroupWork
 from .optimizer import SAMOptimizer, _check_nonneg, _eager
 
@@ -128,24 +129,26 @@ class UniversalSAM(SAMOptimizer):
             plan = self._step_plan()
             if not plan.active:
                 return loss
-            if self._backend.plans.params.dtensor:
-                raise NotImplementedError(
-                    f"{type(self).__name__} with FSDP2 (DTensor) parameters is not supported; FusedSAM is"
-                )
             work = work_of(plan)
             step = self.param_groups[0].setdefault("usam_step", 0)
             backend = self._backend
-            backend.begin(work, loss)
+            if backend.plans.params.dtensor:  # FSDP2: every rank its own batch; the losses are the mean
+                anchor = plan.active[0]
+                device = local(anchor).device
+                global_loss = lambda value: mesh_mean(loss_tensor(value, device).clone(), anchor)  # noqa: E731
+            else:
+                global_loss = lambda value: value  # noqa: E731
+            backend.begin(work, global_loss(loss))
             try:
                 for i in range(self.n_samples):
                     backend.perturb(work, step, i)
                     self.zero_grad()
                     with torch.enable_grad():
                         loss_i = closure()
-                    backend.accumulate(work, i, loss_i)
+                    backend.accumulate(work, i, global_loss(loss_i))
             except BaseException:  # a sample's closure raised: the weights go back to w, exactly
                 for _, p, backup in plan.slow:
-                    p.detach().copy_(backup)
+                    local(p).detach().copy_(backup)
                 raise
             backend.finish(work)
             self.base_optimizer.step()

@@ -99,6 +99,39 @@ def run_fsdp(rank, world, out: Path, backends):
                     torch.save((snap, norm), out / f"fsdp_{backend}_{opt_name}_{int(adaptive)}.pt")
 
 
+def universal_steps(model, opt, batches, rank, world):
+    for x, y in batches:
+        xs, ys = local_batch(x, y, rank, world)
+
+        def closure():
+            loss = F.cross_entropy(model(xs), ys)
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+
+
+def make_universal(model, measure, backend):
+    from sam_fused import UniversalSAM
+
+    return UniversalSAM(model.parameters(), torch.optim.SGD, measure=measure, rho=0.05, lam=0.1, seed=3,
+                        backend=backend, lr=0.1, momentum=0.9)
+
+
+def run_universal(rank, world, out: Path, backends):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    for backend in backends:
+        for measure in ("frob", "det"):
+            model = fsdp_model(mesh)
+            universal_steps(model, make_universal(model, measure, backend), data(), rank, world)
+            params = [full(p).detach().clone() for p in model.parameters()]
+            if rank == 0:
+                torch.save(params, out / f"universal_{backend}_{measure}.pt")
+
+
 def run_dcp(rank, world, out: Path, backend):
     """Train 2 steps, save model and optimizer with DCP, load into fresh ones, train 2 more; and
     the same 4 steps without interruption."""
@@ -133,7 +166,7 @@ def run_dcp(rank, world, out: Path, backend):
         torch.save(results, out / f"dcp_{backend}.pt")
 
 
-def main(rank: int, world: int, port: int, out: str, backends: list[str]) -> None:
+def main(rank: int, world: int, port: int, out: str, backends: list[str], universal_backends: list[str]) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -142,6 +175,7 @@ def main(rank: int, world: int, port: int, out: str, backends: list[str]) -> Non
         out_dir = Path(out)
         run_ddp(rank, world, out_dir)
         run_fsdp(rank, world, out_dir, backends)
+        run_universal(rank, world, out_dir, universal_backends)
         run_dcp(rank, world, out_dir, backends[-1])
         dist.barrier()  # every rank done before the group goes away
     finally:

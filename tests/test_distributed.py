@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 WORLD = 2
 BACKENDS = [b for b in ("torch", "cpu", "triton") if b in available_backends(torch.device("cpu"))]
+UNIVERSAL_BACKENDS = [b for b in ("torch", "triton") if b in BACKENDS]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def runs(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(W.main, args=(WORLD, port, str(out), BACKENDS), nprocs=WORLD, join=True)
+    mp.spawn(W.main, args=(WORLD, port, str(out), BACKENDS, UNIVERSAL_BACKENDS), nprocs=WORLD, join=True)
     return out
 
 
@@ -102,6 +103,17 @@ def test_fsdp2_equals_single_process(runs, backend, opt_name, adaptive):
     assert_close(got, want)
     # the norm is global: the square root of the all-reduced sum of the local squares
     torch.testing.assert_close(norm.reshape(()), want_norm.reshape(()), atol=0, rtol=FP32["norm_vs_float64"][1])
+
+
+@pytest.mark.parametrize("measure", ["frob", "det"])
+@pytest.mark.parametrize("backend", UNIVERSAL_BACKENDS)
+def test_fsdp2_universal_equals_single_process(runs, backend, measure):
+    """The universal class on FSDP2: each shard takes its part of the single-process noise draw and
+    the losses are averaged over the ranks, so the run equals one process on the global batch."""
+    got = torch.load(runs / f"universal_{backend}_{measure}.pt")
+    model = W.make_model()
+    W.universal_steps(model, W.make_universal(model, measure, backend), W.data(), 0, 1)
+    assert_close(got, [p.detach() for p in model.parameters()])
 
 
 def test_dcp_checkpoint_round_trip_continues_identically(runs):

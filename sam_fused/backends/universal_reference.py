@@ -22,6 +22,7 @@ from torch import Tensor
 
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..plan import local, shard_slices
 from .base import Backend, GroupWork
 
 MEASURES = ("frob", "trace", "det")
@@ -75,41 +76,53 @@ class UniversalTorchBackend(Backend):
         self.buffers = WeakIdKeyDictionary()  # param -> {name: buffer}: g0 and the sums, freed with the param
 
     def _buf(self, p: Tensor, key: str, dtype: torch.dtype | None = None) -> Tensor:
-        """A parameter-sized buffer, allocated once (g0 in the parameter's dtype, sums in fp32)."""
-        dtype = dtype or p.dtype
+        """A parameter-sized buffer (the local shard's size for a DTensor), allocated once (g0 in the
+        parameter's dtype, sums in fp32)."""
+        t = local(p)
+        dtype = dtype or t.dtype
         bufs = self.buffers.get(p)
         if bufs is None:
             bufs = self.buffers[p] = {}
         b = bufs.get(key)
-        if b is None or b.shape != p.shape or b.dtype != dtype or b.device != p.device:
-            b = bufs[key] = torch.empty(p.shape, dtype=dtype, device=p.device)
+        if b is None or b.shape != t.shape or b.dtype != dtype or b.device != t.device:
+            b = bufs[key] = torch.empty(t.shape, dtype=dtype, device=t.device)
         return b
 
     def noise(self, work: list[GroupWork], step: int, sample: int) -> list[Tensor]:
-        """The standardized draw (z_i, or u_i in [-h, h]) of every parameter of ``work``, in order."""
+        """The standardized draw (z_i, or u_i in [-h, h]) of every parameter of ``work``, in order.
+        For a DTensor (FSDP2) the draw is of the global shape, as in a single process, and each
+        rank keeps its shard's part of it."""
         opt = self.opt
         params = [p for gw in work for p in gw.params]
         if opt.noise is not None:
-            return [z.to(device=p.device, dtype=torch.float32) for z, p in zip(opt.noise(step, sample, params), params)]
-        device = params[0].device
-        gen = torch.Generator(device=device).manual_seed(sample_seed(opt.seed, step, sample))
-        if opt.measure == "det":
-            return [(torch.rand(p.shape, generator=gen, device=device) * 2 - 1) * opt.h for p in params]
-        return [torch.randn(p.shape, generator=gen, device=device) for p in params]
+            draws = opt.noise(step, sample, params)
+        else:
+            device = local(params[0]).device
+            gen = torch.Generator(device=device).manual_seed(sample_seed(opt.seed, step, sample))
+            if opt.measure == "det":
+                draws = [(torch.rand(p.shape, generator=gen, device=device) * 2 - 1) * opt.h for p in params]
+            else:
+                draws = [torch.randn(p.shape, generator=gen, device=device) for p in params]
+        out = []
+        for z, p in zip(draws, params):
+            where = shard_slices(p)
+            z = z if where is None else z[where]
+            out.append(z.to(device=local(p).device, dtype=torch.float32))
+        return out
 
     def begin(self, work: list[GroupWork], loss: Tensor) -> None:
         self.losses = [loss_tensor(loss, self.norm_device(work))]
         for gw in work:
             for p in gw.params:
-                self.backup_for(p).copy_(p.detach())
-                self._buf(p, "g0").copy_(p.grad)
+                self.backup_for(p).copy_(local(p).detach())
+                self._buf(p, "g0").copy_(local(p.grad))
 
     def perturb(self, work: list[GroupWork], step: int, sample: int) -> None:
         zs = iter(self.noise(work, step, sample))
         for gw in work:
             for p in gw.params:
                 w = self.backup_for(p).float()
-                p.detach().copy_(w + gw.group["rho"] * next(zs))
+                local(p).detach().copy_(w + gw.group["rho"] * next(zs))
 
     def accumulate(self, work: list[GroupWork], sample: int, loss: Tensor) -> None:
         self.losses.append(loss_tensor(loss, self.norm_device(work)))
@@ -117,7 +130,7 @@ class UniversalTorchBackend(Backend):
         for gw in work:
             a = sample_weights(measure, torch.stack(self.losses), gw.group["rho"], n)[-1]
             for p in gw.params:
-                g = p.grad if p.grad is not None else torch.zeros_like(p)  # no grad at w + eps: zero
+                g = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))  # no grad at w + eps: zero
                 diff = g.float() - self.buffers[p]["g0"].float()
                 acc1 = self._buf(p, "acc1", torch.float32)
                 acc2 = self._buf(p, "acc2", torch.float32) if measure == "frob" else None
@@ -136,14 +149,14 @@ class UniversalTorchBackend(Backend):
         for gw in work:
             c1, c2 = combine_scale(self.opt.measure, losses, gw.group["rho"], gw.group["lam"], self.opt.n_samples)
             for p in gw.params:
-                p.detach().copy_(self.backup_for(p))
+                local(p).detach().copy_(self.backup_for(p))
                 bufs = self.buffers[p]
                 g = bufs["g0"].float() + c1 * bufs["acc1"].float()
                 if self.opt.measure == "frob":
                     g = g + c2 * bufs["acc2"].float()
                 if p.grad is None:
                     p.grad = torch.empty_like(p)
-                p.grad.copy_(g)
+                local(p.grad).copy_(g)
 
 
 def extra_buffers(measure: str) -> int:

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..kernels import universal as K
 from ..kernels.table import TL_DTYPES, PointerTable
 from ..layout import same_layout
-from ..plan import MAX_PLANS
+from ..plan import MAX_PLANS, local, shard_start
 from .base import GroupWork
 from .universal_reference import UniversalTorchBackend, loss_tensor, sample_seed
 
@@ -35,11 +35,13 @@ class UniversalTritonBackend(UniversalTorchBackend):
             by_dtype: dict[torch.dtype, list[tuple[Tensor, int]]] = {}
             rest = GroupWork(gw.index, gw.group)
             for p in gw.params:
-                if p.dtype in TL_DTYPES and same_layout(p, p.grad):
-                    by_dtype.setdefault(p.dtype, []).append((p, offset))
+                if p.dtype in TL_DTYPES and same_layout(local(p), local(p.grad)):
+                    # the noise of element i is drawn from (seed, offset + i): a DTensor shard takes
+                    # the draws of its elements' global positions, as in a single process
+                    by_dtype.setdefault(p.dtype, []).append((p, offset + shard_start(p)))
                 else:
                     rest.params.append(p)
-                offset += p.numel()
+                offset += p.numel()  # the global size for a DTensor
             fast += [(gw.group, dtype, items) for dtype, items in by_dtype.items()]
             if rest.params:
                 slow.append(rest)
@@ -56,8 +58,8 @@ class UniversalTritonBackend(UniversalTorchBackend):
         for j, (p, offset) in enumerate(items):
             bufs = (self.backup_for(p), self._buf(p, "g0"), self._buf(p, "acc1", torch.float32),
                     self._buf(p, "acc2", torch.float32) if self.opt.measure == "frob" else None)
-            cols.append((p, p.grad, *bufs, None if noise is None else noise[j], offset))
-        return table.update(items[0][0].device, cols)
+            cols.append((local(p), local(p.grad), *bufs, None if noise is None else noise[j], offset))
+        return table.update(local(items[0][0]).device, cols)
 
     def begin(self, work: list[GroupWork], loss: Tensor) -> None:
         device = self.norm_device(work)
@@ -87,7 +89,7 @@ class UniversalTritonBackend(UniversalTorchBackend):
                 zs = iter(explicit[id(p)] for gw in self._slow for p in gw.params)
                 for gw in self._slow:
                     for p in gw.params:
-                        p.detach().copy_(self.backup_for(p).float() + gw.group["rho"] * next(zs))
+                        local(p).detach().copy_(self.backup_for(p).float() + gw.group["rho"] * next(zs))
 
     def accumulate(self, work: list[GroupWork], sample: int, loss: Tensor) -> None:
         opt = self.opt
