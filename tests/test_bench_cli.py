@@ -24,15 +24,22 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert "Optimizer step alone: resnet" in text and "Training: resnet, custom, batch 2" in text
     data = json.loads(out.read_text())
     env = data["environment"]
-    for key in ("date", "torch", "triton", "device_name", "commit", "threads"):
+    for key in ("date", "torch", "triton", "device_name", "commit", "threads", "cores", "reps", "load_start",
+                "load_end", "warnings"):
         assert key in env
+    assert "spread" in text and "[quartiles]" in text
     variants = {r["variant"] for r in data["optimizer_step"]}
     assert {"sgd", "sam-baseline", "sam-torch"} <= variants
     for r in data["optimizer_step"]:
         assert r["median_ms"] > 0 and len(r["times_ms"]) == 2 and r["launches"] > 0
         assert r["bytes_per_param"] == (40 if r["variant"].startswith("sam-") else 20)
+    for r in data["optimizer_step"] + data["training"]:
+        assert r["spread"] >= 0
     train = {r["variant"]: r for r in data["training"]}
-    assert train["sgd"]["ratio_vs_sgd"] == 1.0
+    assert train["sgd"]["ratio_vs_sgd"] == 1.0 and train["sgd"]["ratio_vs_sgd_quartiles"] == [1.0, 1.0]
+    for r in train.values():  # a paired ratio's median lies within its quartiles
+        q1, q3 = r["ratio_vs_sgd_quartiles"]
+        assert q1 <= r["ratio_vs_sgd"] <= q3
     assert train["sam-torch"]["extra_bytes_per_param"] == 4.0  # one fp32 backup per parameter
     assert train["sam-baseline"]["extra_bytes_per_param"] == 4.0
     # universal SAM: backup, g0 and sums (fp32): Frob-SAM 4 buffers, Trace- and Det-SAM 3
@@ -46,6 +53,42 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
         assert r["ratio"] == r["sam_us_per_tensor"] / r["sgd_us_per_tensor"]
         assert r["sam_q1"] <= r["sam_us_per_tensor"] <= r["sam_q3"]
     assert "Host cost" in text
+
+
+def test_default_run_plan_and_busy_warning(monkeypatch, capsys):
+    """Without --full the CPU run covers one model and one batch size; a load above the cores makes
+    the bench time with one thread and print a warning."""
+    import sam_fused.tools.bench.cli as bench
+
+    monkeypatch.setattr(bench, "load", lambda: 99.0)
+    before = torch.get_num_threads()
+    try:
+        rc = main(["bench", "--device", "cpu", "--steps", "2", "--warmup", "0", "--backend", "torch",
+                   "--transformer-params", "2e5", "--host-tensors", "none"])
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "timing with 1 thread" in captured.err and "s left" in captured.err
+    text = captured.out
+    assert "WARNING: the machine was busy: load average 99.0" in text
+    assert "Training: transformer, compute-heavy" in text and "optimizer-heavy" not in text and "resnet" not in text
+
+
+def test_spread_warnings():
+    from sam_fused.tools.bench.cli import warnings_for
+    from sam_fused.tools.bench.measure import paired_ratios, quartiles, rel_spread
+
+    assert rel_spread([1.0, 1.0, 1.0, 1.0]) == 0.0
+    assert rel_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == (4.0 - 2.0) / 3.0
+    assert quartiles([2.0]) == (2.0, 2.0)
+    assert paired_ratios([1.0, 2.0], [2.0, 2.0]) == [2.0, 1.0]
+    env = dict(cores=2, device="cpu", load_start=0.5, load_end=0.5)
+    calm = dict(model="m", variant="v", spread=0.05, batch_size=1)
+    assert warnings_for(env, [calm], [calm], []) == []
+    noisy = dict(calm, spread=0.3)
+    (w,) = warnings_for(env, [noisy], [calm], [])
+    assert "m step v" in w and "15%" in w
 
 
 def test_bench_help_runs_as_module():

@@ -13,19 +13,38 @@ from sam_fused.tools.cli import main  # noqa: E402
 from sam_fused.tools.compare import load_digits_split  # noqa: E402
 
 
+SMALL = ["--epochs", "2", "--probes", "4", "--landscape-steps", "5", "--width", "16", "--seeds", "2"]
+
+
 def test_compare_writes_json_and_pngs(tmp_path, capsys):
-    rc = main(["compare", "--epochs", "2", "--probes", "4", "--landscape-steps", "5", "--width", "16",
-               "--out", str(tmp_path)])
+    rc = main(["compare", *SMALL, "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "lambda_1" in out and "sgd" in out and "asam" in out
+    assert "lambda_1" in out and "sgd" in out and "asam" in out and "+-" in out and "seeds 0..1" in out
+    assert "sam - sgd, test accuracy per seed" in out
     data = json.loads((tmp_path / "compare.json").read_text())
-    assert set(data["results"]) == {"sgd", "sam", "asam"}
-    for r in data["results"].values():
-        assert 0 <= r["test_acc"] <= 1 and r["lambda_1"] > 0 and len(r["eigenvalues"]) == 5
-        assert r["lambda_1_over_5"] >= 1
+    assert data["seeds"] == [0, 1] and data["machine"]
+    assert set(data["summary"]) == {"sgd", "sam", "asam"}
+    for per_seed in data["per_seed"]:
+        for r in per_seed.values():
+            assert 0 <= r["test_acc"] <= 1 and r["lambda_1"] > 0 and len(r["eigenvalues"]) == 5
+            assert r["lambda_1_over_5"] >= 1
+    for figs in data["summary"].values():
+        acc = figs["test_acc"]
+        assert len(acc["values"]) == 2 and abs(acc["mean"] - sum(acc["values"]) / 2) < 1e-12 and acc["std"] >= 0
     for name in ("landscape_1d.png", "landscape_2d.png", "spectrum.png"):
         assert (tmp_path / name).stat().st_size > 5000
+
+
+def test_compare_is_deterministic_for_a_seed(tmp_path):
+    """Two runs with the same seeds and thread count give the same figures, bit for bit."""
+    runs = []
+    for i in range(2):
+        out = tmp_path / str(i)
+        assert main(["compare", *SMALL, "--optimizer", "sgd", "--optimizer", "sam", "--out", str(out)]) == 0
+        data = json.loads((out / "compare.json").read_text())
+        runs.append([{k: v for k, v in r.items() if k != "train_seconds"} for seed in data["per_seed"] for r in seed.values()])
+    assert runs[0] == runs[1]
 
 
 def test_label_noise_flips_the_requested_fraction_to_other_classes():

@@ -4,10 +4,15 @@ The data set is scikit-learn's handwritten digits (1797 8x8 images, shipped with
 standardized and split into train and test sets; a fraction of the training labels (default 20%)
 is flipped to another class at random, the setting where SAM's robustness shows. The same MLP,
 from the same initialization, is trained by each optimizer through the public ``FusedSAM`` API.
-For each it reports train/test loss and accuracy (train accuracy on the noisy labels it was given),
-the generalization gap, the top Hessian eigenvalue lambda_1 and lambda_1/lambda_5, the Hessian
-trace (training loss, full batch), and the wall time; it saves 1-D and 2-D loss landscapes along
-filter-normalized directions, the Hessian spectral densities, and a JSON of every figure.
+
+Every figure is measured over several seeds (default 5: the split, the label noise, the
+initialization and the batch order all change with the seed) and reported as the mean and the
+standard deviation over the seeds: train/test loss and accuracy (train accuracy on the noisy
+labels it was given), the generalization gap, the top Hessian eigenvalue lambda_1 and
+lambda_1/lambda_5, the Hessian trace (training loss, full batch), and the wall time. A run is
+deterministic for a given seed and thread count. For the first seed it saves 1-D and 2-D loss
+landscapes along filter-normalized directions and the Hessian spectral densities; the JSON holds
+every figure of every seed.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def add_parser(sub) -> None:
                    help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
-    p.add_argument("--epochs", type=int, default=150, help="training epochs (default: 150)")
+    p.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of the SGD-momentum base (default: 0.05)")
     p.add_argument("--rho", type=float, default=0.05, help="SAM's rho (default: 0.05)")
@@ -48,7 +53,13 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int, default=128, help="hidden width of the MLP (default: 128)")
     p.add_argument("--probes", type=int, default=50, help="Hutchinson probes for the trace (default: 50)")
     p.add_argument("--landscape-steps", type=int, default=31, help="points per landscape axis (default: 31)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the noise and the init (default: 0)")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="number of seeds, each a run of every optimizer (default: 5); figures are mean and "
+                        "standard deviation over them")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed of the split, the noise, the init and the batch order (default: 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default: 1: the figures then depend on the seed only)")
     p.add_argument("--out", type=Path, default=Path("sam-compare"), help="folder for the PNGs and JSON")
     p.set_defaults(func=run)
 
@@ -80,7 +91,7 @@ def mlp(width: int, seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
-def make_optimizer(name: str, params, args):
+def make_optimizer(name: str, params, args, seed: int | None = None):
     base = dict(lr=args.lr, momentum=0.9, weight_decay=5e-4)
     if name == "sgd":
         return torch.optim.SGD(params, **base)
@@ -90,7 +101,7 @@ def make_optimizer(name: str, params, args):
         return FusedSAM(params, torch.optim.SGD, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
     if name in ("frob", "trace", "det"):
         lam = {} if getattr(args, "lam", None) is None else dict(lam=args.lam)
-        return UniversalSAM(params, torch.optim.SGD, measure=name, seed=args.seed, **lam, **base)
+        return UniversalSAM(params, torch.optim.SGD, measure=name, seed=args.seed if seed is None else seed, **lam, **base)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -123,26 +134,29 @@ def evaluate(model, x, y) -> tuple[float, float]:
         return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
 
-def run(args) -> int:
-    from .sharpness import hessian_eigenvalues, hessian_spectrum, hessian_trace, loss_landscape, plot_landscapes
+FIGURES = ("train_loss", "train_acc", "train_acc_clean_labels", "test_loss", "test_acc", "gap_acc", "gap_loss",
+           "lambda_1", "lambda_1_over_5", "trace", "train_seconds")
 
-    names = args.optimizer or list(DEFAULT_OPTIMIZERS)
-    x_tr, y_tr, y_clean, x_te, y_te = load_digits_split(args.noise, args.seed)
+
+def run_seed(names, args, seed: int, verbose_prefix: str = ""):
+    """Train every optimizer with one seed; (figures per optimizer, trained models)."""
+    from .sharpness import hessian_eigenvalues, hessian_trace
+
+    x_tr, y_tr, y_clean, x_te, y_te = load_digits_split(args.noise, seed)
     train_data = [(x_tr, y_tr)]
     results, models = {}, {}
     for name in names:
-        print(f"[{names.index(name) + 1}/{len(names)}] training {name} for {args.epochs} epochs ...", file=sys.stderr)
-        model = mlp(args.width, args.seed)
-        opt = make_optimizer(name, model.parameters(), args)
+        print(f"{verbose_prefix}training {name} for {args.epochs} epochs ...", file=sys.stderr)
+        model = mlp(args.width, seed)
+        opt = make_optimizer(name, model.parameters(), args, seed)
         t0 = time.perf_counter()
-        train(model, opt, x_tr, y_tr, args.epochs, args.batch_size, args.seed)
+        train(model, opt, x_tr, y_tr, args.epochs, args.batch_size, seed)
         wall = time.perf_counter() - t0
         tr_loss, tr_acc = evaluate(model, x_tr, y_tr)
         _, tr_clean_acc = evaluate(model, x_tr, y_clean)
         te_loss, te_acc = evaluate(model, x_te, y_te)
-        print(f"      measuring sharpness of {name} ...", file=sys.stderr)
-        top = hessian_eigenvalues(model, F.cross_entropy, train_data, k=5, tol=1e-4, seed=args.seed)
-        trace = hessian_trace(model, F.cross_entropy, train_data, num_probes=args.probes, seed=args.seed)
+        top = hessian_eigenvalues(model, F.cross_entropy, train_data, k=5, tol=1e-4, seed=seed)
+        trace = hessian_trace(model, F.cross_entropy, train_data, num_probes=args.probes, seed=seed)
         results[name] = dict(
             train_loss=tr_loss, train_acc=tr_acc, train_acc_clean_labels=tr_clean_acc, test_loss=te_loss,
             test_acc=te_acc, gap_acc=tr_acc - te_acc, gap_loss=te_loss - tr_loss,
@@ -150,25 +164,59 @@ def run(args) -> int:
             trace=trace.value, trace_stderr=trace.stderr, train_seconds=wall,
         )
         models[name] = model
+    return results, models, train_data
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation (n - 1) over the seeds of every figure, per optimizer."""
+    out = {}
+    for name in per_seed[0]:
+        out[name] = {}
+        for key in FIGURES:
+            values = np.array([r[name][key] for r in per_seed], dtype=float)
+            out[name][key] = dict(mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                                  values=values.tolist())
+    return out
+
+
+def run(args) -> int:
+    from .sharpness import hessian_spectrum, loss_landscape, plot_landscapes
+
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be at least 1")
+    torch.set_num_threads(args.threads)
+    names = args.optimizer or list(DEFAULT_OPTIMIZERS)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    per_seed, t_start = [], time.perf_counter()
+    for i, seed in enumerate(seeds):
+        left = ""
+        if i:
+            left = f", about {(time.perf_counter() - t_start) / i * (len(seeds) - i):.0f} s left"
+        results, models, train_data = run_seed(names, args, seed, f"[seed {seed}, {i + 1}/{len(seeds)}{left}] ")
+        per_seed.append(results)
+        if i == 0:
+            first_models, first_data = models, train_data
 
     args.out.mkdir(parents=True, exist_ok=True)
-    print("      loss landscapes and spectra ...", file=sys.stderr)
+    print(f"      loss landscapes and spectra (seed {seeds[0]}) ...", file=sys.stderr)
     steps = args.landscape_steps
-    one = {n: loss_landscape(m, F.cross_entropy, train_data, dims=1, steps=steps, span=1.0, seed=args.seed)
-           for n, m in models.items()}
-    two = {n: loss_landscape(m, F.cross_entropy, train_data, dims=2, steps=max(steps // 2 + 1, 5), span=1.0,
-                             seed=args.seed) for n, m in models.items()}
+    one = {n: loss_landscape(m, F.cross_entropy, first_data, dims=1, steps=steps, span=1.0, seed=seeds[0])
+           for n, m in first_models.items()}
+    two = {n: loss_landscape(m, F.cross_entropy, first_data, dims=2, steps=max(steps // 2 + 1, 5), span=1.0,
+                             seed=seeds[0]) for n, m in first_models.items()}
     files = [plot_landscapes(one, args.out / "landscape_1d.png"), plot_landscapes(two, args.out / "landscape_2d.png")]
-    spectra = {n: hessian_spectrum(m, F.cross_entropy, train_data, num_probes=2, lanczos_steps=40, seed=args.seed)
-               for n, m in models.items()}
+    spectra = {n: hessian_spectrum(m, F.cross_entropy, first_data, num_probes=2, lanczos_steps=40, seed=seeds[0])
+               for n, m in first_models.items()}
     files.append(_plot_spectra(spectra, args.out / "spectrum.png"))
 
-    print(_table(results, args))
+    summary = summarize(per_seed)
+    print(_table(summary, args, seeds))
+    print(_verdict(summary))
     payload = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), sam_fused=__version__,
-        torch=torch.__version__, config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                          if k != "func"},
-        results=results,
+        torch=torch.__version__, machine=_machine(), threads=torch.get_num_threads(), seeds=seeds,
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+        summary=summary, per_seed=per_seed,
         landscape_1d={n: dict(alphas=l.alphas.tolist(), losses=l.losses.tolist()) for n, l in one.items()},
     )
     (args.out / "compare.json").write_text(json.dumps(payload, indent=1))
@@ -177,16 +225,52 @@ def run(args) -> int:
     return 0
 
 
-def _table(results: dict, args) -> str:
-    head = (f"digits, {args.noise:.0%} of training labels flipped, MLP width {args.width}, {args.epochs} epochs\n"
-            f"{'optimizer':9s} {'train loss':>10s} {'train acc':>9s} {'test loss':>9s} {'test acc':>8s} "
-            f"{'gap (acc)':>9s} {'lambda_1':>9s} {'l1/l5':>6s} {'trace':>9s} {'time s':>7s}")
-    rows = [head, "-" * len(head.splitlines()[-1])]
-    for name, r in results.items():
-        rows.append(f"{name:9s} {r['train_loss']:10.4f} {r['train_acc']:9.3f} {r['test_loss']:9.4f} "
-                    f"{r['test_acc']:8.3f} {r['gap_acc']:9.3f} {r['lambda_1']:9.2f} {r['lambda_1_over_5']:6.2f} "
-                    f"{r['trace']:9.1f} {r['train_seconds']:7.1f}")
-    return "\n".join(rows)
+def _machine() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _verdict(summary: dict) -> str:
+    """Each SAM variant against SGD, seed by seed (the same split, labels, initialization and batch
+    order): the mean of the per-seed differences of test accuracy and their standard deviation.
+    Beyond the spread when the mean difference exceeds that deviation."""
+    if "sgd" not in summary:
+        return ""
+    sgd = np.array(summary["sgd"]["test_acc"]["values"])
+    lines = []
+    for name, figs in summary.items():
+        if name == "sgd":
+            continue
+        diff = np.array(figs["test_acc"]["values"]) - sgd
+        mean, std = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else float("nan")
+        word = "above SGD" if mean > std else "below SGD" if mean < -std else "within the seed spread"
+        lines.append(f"{name} - sgd, test accuracy per seed: {mean:+.3f} +- {std:.3f} "
+                     f"({int((diff > 0).sum())} of {len(diff)} seeds higher): {word}")
+    return "\n".join(lines)
+
+
+def _table(summary: dict, args, seeds: list[int]) -> str:
+    cols = [("train loss", "train_loss", 4), ("train acc", "train_acc", 3), ("test loss", "test_loss", 4),
+            ("test acc", "test_acc", 3), ("gap (acc)", "gap_acc", 3), ("lambda_1", "lambda_1", 2),
+            ("l1/l5", "lambda_1_over_5", 2), ("trace", "trace", 1), ("time s", "train_seconds", 1)]
+    cell = lambda f, d: f"{f['mean']:.{d}f} +- {f['std']:.{d}f}"  # noqa: E731
+    rows = [[name] + [cell(figs[key], d) for _, key, d in cols] for name, figs in summary.items()]
+    headers = ["optimizer"] + [c[0] for c in cols]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    head = (f"digits, {args.noise:.0%} of training labels flipped, MLP width {args.width}, {args.epochs} epochs, "
+            f"seeds {seeds[0]}..{seeds[-1]} (mean +- standard deviation over {len(seeds)} seeds), "
+            f"{torch.get_num_threads()} thread(s)")
+    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    out = [head, line, "-" * len(line)]
+    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(out)
 
 
 def _plot_spectra(spectra: dict, path: Path) -> Path:

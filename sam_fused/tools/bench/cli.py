@@ -1,9 +1,19 @@
 """``sam-fused bench``: host cost, optimizer step, training throughput and memory of SAM, side by side.
 
 Every figure of one run is measured in that run, on one device: the per-parameter baseline, the
-reference backend, the fused backends, and SGD for scale. The host-cost table times FusedSAM's
-first_step + second_step against one fused SGD step on many tiny tensors (host time: on a GPU the
-time to enqueue, with the kernels' time beside it).
+reference backend, the fused backends, and SGD for scale, timed in turn (one call of each per
+round) and printed as a median with its spread (the interquartile range; ratios from the
+round-by-round pairs). The host-cost table times FusedSAM's first_step + second_step against one
+fused SGD step on many tiny tensors (host time: on a GPU the time to enqueue, with the kernels'
+time beside it).
+
+On the CPU the default run answers the main question in about a minute on two cores: host cost
+at 100 and 1000 tensors, the optimizer step of the transformer against the per-parameter
+baseline and SGD (bandwidth as a fraction of a copy), and one SAM/SGD training-throughput ratio.
+``--full`` adds the ResNet, the optimizer-heavy batch size and 10000 tensors (the default on a
+GPU). The bench warns when the machine is busy (load above its cores) or a figure's spread is
+wide; on a busy CPU it times with one thread unless ``--threads`` says otherwise, since OpenMP's
+threads then wait on each other far more than they compute.
 """
 
 from __future__ import annotations
@@ -12,9 +22,11 @@ import argparse
 import copy
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +37,8 @@ from ..cli import plain
 from .baseline import PerParameterSAM
 from .host import format_rows as format_host_rows
 from .host import host_cost
-from .measure import bytes_per_param, copy_bandwidth, count_launches, held_bytes, median, sync, time_ms
+from .measure import (bytes_per_param, copy_bandwidth, count_launches, held_bytes, median, paired_ratios, quartiles,
+                      rel_spread, sync, time_ms)
 from .models import MODELS, build
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +57,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
     p.add_argument("--model", action="append", choices=MODELS,
-                   help="model to run, repeatable (default: resnet and transformer)")
+                   help="model to run, repeatable (default: transformer; with --full or on a GPU, resnet and "
+                        "transformer)")
+    p.add_argument("--full", action="store_true",
+                   help="every section: both models, both batch sizes, 10000 tensors in the host table "
+                        "(the default on a GPU)")
     p.add_argument("--backend", action="append",
                    help="FusedSAM backend to measure, repeatable (default: every backend that runs "
                         "natively on the device; the torch reference is always measured)")
@@ -53,40 +70,87 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed repetitions per figure (default: 20 on GPU, 10 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default: 3)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="train at this batch size only (default: a compute-heavy and an optimizer-heavy one per model)")
+                   help="train at this batch size only (default: the model's compute-heavy batch size; with "
+                        "--full, also an optimizer-heavy one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default: float32)")
     p.add_argument("--transformer-params", type=float, default=None,
                    help="approximate transformer size (default: 1e8 on GPU, 2e6 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 when the machine is busy)")
     p.add_argument("--no-train", action="store_true", help="measure the optimizer step only")
     p.add_argument("--universal", action="store_true",
                    help="also train with Frob-SAM, Trace-SAM and Det-SAM (n = 2; training table only, "
                         "with their cost relative to SGD and to SAM)")
-    p.add_argument("--host-tensors", default="100,1000,10000",
+    p.add_argument("--host-tensors", default=None,
                    help="tensor counts of the host-cost table, comma-separated; 'none' skips it "
-                        "(default: 100,1000,10000)")
+                        "(default: 100,1000; with --full or on a GPU, 100,1000,10000)")
     p.add_argument("--json", type=Path, default=None, help="write every figure and the environment to this file")
     p.set_defaults(func=run)
 
 
 class Progress:
-    """One line on stderr: a bar, a count and what runs now."""
+    """One line on stderr: a bar, the time left and what runs now. Each task has a weight (its
+    expected share of the run); the time left is the elapsed time scaled by the weight left."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
+    def __init__(self, total: float) -> None:
+        self.total, self.done, self.tty = total, 0.0, sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self._weight = 1.0
 
-    def start(self, label: str) -> None:
+    def start(self, label: str, weight: float = 1.0) -> None:
+        self._weight = weight
         width = 24
-        filled = width * self.done // max(self.total, 1)
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label}"
+        filled = int(width * self.done / max(self.total, 1e-9))
+        elapsed = time.perf_counter() - self.t0
+        left = f", ~{elapsed / self.done * (self.total - self.done):.0f} s left" if self.done > 0 else ""
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {elapsed:.0f} s{left}: {label}"
         sys.stderr.write(("\r\033[K" + line) if self.tty else line + "\n")
         sys.stderr.flush()
 
     def finish(self) -> None:
-        self.done += 1
-        if self.done == self.total and self.tty:
+        self.done += self._weight
+        if self.done >= self.total - 1e-9 and self.tty:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load() -> float | None:
+    """The 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+# A figure whose interquartile range exceeds this fraction of its median is flagged.
+SPREAD_WARN = 0.15
+
+
+def warnings_for(env: dict, step_rows, train_rows, host_rows) -> list[str]:
+    """What makes this run's figures doubtful: load above the cores, wide spreads."""
+    out = []
+    cores = env["cores"]
+    for when in ("load_start", "load_end"):
+        value = env.get(when)
+        if value is not None and env["device"] == "cpu" and value > cores:
+            out.append(f"the machine was busy: load average {value:.1f} on {cores} cores at the "
+                       f"{when.split('_')[1]} of the run; the timings are unreliable")
+    wide = [f"{r['model']} step {r['variant']}" for r in step_rows if r["spread"] > SPREAD_WARN]
+    wide += [f"{r['model']} training {r['variant']} (batch {r['batch_size']})" for r in train_rows
+             if r["spread"] > SPREAD_WARN]
+    wide += [f"host cost at {r['tensors']} tensors ({r['grads']} grads)" for r in host_rows
+             if r["sam_q3"] - r["sam_q1"] > SPREAD_WARN * r["sam_us_per_tensor"]]
+    if wide:
+        out.append(f"spread (interquartile range) above {SPREAD_WARN:.0%} of the median for: " + "; ".join(wide)
+                   + ". Rerun on a quiet machine or with more --steps")
+    return out
 
 
 def environment(device: torch.device) -> dict:
@@ -97,6 +161,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": device.type,
         "threads": torch.get_num_threads(),
+        "cores": cpu_count(),
     }
     try:
         import triton
@@ -196,13 +261,13 @@ def optimizer_step_table(workload, variant_names, base, device, dtype, warmup, r
     kind = BASES[base][2]
     steps = {}
     for name in variant_names:
-        progress.start(f"{workload.name}: optimizer step, {name}: building")
+        progress.start(f"{workload.name}: optimizer step, {name}: building", 0.1)
         ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
         for p, g in zip(ps, grads):
             p.grad = g
         steps[name] = _sam_or_plain_step(name, make_optimizer(name, ps, base))
         progress.finish()
-    progress.start(f"{workload.name}: optimizer step, {len(steps)} variants in turn")
+    progress.start(f"{workload.name}: optimizer step, {len(steps)} variants in turn", len(steps))
     times = time_ms(steps, device, warmup, reps)
     launches = {name: count_launches(step, device) for name, step in steps.items()}  # state exists by now
     progress.finish()
@@ -212,11 +277,13 @@ def optimizer_step_table(workload, variant_names, base, device, dtype, warmup, r
         ms = median(times[name])
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append(dict(model=workload.name, variant=name, params=n_params, tensors=len(params),
-                         median_ms=ms, times_ms=times[name], launches=launches[name],
+                         median_ms=ms, times_ms=times[name], spread=rel_spread(times[name]), launches=launches[name],
                          bytes_per_param=nbytes / n_params, gbs=gbs, roofline=gbs / copy_gbs))
-    base_ms = next(r["median_ms"] for r in rows if r["variant"] == "sam-baseline")
+    base = times["sam-baseline"]
     for r in rows:
-        r["speedup_vs_baseline"] = base_ms / r["median_ms"]
+        ratios = paired_ratios(times[r["variant"]], base)
+        r["speedup_vs_baseline"] = median(ratios)
+        r["speedup_quartiles"] = quartiles(ratios)
     return rows
 
 
@@ -227,7 +294,7 @@ def train_table(workload, variant_names, base, device, warmup, reps, batch_sizes
         batch = workload.make_batch(bs)
         steps, opts = {}, {}
         for name in variant_names:
-            progress.start(f"{workload.name}: training, {setting} (batch {bs}), {name}: building")
+            progress.start(f"{workload.name}: training, {setting} (batch {bs}), {name}: building", 0.1)
             model = copy.deepcopy(workload.model)
             opts[name] = make_optimizer(name, list(model.parameters()), base)
 
@@ -238,7 +305,8 @@ def train_table(workload, variant_names, base, device, warmup, reps, batch_sizes
 
             steps[name] = _sam_or_plain_step(name, opts[name], closure)
             progress.finish()
-        progress.start(f"{workload.name}: training, {setting} (batch {bs}), {len(steps)} variants in turn")
+        progress.start(f"{workload.name}: training, {setting} (batch {bs}), {len(steps)} variants in turn",
+                       3 * len(steps))
         times = time_ms(steps, device, warmup, reps)
         peaks = {}
         if device.type == "cuda":
@@ -254,13 +322,16 @@ def train_table(workload, variant_names, base, device, warmup, reps, batch_sizes
         for name in variant_names:
             ms = median(times[name])
             setting_rows.append(dict(model=workload.name, setting=setting, batch_size=bs, variant=name,
-                                     median_ms=ms, times_ms=times[name], samples_per_s=bs / (ms * 1e-3),
+                                     median_ms=ms, times_ms=times[name], spread=rel_spread(times[name]),
+                                     samples_per_s=bs / (ms * 1e-3),
                                      held_bytes=held_bytes(opts[name]), peak_bytes=peaks.get(name), params=n_params))
         sgd = setting_rows[0]
         sam = [r for r in setting_rows if r["variant"].startswith("sam-") and r["variant"] != "sam-baseline"][-1]
         for r in setting_rows:
-            r["ratio_vs_sgd"] = r["samples_per_s"] / sgd["samples_per_s"]
-            r["ratio_vs_sam"] = r["samples_per_s"] / sam["samples_per_s"]
+            # throughput ratios from the round-by-round pairs: the time of SGD's step over this one's
+            vs_sgd = paired_ratios(r["times_ms"], sgd["times_ms"])
+            r["ratio_vs_sgd"], r["ratio_vs_sgd_quartiles"] = median(vs_sgd), quartiles(vs_sgd)
+            r["ratio_vs_sam"] = median(paired_ratios(r["times_ms"], sam["times_ms"]))
             r["extra_bytes_per_param"] = (r["held_bytes"] - sgd["held_bytes"]) / n_params
             if r["peak_bytes"] is not None:
                 r["extra_peak_bytes_per_param"] = (r["peak_bytes"] - sgd["peak_bytes"]) / n_params
@@ -280,9 +351,10 @@ def _fmt_table(headers: list[str], rows: list[list]) -> str:
 
 
 def report(env, copy_gbs, step_rows, train_rows, host_rows=()) -> str:
-    out = [f"sam-fused bench: {env['device_name']} ({env['device']}, {env['threads']} threads), torch "
-           f"{env['torch']}, triton {env['triton']}, {env['date']}",
-           f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s", ""]
+    out = [f"sam-fused bench: {env['device_name']} ({env['device']}, {env['threads']} threads on {env['cores']} cores), "
+           f"torch {env['torch']}, triton {env['triton']}, commit {(env['commit'] or '?')[:10]}, {env['date']}",
+           f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s; figures: median of {env['reps']} rounds, "
+           "spread = interquartile range / median", ""]
     if host_rows:
         r0 = host_rows[0]
         gpu = env["device"] == "cuda"
@@ -297,20 +369,25 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=()) -> str:
         rs = [r for r in step_rows if r["model"] == model]
         out.append(f"Optimizer step alone: {model}, {rs[0]['params'] / 1e6:.2f}M params in {rs[0]['tensors']} tensors")
         out.append(_fmt_table(
-            ["variant", "median ms", unit, "B/param", "GB/s", "of copy", "vs baseline"],
-            [[r["variant"], f"{r['median_ms']:.3f}", r["launches"], f"{r['bytes_per_param']:.0f}",
-              f"{r['gbs']:.1f}", f"{100 * r['roofline']:.0f}%", f"{r['speedup_vs_baseline']:.2f}x"] for r in rs]))
+            ["variant", "median ms", "spread", unit, "B/param", "GB/s", "of copy", "vs baseline [quartiles]"],
+            [[r["variant"], f"{r['median_ms']:.3f}", f"{100 * r['spread']:.0f}%", r["launches"],
+              f"{r['bytes_per_param']:.0f}", f"{r['gbs']:.1f}", f"{100 * r['roofline']:.0f}%",
+              f"{r['speedup_vs_baseline']:.2f}x [{r['speedup_quartiles'][0]:.2f}, {r['speedup_quartiles'][1]:.2f}]"]
+             for r in rs]))
         out.append("")
     for key in dict.fromkeys((r["model"], r["setting"], r["batch_size"]) for r in train_rows):
         rs = [r for r in train_rows if (r["model"], r["setting"], r["batch_size"]) == key]
         out.append(f"Training: {key[0]}, {key[1]}, batch {key[2]}  (SAM/SGD ideal: 0.5)")
         universal = any(r["variant"].startswith("usam-") for r in rs)
-        headers = ["variant", "median ms", "samples/s", "vs SGD"] + (["vs SAM"] if universal else []) + ["extra B/param"]
+        headers = (["variant", "median ms", "spread", "samples/s", "vs SGD [quartiles]"] + (["vs SAM"] if universal else [])
+                   + ["extra B/param"])
         if rs[0]["peak_bytes"] is not None:
             headers.append("extra peak B/param")
         table = []
         for r in rs:
-            row = [r["variant"], f"{r['median_ms']:.2f}", f"{r['samples_per_s']:.1f}", f"{r['ratio_vs_sgd']:.3f}"]
+            q = r["ratio_vs_sgd_quartiles"]
+            row = [r["variant"], f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%", f"{r['samples_per_s']:.1f}",
+                   f"{r['ratio_vs_sgd']:.3f} [{q[0]:.3f}, {q[1]:.3f}]"]
             row += [f"{r['ratio_vs_sam']:.3f}"] if universal else []
             row += [f"{r['extra_bytes_per_param']:.1f}"]
             if r["peak_bytes"] is not None:
@@ -318,6 +395,8 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=()) -> str:
             table.append(row)
         out.append(_fmt_table(headers, table))
         out.append("")
+    for w in env.get("warnings", ()):
+        out.append(f"WARNING: {w}")
     return "\n".join(out)
 
 
@@ -326,8 +405,16 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("sam-fused bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    full = args.full or device.type == "cuda"
+    load_start, cores = load(), cpu_count()
+    busy_threads = None
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and load_start is not None and load_start > cores:
+        busy_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        print(f"sam-fused bench: the machine is busy (load average {load_start:.1f} on {cores} cores): timing with "
+              f"1 thread instead of {busy_threads} (--threads overrides)", file=sys.stderr)
     dtype = DTYPES[args.dtype]
     reps = args.steps or (20 if device.type == "cuda" else 10)
     native = [b for b in available_backends(device) if b != "torch"]
@@ -341,33 +428,47 @@ def run(args) -> int:
         print(f"sam-fused bench: backend(s) {unknown} cannot run on {device}; available: "
               f"{available_backends(device)}", file=sys.stderr)
         return 2
-    models = args.model or ["resnet", "transformer"]
+    models = args.model or (["resnet", "transformer"] if full else ["transformer"])
     tparams = args.transformer_params or (1e8 if device.type == "cuda" else 2e6)
     names = variants(device, args.base, backends)
     universal = ["usam-frob", "usam-trace", "usam-det"] if args.universal else []
     workloads = [build(m, device, tparams, dtype) for m in models]
-    n_settings = 1 if args.batch_size else 2
-    per_setting = len(names) + 1  # building each variant, then timing them in turn
-    train_tasks = 0 if args.no_train else n_settings * (per_setting + len(universal))
-    host_counts = [] if args.host_tensors == "none" else [int(n) for n in args.host_tensors.split(",")]
+    host_spec = args.host_tensors or ("100,1000,10000" if full else "100,1000")
+    host_counts = [] if host_spec == "none" else [int(n) for n in host_spec.split(",")]
     host_backend = next((b for b in backends if b != "torch"), "torch")
-    progress = Progress(1 + bool(host_counts) + len(workloads) * (per_setting + train_tasks))
+
+    def sizes_of(w):
+        if args.batch_size:
+            return {"custom": args.batch_size}
+        return dict(w.batch_sizes) if full else {"compute-heavy": w.batch_sizes["compute-heavy"]}
+
+    # task weights: about the share of the run each takes on a 2-core CPU (building a variant is quick)
+    n_variants = len(names)
+    total = 1 + 4 * len(host_counts)
+    for w in workloads:
+        total += 0.1 * n_variants + n_variants
+        if not args.no_train:
+            total += len(sizes_of(w)) * (0.1 * (n_variants + len(universal)) + 3 * (n_variants + len(universal)))
+    progress = Progress(total)
 
     progress.start("device copy bandwidth")
     copy_gbs = copy_bandwidth(device)
     progress.finish()
     env = environment(device)
+    env.update(reps=reps, load_start=load_start, busy_threads=busy_threads, full=full)
     host_rows = []
     if host_counts:
-        progress.start(f"host cost of a step on {', '.join(map(str, host_counts))} tiny tensors ({host_backend})")
+        progress.start(f"host cost of a step on {', '.join(map(str, host_counts))} tiny tensors ({host_backend})",
+                       4 * len(host_counts))
         host_rows = host_cost(device, host_backend, host_counts, reps=reps)
         progress.finish()
     step_rows, train_rows = [], []
     for w in workloads:
         step_rows += optimizer_step_table(w, names, args.base, device, dtype, args.warmup, reps, copy_gbs, progress)
         if not args.no_train:
-            sizes = {"custom": args.batch_size} if args.batch_size else w.batch_sizes
-            train_rows += train_table(w, names + universal, args.base, device, args.warmup, reps, sizes, progress)
+            train_rows += train_table(w, names + universal, args.base, device, args.warmup, reps, sizes_of(w), progress)
+    env["load_end"] = load()
+    env["warnings"] = warnings_for(env, step_rows, train_rows, host_rows)
     print(report(env, copy_gbs, step_rows, train_rows, host_rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

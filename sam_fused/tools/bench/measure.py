@@ -60,6 +60,26 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    """(first, third) quartile; both the value itself for fewer than two values."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def rel_spread(xs: list[float]) -> float:
+    """Interquartile range over the median: the spread a figure is printed with."""
+    q1, q3 = quartiles(xs)
+    return (q3 - q1) / statistics.median(xs)
+
+
+def paired_ratios(a: list[float], b: list[float]) -> list[float]:
+    """Round by round ratios b_i / a_i of two series timed in turn (``time_ms``): drift and load
+    touch both members of a pair alike, so their spread is the ratio's own."""
+    return [y / x for x, y in zip(a, b)]
+
+
 def copy_bandwidth(device: torch.device, reps: int = 10) -> float:
     """GB/s of a large ``dst.copy_(src)``, counting bytes read plus bytes written."""
     n = (256 << 20) if device.type == "cuda" else (16 << 20)  # fp32 elements: 1 GiB / 64 MiB
