@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
                         "natively on the device; the torch reference is always measured)")
     p.add_argument("--base", choices=sorted(BASES), default="sgd",
                    help="base optimizer: sgd (momentum 0.9) or adamw (default: sgd)")
-    p.add_argument("--steps", type=int, default=None, help="timed repetitions per figure (default: 20 on GPU, 10 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed repetitions per figure (default: 20 on GPU, 30 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default: 3)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="train at this batch size only (default: the model's compute-heavy batch size; with "
@@ -416,7 +416,7 @@ def run(args) -> int:
         print(f"sam-fused bench: the machine is busy (load average {load_start:.1f} on {cores} cores): timing with "
               f"1 thread instead of {busy_threads} (--threads overrides)", file=sys.stderr)
     dtype = DTYPES[args.dtype]
-    reps = args.steps or (20 if device.type == "cuda" else 10)
+    reps = args.steps or (20 if device.type == "cuda" else 30)
     native = [b for b in available_backends(device) if b != "torch"]
     if device.type == "cpu" and triton_interpreting():
         native = [b for b in native if b != "triton"]  # the interpreter is a test tool, not a backend to time
