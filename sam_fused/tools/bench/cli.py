@@ -267,7 +267,7 @@ def optimizer_step_table(workload, variant_names, base, device, dtype, warmup, r
             p.grad = g
         steps[name] = _sam_or_plain_step(name, make_optimizer(name, ps, base))
         progress.finish()
-    progress.start(f"{workload.name}: optimizer step, {len(steps)} variants in turn", len(steps))
+    progress.start(f"{workload.name}: optimizer step, {len(steps)} variants in turn", 0.5 * len(steps))
     times = time_ms(steps, device, warmup, reps)
     launches = {name: count_launches(step, device) for name, step in steps.items()}  # state exists by now
     progress.finish()
@@ -306,7 +306,7 @@ def train_table(workload, variant_names, base, device, warmup, reps, batch_sizes
             steps[name] = _sam_or_plain_step(name, opts[name], closure)
             progress.finish()
         progress.start(f"{workload.name}: training, {setting} (batch {bs}), {len(steps)} variants in turn",
-                       3 * len(steps))
+                       4 * len(steps))
         times = time_ms(steps, device, warmup, reps)
         peaks = {}
         if device.type == "cuda":
@@ -444,11 +444,11 @@ def run(args) -> int:
 
     # task weights: about the share of the run each takes on a 2-core CPU (building a variant is quick)
     n_variants = len(names)
-    total = 1 + 4 * len(host_counts)
+    total = 1 + 2 * len(host_counts)
     for w in workloads:
-        total += 0.1 * n_variants + n_variants
+        total += 0.1 * n_variants + 0.5 * n_variants
         if not args.no_train:
-            total += len(sizes_of(w)) * (0.1 * (n_variants + len(universal)) + 3 * (n_variants + len(universal)))
+            total += len(sizes_of(w)) * (0.1 * (n_variants + len(universal)) + 4 * (n_variants + len(universal)))
     progress = Progress(total)
 
     progress.start("device copy bandwidth")
@@ -459,7 +459,7 @@ def run(args) -> int:
     host_rows = []
     if host_counts:
         progress.start(f"host cost of a step on {', '.join(map(str, host_counts))} tiny tensors ({host_backend})",
-                       4 * len(host_counts))
+                       2 * len(host_counts))
         host_rows = host_cost(device, host_backend, host_counts, reps=reps)
         progress.finish()
     step_rows, train_rows = [], []
