@@ -17,8 +17,12 @@ SMALL = ["--epochs", "2", "--probes", "4", "--landscape-steps", "5", "--width", 
 
 
 def test_compare_writes_json_and_pngs(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
     rc = main(["compare", *SMALL, "--out", str(tmp_path)])
     assert rc == 0
+    assert torch.get_num_threads() == threads  # the thread count is given back
     out = capsys.readouterr().out
     assert "lambda_1" in out and "sgd" in out and "asam" in out and "+-" in out and "seeds 0..1" in out
     assert "sam - sgd, test accuracy per seed" in out

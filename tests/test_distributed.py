@@ -145,10 +145,16 @@ def test_torchrun_examples(example, args, expect):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(root / "examples" / example), *args],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert expect in res.stdout, res.stdout[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "examples" / example), *args]
+    # its own session: on a timeout the whole group (torchrun and its ranks) is killed, none left behind
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    assert expect in stdout, stdout[-2000:]

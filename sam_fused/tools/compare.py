@@ -180,11 +180,19 @@ def summarize(per_seed: list[dict]) -> dict:
 
 
 def run(args) -> int:
-    from .sharpness import hessian_spectrum, loss_landscape, plot_landscapes
-
     if args.seeds < 1:
         raise SystemExit("--seeds must be at least 1")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # as it was: run() may be called in a process that goes on
+
+
+def _run(args) -> int:
+    from .sharpness import hessian_spectrum, loss_landscape, plot_landscapes
+
     names = args.optimizer or list(DEFAULT_OPTIMIZERS)
     seeds = list(range(args.seed, args.seed + args.seeds))
     per_seed, t_start = [], time.perf_counter()
