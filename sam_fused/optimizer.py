@@ -476,7 +476,8 @@ class FusedSAM(SAMOptimizer):
           returned (the loss at ``w`` is the one already computed).
 
         Which one is told by the gradients, not guessed: a hook on each parameter (registered on the
-        first ``step(closure)``) records whether a backward wrote a gradient since the last SAM step.
+        first ``step(closure)``) records whether a backward wrote a gradient since the last SAM step;
+        on that first call, before any hook can have fired, a gradient present counts as one.
         If the closure (or the update) raises after the perturbation, the weights are restored
         exactly before the exception propagates.
 
