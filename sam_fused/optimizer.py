@@ -52,6 +52,18 @@ def _called_by_dcp_state_init() -> bool:
     return False
 
 
+def _uniform(seed: int, step: int) -> float:
+    """A number in [0, 1) from (seed, step) alone (splitmix64): RST's coin, the same on every run
+    and after a checkpoint."""
+    x = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return (x >> 11) / float(2**53)
+
+
 def _check_nonneg(name: str, value) -> None:
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf")
             or value > 1e30):
@@ -267,7 +279,17 @@ class FusedSAM(SAMOptimizer):
             or the CPU under ``TRITON_INTERPRET=1``), ``"cuda"`` / ``"cpu"`` (native C++ kernels from
             ``csrc/``), or ``None``: Triton on CUDA, the native kernels on the CPU when they build,
             else the reference.
+        interval: SAM on every ``interval``-th ``step(closure)`` (steps 0, k, 2k, ...), a plain
+            base-optimizer step (one forward/backward) on the others. None: SAM on every step.
+        sam_probability: randomized SAM (RST, Zhao et al. 2022): each ``step(closure)`` is a SAM
+            step with this probability, decided from ``(seed, step)`` alone, so a run is
+            reproducible and a resumed checkpoint makes the same choices. Not with ``interval``.
+        seed: the seed of those choices.
         **base_kwargs: handed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
+
+    ``interval`` and ``sam_probability`` act through ``step(closure)`` only (``first_step`` /
+    ``second_step`` called by hand are a SAM step by definition); the count of ``step(closure)``
+    calls is kept as ``"sam_step"`` in every param group, so it is in ``state_dict()``.
 
     ``param_groups`` is the base optimizer's own list, so LR schedulers, ``add_param_group`` and
     per-group hyperparameters work on this object directly. ``grad_norm`` holds, after each
@@ -291,12 +313,26 @@ class FusedSAM(SAMOptimizer):
         adaptive: bool = False,
         eta: float = 0.0,
         backend: str | None = None,
+        interval: int | None = None,
+        sam_probability: float | None = None,
+        seed: int = 0,
         **base_kwargs,
     ) -> None:
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ValueError(f"interval must be a positive integer or None, got {interval!r}")
+        if sam_probability is not None:
+            if interval is not None:
+                raise ValueError("interval and sam_probability exclude each other")
+            if isinstance(sam_probability, bool) or not isinstance(sam_probability, (int, float)) or not (
+                    0.0 < sam_probability <= 1.0):
+                raise ValueError(f"sam_probability must be in (0, 1], got {sam_probability!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.interval, self.sam_probability, self.seed = interval, sam_probability, seed
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
         super().__init__(params, base_optimizer, defaults, backend, base_kwargs)
         self._grad_norm: Tensor | None = None
@@ -503,7 +539,17 @@ class FusedSAM(SAMOptimizer):
             )
         closure = torch.enable_grad()(closure)
         loss = None
-        if not self._watch.backward_ran(self):
+        ran = self._watch.backward_ran(self)
+        step = self.param_groups[0].get("sam_step", 0)
+        for group in self.param_groups:
+            group["sam_step"] = step + 1
+        if not self.is_sam_step(step):  # a plain base-optimizer step: one forward/backward
+            loss = None if ran else closure()
+            self.base_optimizer.step()
+            self._end_step()
+            self._opt_called = True
+            return loss
+        if not ran:
             loss = closure()
         self.first_step(zero_grad=True)
         try:
@@ -513,6 +559,14 @@ class FusedSAM(SAMOptimizer):
             self.restore()
             raise
         return loss
+
+    def is_sam_step(self, step: int) -> bool:
+        """Whether ``step(closure)`` number ``step`` (counted from 0) is a SAM step."""
+        if self.interval is not None:
+            return step % self.interval == 0
+        if self.sam_probability is not None:
+            return _uniform(self.seed, step) < self.sam_probability
+        return True
 
     def _scaler_second_step(self, closure) -> None:
         """``scaler.step(opt)``: the second step with the scaler's ``grad_scale`` (None when the
