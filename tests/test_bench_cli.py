@@ -17,7 +17,7 @@ from sam_fused.tools.cli import main
 def test_bench_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--device", "cpu", "--model", "resnet", "--steps", "2", "--warmup", "1",
-               "--backend", "torch", "--batch-size", "2", "--universal", "--host-tensors", "10,30",
+               "--backend", "torch", "--batch-size", "2", "--universal", "--efficient", "--host-tensors", "10,30",
                "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -46,6 +46,9 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert train["usam-frob"]["extra_bytes_per_param"] == 16.0
     assert train["usam-det"]["extra_bytes_per_param"] == 12.0
     assert "vs SAM" in text and "usam-trace" not in {r["variant"] for r in data["optimizer_step"]}
+    # interval and randomized SAM: training rows only, no extra memory beyond SAM's backup
+    assert {"esam-interval5", "esam-rst0.5"} <= set(train) and "esam-rst0.5" not in variants
+    assert train["esam-interval5"]["extra_bytes_per_param"] == 4.0
     host = data["host_cost"]
     assert [(r["tensors"], r["grads"]) for r in host] == [(10, "in place"), (10, "new"), (30, "in place"), (30, "new")]
     for r in host:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import FusedSAM, UniversalSAM, __version__
 from .cli import plain
 
-OPTIMIZERS = ("sgd", "sam", "asam", "frob", "trace", "det")
+OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "frob", "trace", "det")
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
 
 
@@ -41,6 +41,7 @@ def add_parser(sub) -> None:
                        description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS,
                    help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
+                        "interval: SAM every 5th step; rst: SAM with probability 0.5 (both with --rho); "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
     p.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
@@ -97,6 +98,11 @@ def make_optimizer(name: str, params, args, seed: int | None = None):
         return torch.optim.SGD(params, **base)
     if name == "sam":
         return FusedSAM(params, torch.optim.SGD, rho=args.rho, **base)
+    if name == "interval":
+        return FusedSAM(params, torch.optim.SGD, rho=args.rho, interval=5, **base)
+    if name == "rst":
+        return FusedSAM(params, torch.optim.SGD, rho=args.rho, sam_probability=0.5,
+                        seed=args.seed if seed is None else seed, **base)
     if name == "asam":
         return FusedSAM(params, torch.optim.SGD, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
     if name in ("frob", "trace", "det"):

@@ -81,6 +81,10 @@ def add_parser(sub) -> None:
     p.add_argument("--universal", action="store_true",
                    help="also train with Frob-SAM, Trace-SAM and Det-SAM (n = 2; training table only, "
                         "with their cost relative to SGD and to SAM)")
+    p.add_argument("--efficient", action="store_true",
+                   help="also train with interval SAM (SAM every 5th step) and randomized SAM (RST, p = 0.5): "
+                        "training table only, their throughput relative to SGD and to SAM, per step averaged "
+                        "over whole cycles")
     p.add_argument("--host-tensors", default=None,
                    help="tensor counts of the host-cost table, comma-separated; 'none' skips it "
                         "(default: 100,1000; with --full or on a GPU, 100,1000,10000)")
@@ -192,8 +196,21 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+# The schedules of interval and randomized SAM: (FusedSAM keyword, value, step(closure) calls timed
+# as one round: a whole cycle of the interval; for RST enough calls that each round holds about
+# the expected share of SAM steps)
+EFFICIENT = {"esam-interval5": ("interval", 5, 5), "esam-rst0.5": ("sam_probability", 0.5, 10)}
+
+
+def calls_per_round(variant: str) -> int:
+    return EFFICIENT[variant][2] if variant in EFFICIENT else 1
+
+
 def _sam(variant: str, params, base: str):
     cls, kw, _ = BASES[base]
+    if variant in EFFICIENT:
+        key, value, _ = EFFICIENT[variant]
+        return FusedSAM(params, cls, rho=0.05, **{key: value}, **kw)
     if variant.startswith("usam-"):
         return UniversalSAM(params, cls, measure=variant[len("usam-"):], n_samples=2, seed=0, **kw)
     if variant == "sam-baseline":
@@ -222,7 +239,7 @@ def variants(device: torch.device, base: str, backends: list[str]) -> list[str]:
 
 
 def is_sam(variant: str) -> bool:
-    return variant.startswith(("sam-", "usam-"))
+    return variant.startswith(("sam-", "usam-", "esam-"))
 
 
 def make_optimizer(variant: str, params, base: str):
@@ -240,9 +257,12 @@ def _sam_or_plain_step(name: str, opt, closure=None):
             def step():
                 opt.step()
     elif is_sam(name):
+        calls = calls_per_round(name)
+
         def step():
-            opt.zero_grad()
-            opt.step(closure)
+            for _ in range(calls):
+                opt.zero_grad()
+                opt.step(closure)
     else:
         def step():
             opt.zero_grad()
@@ -252,7 +272,7 @@ def _sam_or_plain_step(name: str, opt, closure=None):
 
 
 def optimizer_step_table(workload, variant_names, base, device, dtype, warmup, reps, copy_gbs, progress):
-    variant_names = [n for n in variant_names if not n.startswith("usam-")]  # they need a closure
+    variant_names = [n for n in variant_names if not n.startswith(("usam-", "esam-"))]  # they need a closure
     params = list(workload.model.parameters())
     n_params = sum(p.numel() for p in params)
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -308,6 +328,7 @@ def train_table(workload, variant_names, base, device, warmup, reps, batch_sizes
         progress.start(f"{workload.name}: training, {setting} (batch {bs}), {len(steps)} variants in turn",
                        4 * len(steps))
         times = time_ms(steps, device, warmup, reps)
+        times = {name: [t / calls_per_round(name) for t in ts] for name, ts in times.items()}  # per step
         peaks = {}
         if device.type == "cuda":
             for name, step in steps.items():
@@ -378,7 +399,7 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=()) -> str:
     for key in dict.fromkeys((r["model"], r["setting"], r["batch_size"]) for r in train_rows):
         rs = [r for r in train_rows if (r["model"], r["setting"], r["batch_size"]) == key]
         out.append(f"Training: {key[0]}, {key[1]}, batch {key[2]}  (SAM/SGD ideal: 0.5)")
-        universal = any(r["variant"].startswith("usam-") for r in rs)
+        universal = any(r["variant"].startswith(("usam-", "esam-")) for r in rs)
         headers = (["variant", "median ms", "spread", "samples/s", "vs SGD [quartiles]"] + (["vs SAM"] if universal else [])
                    + ["extra B/param"])
         if rs[0]["peak_bytes"] is not None:
@@ -431,7 +452,8 @@ def run(args) -> int:
     models = args.model or (["resnet", "transformer"] if full else ["transformer"])
     tparams = args.transformer_params or (1e8 if device.type == "cuda" else 2e6)
     names = variants(device, args.base, backends)
-    universal = ["usam-frob", "usam-trace", "usam-det"] if args.universal else []
+    universal = (["usam-frob", "usam-trace", "usam-det"] if args.universal else []) + (
+        list(EFFICIENT) if args.efficient else [])
     workloads = [build(m, device, tparams, dtype) for m in models]
     host_spec = args.host_tensors or ("100,1000,10000" if full else "100,1000")
     host_counts = [] if host_spec == "none" else [int(n) for n in host_spec.split(",")]
