@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
+from pathlib import Path
 
 
 def plain(doc: str | None) -> str:
     """A module docstring as --help text: without reStructuredText's double backticks."""
     return (doc or "").replace("``", "")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for the records every figure carries)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

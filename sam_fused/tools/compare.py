@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import FusedSAM, UniversalSAM, __version__
-from .cli import plain
+from .cli import cpu_name, plain
 
 OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "frob", "trace", "det")
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
@@ -228,7 +228,7 @@ def _run(args) -> int:
     print(_verdict(summary))
     payload = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), sam_fused=__version__,
-        torch=torch.__version__, machine=_machine(), threads=torch.get_num_threads(), seeds=seeds,
+        torch=torch.__version__, machine=cpu_name(), threads=torch.get_num_threads(), seeds=seeds,
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         summary=summary, per_seed=per_seed,
         landscape_1d={n: dict(alphas=l.alphas.tolist(), losses=l.losses.tolist()) for n, l in one.items()},
@@ -237,18 +237,6 @@ def _run(args) -> int:
     for f in files + [args.out / "compare.json"]:
         print(f"wrote {f}")
     return 0
-
-
-def _machine() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _verdict(summary: dict) -> str:

@@ -33,7 +33,7 @@ import torch
 
 from ... import FusedSAM, UniversalSAM, __version__
 from ...backends import available_backends, triton_interpreting
-from ..cli import plain
+from ..cli import cpu_name, plain
 from .baseline import PerParameterSAM
 from .host import format_rows as format_host_rows
 from .host import host_cost
@@ -176,7 +176,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     else:
-        env["device_name"] = _cpu_name()
+        env["device_name"] = cpu_name()
     try:
         root = Path(__file__).resolve().parents[2]
         env["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
@@ -184,16 +184,6 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):
         env["commit"] = None
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 # The schedules of interval and randomized SAM: (FusedSAM keyword, value, step(closure) calls timed
