@@ -45,42 +45,83 @@ const at::Tensor* checked_inv_scale(const char* op, const c10::optional<at::Tens
   return &*inv_scale;
 }
 
+// A float32 scratch buffer on the parameters' device, or null.
+const at::Tensor* checked_partials(const char* op, const c10::optional<at::Tensor>& partials,
+                                   const TensorList& params) {
+  if (!partials.has_value()) return nullptr;
+  TORCH_CHECK(partials->scalar_type() == at::kFloat && partials->is_contiguous() &&
+                  (params.empty() || partials->device() == params[0].device()),
+              op, ": partials must be a contiguous float32 tensor on the parameters' device");
+  return &*partials;
+}
+
 void sq_sum(at::Tensor out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-            bool accumulate, const c10::optional<at::Tensor>& inv_scale) {
+            bool accumulate, const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& partials) {
   check_lists("sq_sum_", params, {&grads});
   TORCH_CHECK(grads.size() == params.size(), "sq_sum_: one grad per parameter");
   check_scalar("sq_sum_", "out", out, params);
   TORCH_CHECK(out.is_contiguous(), "sq_sum_: out must be contiguous");
   const at::Tensor* inv = checked_inv_scale("sq_sum_", inv_scale, params);
+  const at::Tensor* scratch = checked_partials("sq_sum_", partials, params);
 #ifdef SAM_FUSED_WITH_CUDA
-  if (on_cuda(params)) return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate, inv);
+  if (on_cuda(params)) return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate, inv, scratch);
 #else
   on_cuda(params);
+  (void)scratch;
 #endif
   sq_sum_cpu(out, params, grads, adaptive, eta, accumulate, inv);
 }
 
-void perturb(const TensorList& params, const TensorList& grads, const TensorList& backups,
+void dots(at::Tensor out, const TensorList& grads, const TensorList& aux, bool accumulate,
+          const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& partials) {
+  check_lists("dots_", grads, {&aux});
+  TORCH_CHECK(aux.size() == grads.size(), "dots_: one aux buffer per gradient");
+  TORCH_CHECK(out.numel() == 3 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  (grads.empty() || out.device() == grads[0].device()),
+              "dots_: out must be a contiguous 3-element float32 tensor on the gradients' device");
+  const at::Tensor* inv = checked_inv_scale("dots_", inv_scale, grads);
+  const at::Tensor* scratch = checked_partials("dots_", partials, grads);
+#ifdef SAM_FUSED_WITH_CUDA
+  if (on_cuda(grads)) return dots_cuda(out, grads, aux, accumulate, inv, scratch);
+#else
+  on_cuda(grads);
+  (void)scratch;
+#endif
+  dots_cpu(out, grads, aux, accumulate, inv);
+}
+
+void perturb(const TensorList& params, const TensorList& grads, const TensorList& backups, const TensorList& save,
              const at::Tensor& norm, double rho, bool adaptive, double eta,
              const c10::optional<at::Tensor>& inv_scale) {
-  check_lists("perturb_", params, {&grads, &backups});
+  check_lists("perturb_", params, {&grads, &backups, &save});
   TORCH_CHECK(grads.size() == params.size() && backups.size() == params.size(),
               "perturb_: one grad and one backup per parameter");
   TORCH_CHECK(norm.numel() == 1 && (params.empty() || norm.device() == params[0].device()),
               "perturb_: norm must be a one-element tensor on the parameters' device");
   const at::Tensor* inv = checked_inv_scale("perturb_", inv_scale, params);
 #ifdef SAM_FUSED_WITH_CUDA
-  if (on_cuda(params)) return perturb_cuda(params, grads, backups, norm, rho, adaptive, eta, inv);
+  if (on_cuda(params)) return perturb_cuda(params, grads, backups, save, norm, rho, adaptive, eta, inv);
 #else
   on_cuda(params);
 #endif
-  perturb_cpu(params, grads, backups, norm, rho, adaptive, eta, inv);
+  perturb_cpu(params, grads, backups, save, norm, rho, adaptive, eta, inv);
 }
 
 void restore_update(const TensorList& params, const TensorList& grads, const TensorList& sources,
-                    const TensorList& state1, const TensorList& state2, UpdateArgs u,
-                    const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& found_inf) {
-  check_lists("restore_update_", params, {&grads, &sources, &state1, &state2});
+                    const TensorList& state1, const TensorList& state2, const TensorList& aux, UpdateArgs u,
+                    const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& found_inf,
+                    const c10::optional<at::Tensor>& coef) {
+  check_lists("restore_update_", params, {&grads, &sources, &state1, &state2, &aux});
+  TORCH_CHECK(u.combine >= 0 && u.combine <= 2, "restore_update_: combine must be 0, 1 or 2");
+  if (u.combine != 0 && u.opt != kOptRestore) {
+    TORCH_CHECK(coef.has_value() && coef->numel() == 4 && coef->scalar_type() == at::kFloat &&
+                    coef->is_contiguous() && (params.empty() || coef->device() == params[0].device()),
+                "restore_update_: combine needs coef, a contiguous 4-element float32 tensor on the parameters' device");
+    TORCH_CHECK(aux.size() == params.size(), "restore_update_: combine needs one aux buffer per parameter");
+    u.coef = coef->data_ptr<float>();
+  } else {
+    u.combine = 0;
+  }
   TORCH_CHECK(inv_scale.has_value() == found_inf.has_value(), "restore_update_: inv_scale and found_inf go together");
   if (inv_scale.has_value()) {
     check_scalar("restore_update_", "inv_scale", *inv_scale, params);
@@ -98,11 +139,11 @@ void restore_update(const TensorList& params, const TensorList& grads, const Ten
   TORCH_CHECK(u.opt != kOptSgd || !u.has_momentum || state1.size() == params.size(),
               "restore_update_: SGD with momentum needs momentum buffers");
 #ifdef SAM_FUSED_WITH_CUDA
-  if (on_cuda(params)) return restore_update_cuda(params, grads, sources, state1, state2, u);
+  if (on_cuda(params)) return restore_update_cuda(params, grads, sources, state1, state2, aux, u);
 #else
   on_cuda(params);
 #endif
-  restore_update_cpu(params, grads, sources, state1, state2, u);
+  restore_update_cpu(params, grads, sources, state1, state2, aux, u);
 }
 
 }  // namespace
@@ -114,27 +155,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sam_fused native kernels: global grad norm, perturb with backup, restore + update";
   m.def("sq_sum_", &sq_sum, "out = sum of (T g)^2 over the tensors (out += with accumulate)", py::arg("out"),
         py::arg("params"), py::arg("grads"), py::kw_only(), py::arg("adaptive"), py::arg("eta"),
-        py::arg("accumulate") = false, py::arg("inv_scale") = py::none());
-  m.def("perturb_", &perturb, "backup = w; w += e (skipped when norm is not finite)", py::arg("params"),
-        py::arg("grads"), py::arg("backups"), py::kw_only(), py::arg("norm"), py::arg("rho"),
-        py::arg("adaptive"), py::arg("eta"), py::arg("inv_scale") = py::none());
+        py::arg("accumulate") = false, py::arg("inv_scale") = py::none(), py::arg("partials") = py::none());
+  m.def("dots_", &dots, "out[0..2] (+)= sum g^2, sum g*aux, sum aux^2 (g times inv_scale when given)",
+        py::arg("out"), py::arg("grads"), py::arg("aux"), py::kw_only(), py::arg("accumulate") = false,
+        py::arg("inv_scale") = py::none(), py::arg("partials") = py::none());
+  m.def("perturb_", &perturb, "backup = w; [save = g * inv_scale;] w += e (skipped when norm is not finite)",
+        py::arg("params"), py::arg("grads"), py::arg("backups"), py::arg("save"), py::kw_only(), py::arg("norm"),
+        py::arg("rho"), py::arg("adaptive"), py::arg("eta"), py::arg("inv_scale") = py::none());
   m.def(
       "restore_update_",
       [](const TensorList& params, const TensorList& grads, const TensorList& sources, const TensorList& state1,
-         const TensorList& state2, int64_t opt, bool has_momentum, bool nesterov, std::vector<double> scalars,
-         const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& found_inf) {
+         const TensorList& state2, const TensorList& aux, int64_t opt, bool has_momentum, bool nesterov,
+         std::vector<double> scalars, const c10::optional<at::Tensor>& inv_scale,
+         const c10::optional<at::Tensor>& found_inf, int64_t combine, const c10::optional<at::Tensor>& coef) {
         UpdateArgs u;
         u.opt = opt;
         u.has_momentum = has_momentum;
         u.nesterov = nesterov;
         u.scalars = std::move(scalars);
-        restore_update(params, grads, sources, state1, state2, u, inv_scale, found_inf);
+        u.combine = static_cast<int>(combine);
+        restore_update(params, grads, sources, state1, state2, aux, u, inv_scale, found_inf, coef);
       },
       "w = source, fused with the SGD (opt 1) or Adam/AdamW (opt 2) update, or alone (opt 0); scalars folded "
       "by the host (sam_fused.constants.UPDATE_SCALARS); optional AMP inv_scale / found_inf tensors",
-      py::arg("params"), py::arg("grads"), py::arg("sources"), py::arg("state1"), py::arg("state2"), py::kw_only(),
-      py::arg("opt"), py::arg("has_momentum"), py::arg("nesterov"), py::arg("scalars"),
-      py::arg("inv_scale") = py::none(), py::arg("found_inf") = py::none());
+      py::arg("params"), py::arg("grads"), py::arg("sources"), py::arg("state1"), py::arg("state2"),
+      py::arg("aux") = TensorList{}, py::kw_only(), py::arg("opt"), py::arg("has_momentum"), py::arg("nesterov"),
+      py::arg("scalars"), py::arg("inv_scale") = py::none(), py::arg("found_inf") = py::none(),
+      py::arg("combine") = 0, py::arg("coef") = py::none());
   m.def("has_cuda", [] {
 #ifdef SAM_FUSED_WITH_CUDA
     return true;

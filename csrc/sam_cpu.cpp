@@ -57,9 +57,50 @@ void sq_sum_chunks(const std::vector<Chunk>& chunks, const TensorList& params, c
   });
 }
 
+// out[0..2] += sum g^2, sum g * aux, sum aux^2 (g times AMP's grad_mul), per chunk into partial.
+template <typename scalar_t>
+void dots_chunks(const std::vector<Chunk>& chunks, const TensorList& grads, const TensorList& aux, float grad_mul,
+                 std::vector<double>& partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t m = acc_t(grad_mul);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      const scalar_t* g = ptr<scalar_t>(grads, ch.tensor);
+      const scalar_t* a = ptr<scalar_t>(aux, ch.tensor);
+      acc_t gg[kLanes] = {}, ga[kLanes] = {}, aa[kLanes] = {};
+      int64_t i = ch.begin;
+      for (; i + kLanes <= ch.end; i += kLanes) {
+        for (int k = 0; k < kLanes; ++k) {
+          const acc_t x = acc_t(g[i + k]) * m, y = acc_t(a[i + k]);
+          gg[k] += x * x;
+          ga[k] += x * y;
+          aa[k] += y * y;
+        }
+      }
+      for (; i < ch.end; ++i) {
+        const acc_t x = acc_t(g[i]) * m, y = acc_t(a[i]);
+        gg[0] += x * x;
+        ga[0] += x * y;
+        aa[0] += y * y;
+      }
+      acc_t s0 = 0, s1 = 0, s2 = 0;
+      for (int k = 0; k < kLanes; ++k) {
+        s0 += gg[k];
+        s1 += ga[k];
+        s2 += aa[k];
+      }
+      partial[3 * c] = static_cast<double>(s0);
+      partial[3 * c + 1] = static_cast<double>(s1);
+      partial[3 * c + 2] = static_cast<double>(s2);
+    }
+  });
+}
+
 template <typename scalar_t, bool ADAPTIVE>
 void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads,
-                    const TensorList& backups, float norm, double rho, double eta, float grad_mul) {
+                    const TensorList& backups, const TensorList& save, float norm, double rho, double eta,
+                    float grad_mul) {
   using acc_t = at::opmath_type<scalar_t>;
   bool ok;
   const acc_t scale = perturb_scale<acc_t>(norm, rho, grad_mul, &ok);
@@ -70,6 +111,14 @@ void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, 
       const scalar_t* __restrict__ g = ptr<scalar_t>(grads, ch.tensor);
       scalar_t* __restrict__ b = ptr<scalar_t>(backups, ch.tensor);
       std::memcpy(b + ch.begin, w + ch.begin, (ch.end - ch.begin) * sizeof(scalar_t));
+      scalar_t* __restrict__ sv = ptr<scalar_t>(save, ch.tensor);
+      if (sv != nullptr) {  // GSAM / LookSAM keep the first gradient, unscaled
+        if (grad_mul == 1.f) {
+          std::memcpy(sv + ch.begin, g + ch.begin, (ch.end - ch.begin) * sizeof(scalar_t));
+        } else {
+          for (int64_t i = ch.begin; i < ch.end; ++i) sv[i] = scalar_t(acc_t(g[i]) * acc_t(grad_mul));
+        }
+      }
       if (!ok) continue;  // non-finite norm: the weights stay as they are
       for (int64_t i = ch.begin; i < ch.end; ++i) {
         const acc_t x = acc_t(w[i]);
@@ -104,17 +153,36 @@ void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& gra
   *dst = accumulate ? static_cast<float>(static_cast<double>(*dst) + total) : static_cast<float>(total);
 }
 
+void dots_cpu(at::Tensor& out, const TensorList& grads, const TensorList& aux, bool accumulate,
+              const at::Tensor* inv_scale) {
+  const float grad_mul = grad_mul_of(inv_scale);
+  const auto chunks = make_chunks(grads);
+  std::vector<double> partial(3 * chunks.size(), 0.0);
+  if (!chunks.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads[0].scalar_type(), "dots_cpu", [&] {
+      dots_chunks<scalar_t>(chunks, grads, aux, grad_mul, partial);
+    });
+  }
+  double total[3] = {0.0, 0.0, 0.0};  // fixed order
+  for (size_t c = 0; c < chunks.size(); ++c)
+    for (int k = 0; k < 3; ++k) total[k] += partial[3 * c + k];
+  float* dst = out.data_ptr<float>();
+  for (int k = 0; k < 3; ++k)
+    dst[k] = accumulate ? static_cast<float>(static_cast<double>(dst[k]) + total[k]) : static_cast<float>(total[k]);
+}
+
 void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
-                 const at::Tensor& norm, double rho, bool adaptive, double eta, const at::Tensor* inv_scale) {
+                 const TensorList& save, const at::Tensor& norm, double rho, bool adaptive, double eta,
+                 const at::Tensor* inv_scale) {
   const float grad_mul = grad_mul_of(inv_scale);
   const float norm_v = norm.to(at::kFloat).item<float>();  // a CPU tensor: no device synchronization
   const auto chunks = make_chunks(params);
   if (chunks.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "perturb_cpu", [&] {
     if (adaptive) {
-      perturb_chunks<scalar_t, true>(chunks, params, grads, backups, norm_v, rho, eta, grad_mul);
+      perturb_chunks<scalar_t, true>(chunks, params, grads, backups, save, norm_v, rho, eta, grad_mul);
     } else {
-      perturb_chunks<scalar_t, false>(chunks, params, grads, backups, norm_v, rho, eta, grad_mul);
+      perturb_chunks<scalar_t, false>(chunks, params, grads, backups, save, norm_v, rho, eta, grad_mul);
     }
   });
 }
@@ -123,12 +191,18 @@ namespace {
 
 // OPT: kOptRestore, kOptSgd or kOptAdam; the SGD switches are template arguments too, so that
 // each loop body is straight-line code the compiler vectorizes.
-template <typename scalar_t, int64_t OPT, bool HAS_MOMENTUM, bool NESTEROV>
+// COMBINE: 0, or GSAM / LookSAM's combination with aux (1), rewriting aux too (2).
+template <typename scalar_t, int64_t OPT, bool HAS_MOMENTUM, bool NESTEROV, int COMBINE>
 void update_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads,
                    const TensorList& sources, const TensorList& state1, const TensorList& state2,
-                   const UpdateArgs& args) {
+                   const TensorList& aux, const UpdateArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto u = update_scalars<acc_t>(args);
+  UpdateArgs folded = args;
+  if (COMBINE) folded.grad_mul = 1.0;  // the gradient is unscaled before it is combined
+  const auto u = update_scalars<acc_t>(folded);
+  const acc_t gm = acc_t(args.grad_mul);
+  const acc_t c0 = COMBINE ? acc_t(args.coef[0]) : acc_t(1), c1 = COMBINE ? acc_t(args.coef[1]) : acc_t(0);
+  const acc_t c2 = COMBINE ? acc_t(args.coef[2]) : acc_t(0), c3 = COMBINE ? acc_t(args.coef[3]) : acc_t(0);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
@@ -141,18 +215,25 @@ void update_chunks(const std::vector<Chunk>& chunks, const TensorList& params, c
       const scalar_t* __restrict__ g = ptr<scalar_t>(grads, ch.tensor);
       scalar_t* __restrict__ s1 = ptr<scalar_t>(state1, ch.tensor);
       scalar_t* __restrict__ s2 = ptr<scalar_t>(state2, ch.tensor);
+      scalar_t* __restrict__ ax = ptr<scalar_t>(aux, ch.tensor);
       // A local copy: stores through the tensor pointers cannot alias it, so it stays in registers
       // and the loop vectorizes (with the shared reference it ran at ~half the bandwidth).
       const UpdateScalars<acc_t> lu = u;
       for (int64_t i = ch.begin; i < ch.end; ++i) {
+        acc_t gx = acc_t(g[i]);
+        if (COMBINE) {
+          const acc_t x = gx * gm, a = acc_t(ax[i]);
+          gx = c0 * x + c1 * a;
+          if (COMBINE == 2) ax[i] = scalar_t(c2 * x + c3 * a);
+        }
         if (OPT == kOptSgd) {
           acc_t m = HAS_MOMENTUM ? acc_t(s1[i]) : acc_t(0);
-          const acc_t out = sgd_element<acc_t, HAS_MOMENTUM, NESTEROV>(lu, acc_t(src[i]), acc_t(g[i]), m);
+          const acc_t out = sgd_element<acc_t, HAS_MOMENTUM, NESTEROV>(lu, acc_t(src[i]), gx, m);
           if (HAS_MOMENTUM) s1[i] = scalar_t(m);
           w[i] = scalar_t(out);
         } else {
           acc_t m = acc_t(s1[i]), v = acc_t(s2[i]);
-          const acc_t out = adam_element<acc_t>(lu, acc_t(src[i]), acc_t(g[i]), m, v);
+          const acc_t out = adam_element<acc_t>(lu, acc_t(src[i]), gx, m, v);
           s1[i] = scalar_t(m);
           s2[i] = scalar_t(v);
           w[i] = scalar_t(out);
@@ -165,20 +246,26 @@ void update_chunks(const std::vector<Chunk>& chunks, const TensorList& params, c
 }  // namespace
 
 void restore_update_cpu(const TensorList& params, const TensorList& grads, const TensorList& sources,
-                        const TensorList& state1, const TensorList& state2, const UpdateArgs& args) {
+                        const TensorList& state1, const TensorList& state2, const TensorList& aux,
+                        const UpdateArgs& args) {
   const auto chunks = make_chunks(params);
   if (chunks.empty()) return;
   UpdateArgs u = args;
   if (u.found_inf != nullptr && *u.found_inf != 0.0f) u.opt = kOptRestore;  // AMP: skip, only restore
   u.grad_mul = u.inv_scale != nullptr ? static_cast<double>(*u.inv_scale) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "restore_update_cpu", [&] {
+    const auto with = [&](auto opt, auto has_momentum, auto nesterov, auto combine) {
+      update_chunks<scalar_t, decltype(opt)::value, decltype(has_momentum)::value, decltype(nesterov)::value,
+                    decltype(combine)::value>(chunks, params, grads, sources, state1, state2, aux, u);
+    };
     const auto run = [&](auto opt, auto has_momentum, auto nesterov) {
-      update_chunks<scalar_t, decltype(opt)::value, decltype(has_momentum)::value, decltype(nesterov)::value>(
-          chunks, params, grads, sources, state1, state2, u);
+      if (u.combine == 1) return with(opt, has_momentum, nesterov, std::integral_constant<int, 1>());
+      if (u.combine == 2) return with(opt, has_momentum, nesterov, std::integral_constant<int, 2>());
+      return with(opt, has_momentum, nesterov, std::integral_constant<int, 0>());
     };
     using F = std::false_type;
     using T = std::true_type;
-    if (u.opt == kOptRestore) return run(std::integral_constant<int64_t, kOptRestore>(), F(), F());
+    if (u.opt == kOptRestore) return with(std::integral_constant<int64_t, kOptRestore>(), F(), F(), std::integral_constant<int, 0>());
     if (u.opt == kOptAdam) return run(std::integral_constant<int64_t, kOptAdam>(), F(), F());
     const auto sgd = std::integral_constant<int64_t, kOptSgd>();
     if (!u.has_momentum) return run(sgd, F(), F());

@@ -1,7 +1,8 @@
 // CUDA kernels of the three fused passes, on multi_tensor_apply. Tensor-list slots:
 //   sq_sum:          tl[0] params, tl[1] grads                       -> one partial per block
-//   perturb_:        tl[0] params, tl[1] grads, tl[2] backups
-//   restore_update_: tl[0] params, tl[1] grads, tl[2] sources, tl[3] state1, tl[4] state2
+//   dots_:           tl[0] grads, tl[1] aux                          -> three partials per block
+//   perturb_:        tl[0] params, tl[1] grads, tl[2] backups, tl[3] save (GSAM/LookSAM, may be empty)
+//   restore_update_: tl[0] params, tl[1] grads, tl[2] sources, tl[3] state1, tl[4] state2, tl[5] aux
 // The norm never leaves the device: sq_sum writes partials, a one-block kernel sums them in a
 // fixed order, and perturb_ reads the result through a pointer.
 #include <ATen/OpMathType.h>
@@ -100,6 +101,53 @@ struct SqSumFunctor {
   }
 };
 
+// Per block: sum g^2, sum g * aux, sum aux^2 (g times AMP's inv_scale), into partials[3 * block + k].
+template <typename scalar_t>
+struct DotsFunctor {
+  __device__ void operator()(MetaTable<2>& meta, float* partials, const float* inv_scale) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t m = inv_scale == nullptr ? acc_t(1) : acc_t(*inv_scale);
+    const auto [t, begin, end] = chunk_range(meta);
+    const scalar_t* g = slot<scalar_t>(meta.addresses[0][t]);
+    const scalar_t* a = slot<scalar_t>(meta.addresses[1][t]);
+    const bool vec = vec_aligned(g) && vec_aligned(a);
+    acc_t gg = 0, ga = 0, aa = 0;
+    scalar_t gv[kVec], av[kVec];
+    for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
+      load_vec(g, i, end, vec, gv);
+      load_vec(a, i, end, vec, av);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const acc_t x = acc_t(gv[j]) * m, y = acc_t(av[j]);
+        gg += x * x;
+        ga += x * y;
+        aa += y * y;
+      }
+    }
+    gg = block_sum<acc_t>(gg);
+    ga = block_sum<acc_t>(ga);
+    aa = block_sum<acc_t>(aa);
+    if (threadIdx.x == 0) {
+      const int64_t b = 3 * (meta.first_block + blockIdx.x);
+      partials[b] = static_cast<float>(gg);
+      partials[b + 1] = static_cast<float>(ga);
+      partials[b + 2] = static_cast<float>(aa);
+    }
+  }
+};
+
+// out[k] (+)= sum of partials[stride * i + k] over i < n, for k < width, in a fixed order.
+__global__ void __launch_bounds__(kThreads) final_sums_kernel(const float* partials, int64_t n, int width,
+                                                             float* out, bool accumulate) {
+  for (int k = 0; k < width; ++k) {
+    float acc = 0.f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[width * i + k];
+    acc = block_sum<float>(acc);
+    if (threadIdx.x == 0) out[k] = accumulate ? out[k] + acc : acc;
+    __syncthreads();  // block_sum's shared buffer is reused by the next k
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) final_sum_kernel(const float* partials, int64_t n, float* out,
                                                             bool accumulate) {
   float acc = 0.f;
@@ -110,22 +158,30 @@ __global__ void __launch_bounds__(kThreads) final_sum_kernel(const float* partia
 
 template <typename scalar_t>
 struct PerturbFunctor {
-  __device__ void operator()(MetaTable<3>& meta, const float* norm, float rho, bool adaptive, float eta,
+  __device__ void operator()(MetaTable<4>& meta, const float* norm, float rho, bool adaptive, float eta,
                              const float* inv_scale) {
     using acc_t = at::opmath_type<scalar_t>;
     const auto [t, begin, end] = chunk_range(meta);
     scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
     const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
     scalar_t* b = slot<scalar_t>(meta.addresses[2][t]);
+    scalar_t* sv = slot<scalar_t>(meta.addresses[3][t]);  // null unless GSAM / LookSAM keep g
+    const float gm = inv_scale == nullptr ? 1.f : *inv_scale;
     bool ok;
-    const acc_t scale = perturb_scale<acc_t>(*norm, rho, inv_scale == nullptr ? 1.f : *inv_scale, &ok);
-    const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(b);
-    scalar_t wv[kVec], gv[kVec];
+    const acc_t scale = perturb_scale<acc_t>(*norm, rho, gm, &ok);
+    const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(b) && vec_aligned(sv);
+    scalar_t wv[kVec], gv[kVec], svv[kVec];
     for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
       load_vec(w, i, end, vec, wv);
       store_vec(b, i, end, vec, wv);
+      if (sv != nullptr) {
+        load_vec(g, i, end, vec, gv);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) svv[j] = scalar_t(acc_t(gv[j]) * acc_t(gm));
+        store_vec(sv, i, end, vec, svv);
+      }
       if (!ok) continue;  // non-finite norm: the weights stay as they are
-      load_vec(g, i, end, vec, gv);
+      if (sv == nullptr) load_vec(g, i, end, vec, gv);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const acc_t x = acc_t(wv[j]);
@@ -136,15 +192,28 @@ struct PerturbFunctor {
   }
 };
 
-template <typename scalar_t, int64_t OPT, bool HAS_MOMENTUM, bool NESTEROV>
+// COMBINE: 0, or GSAM / LookSAM's g_eff = c0 g + c1 aux (1), also rewriting aux = c2 g + c3 aux (2).
+template <typename scalar_t, int64_t OPT, bool HAS_MOMENTUM, bool NESTEROV, int COMBINE>
 struct UpdateFunctor {
-  __device__ void operator()(MetaTable<5>& meta, UpdateScalars<at::opmath_type<scalar_t>> u, const float* inv_scale,
-                             const float* found_inf) {
+  __device__ void operator()(MetaTable<6>& meta, UpdateScalars<at::opmath_type<scalar_t>> u, const float* inv_scale,
+                             const float* found_inf, const float* coef) {
     using acc_t = at::opmath_type<scalar_t>;
     bool skip = false;  // AMP: an inf/NaN was found, the pass only restores
+    acc_t gm = 1;       // the combination reads the gradient unscaled
     if (inv_scale != nullptr) {
-      u.sign *= acc_t(*inv_scale);
+      if (COMBINE) {
+        gm = acc_t(*inv_scale);
+      } else {
+        u.sign *= acc_t(*inv_scale);
+      }
       skip = *found_inf != 0.f;
+    }
+    acc_t c0 = 1, c1 = 0, c2 = 0, c3 = 0;
+    if (COMBINE) {
+      c0 = coef[0];
+      c1 = coef[1];
+      c2 = coef[2];
+      c3 = coef[3];
     }
     const auto [t, begin, end] = chunk_range(meta);
     scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
@@ -152,24 +221,33 @@ struct UpdateFunctor {
     const scalar_t* src = slot<scalar_t>(meta.addresses[2][t]);
     scalar_t* s1 = slot<scalar_t>(meta.addresses[3][t]);
     scalar_t* s2 = slot<scalar_t>(meta.addresses[4][t]);
+    scalar_t* ax = slot<scalar_t>(meta.addresses[5][t]);
     constexpr bool kMomentum = OPT == kOptAdam || (OPT == kOptSgd && HAS_MOMENTUM);
-    const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(src) && vec_aligned(s1) && vec_aligned(s2);
-    scalar_t wv[kVec], gv[kVec], mv[kVec], vv[kVec];
+    const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(src) && vec_aligned(s1) && vec_aligned(s2) &&
+                     vec_aligned(ax);
+    scalar_t wv[kVec], gv[kVec], mv[kVec], vv[kVec], av[kVec];
     for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
       load_vec(src, i, end, vec, wv);
       if (OPT != kOptRestore && !skip) {
         load_vec(g, i, end, vec, gv);
+        if (COMBINE) load_vec(ax, i, end, vec, av);
         if (kMomentum) load_vec(s1, i, end, vec, mv);
         if (OPT == kOptAdam) load_vec(s2, i, end, vec, vv);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
+          acc_t gx = acc_t(gv[j]);
+          if (COMBINE) {
+            const acc_t x = gx * gm, a = acc_t(av[j]);
+            gx = c0 * x + c1 * a;
+            if (COMBINE == 2) av[j] = scalar_t(c2 * x + c3 * a);
+          }
           acc_t m = kMomentum ? acc_t(mv[j]) : acc_t(0);
           acc_t out;
           if (OPT == kOptSgd) {
-            out = sgd_element<acc_t, HAS_MOMENTUM, NESTEROV>(u, acc_t(wv[j]), acc_t(gv[j]), m);
+            out = sgd_element<acc_t, HAS_MOMENTUM, NESTEROV>(u, acc_t(wv[j]), gx, m);
           } else {
             acc_t v = acc_t(vv[j]);
-            out = adam_element<acc_t>(u, acc_t(wv[j]), acc_t(gv[j]), m, v);
+            out = adam_element<acc_t>(u, acc_t(wv[j]), gx, m, v);
             vv[j] = scalar_t(v);
           }
           mv[j] = scalar_t(m);
@@ -177,6 +255,7 @@ struct UpdateFunctor {
         }
         if (kMomentum) store_vec(s1, i, end, vec, mv);
         if (OPT == kOptAdam) store_vec(s2, i, end, vec, vv);
+        if (COMBINE == 2) store_vec(ax, i, end, vec, av);
       }
       store_vec(w, i, end, vec, wv);
     }
@@ -185,11 +264,20 @@ struct UpdateFunctor {
 
 }  // namespace
 
+namespace {
+
+// The caller's scratch when it is large enough (a step then allocates nothing), else a new one.
+at::Tensor scratch(const at::Tensor* partials, int64_t n, const at::Tensor& like) {
+  if (partials != nullptr && partials->numel() >= n) return *partials;
+  return at::empty({std::max<int64_t>(n, 1)}, like.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
 void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                 bool accumulate, const at::Tensor* inv_scale) {
-  const auto opts = params[0].options().dtype(at::kFloat);
-  auto partials = at::empty({std::max<int64_t>(total_chunks(params), 1)}, opts);
+                 bool accumulate, const at::Tensor* inv_scale, const at::Tensor* scratch_in) {
   const int64_t n = total_chunks(params);
+  auto partials = scratch(scratch_in, n, params[0]);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cuda", [&] {
     multi_tensor_apply<2>({&params, &grads}, SqSumFunctor<scalar_t>(), partials.data_ptr<float>(), adaptive,
                           static_cast<float>(eta), inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
@@ -200,33 +288,62 @@ void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& gr
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void dots_cuda(at::Tensor& out, const TensorList& grads, const TensorList& aux, bool accumulate,
+               const at::Tensor* inv_scale, const at::Tensor* scratch_in) {
+  const int64_t n = total_chunks(grads);
+  auto partials = scratch(scratch_in, 3 * n, grads[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads[0].scalar_type(), "dots_cuda", [&] {
+    multi_tensor_apply<2>({&grads, &aux}, DotsFunctor<scalar_t>(), partials.data_ptr<float>(),
+                          inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
+  });
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  final_sums_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.data_ptr<float>(), n, 3,
+                                                                          out.data_ptr<float>(), accumulate);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
-                  const at::Tensor& norm, double rho, bool adaptive, double eta, const at::Tensor* inv_scale) {
+                  const TensorList& save, const at::Tensor& norm, double rho, bool adaptive, double eta,
+                  const at::Tensor* inv_scale) {
   TORCH_CHECK(norm.is_cuda() && norm.scalar_type() == at::kFloat && norm.numel() == 1,
               "perturb_: norm must be a one-element float32 CUDA tensor");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "perturb_cuda", [&] {
-    multi_tensor_apply<3>({&params, &grads, &backups}, PerturbFunctor<scalar_t>(), norm.data_ptr<float>(),
+    multi_tensor_apply<4>({&params, &grads, &backups, &save}, PerturbFunctor<scalar_t>(), norm.data_ptr<float>(),
                           static_cast<float>(rho), adaptive, static_cast<float>(eta),
                           inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
   });
 }
 
 void restore_update_cuda(const TensorList& params, const TensorList& grads, const TensorList& sources,
-                         const TensorList& state1, const TensorList& state2, const UpdateArgs& args) {
+                         const TensorList& state1, const TensorList& state2, const TensorList& aux,
+                         const UpdateArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "restore_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto u = update_scalars<acc_t>(args);
-    const std::vector<const TensorList*> lists{&params, &grads, &sources, &state1, &state2};
+    const std::vector<const TensorList*> lists{&params, &grads, &sources, &state1, &state2, &aux};
+    const auto with = [&](auto opt, auto has_momentum, auto nesterov, auto combine) {
+      multi_tensor_apply<6>(lists,
+                            UpdateFunctor<scalar_t, decltype(opt)::value, decltype(has_momentum)::value,
+                                          decltype(nesterov)::value, decltype(combine)::value>(),
+                            u, args.inv_scale, args.found_inf, args.coef);
+    };
+    const auto run = [&](auto opt, auto has_momentum, auto nesterov) {
+      if (args.combine == 1) return with(opt, has_momentum, nesterov, std::integral_constant<int, 1>());
+      if (args.combine == 2) return with(opt, has_momentum, nesterov, std::integral_constant<int, 2>());
+      return with(opt, has_momentum, nesterov, std::integral_constant<int, 0>());
+    };
+    using F = std::false_type;
+    using T = std::true_type;
     if (args.opt == kOptRestore) {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptRestore, false, false>(), u, args.inv_scale, args.found_inf);
+      with(std::integral_constant<int64_t, kOptRestore>(), F(), F(), std::integral_constant<int, 0>());
     } else if (args.opt == kOptAdam) {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptAdam, false, false>(), u, args.inv_scale, args.found_inf);
+      run(std::integral_constant<int64_t, kOptAdam>(), F(), F());
     } else if (!args.has_momentum) {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, false, false>(), u, args.inv_scale, args.found_inf);
+      run(std::integral_constant<int64_t, kOptSgd>(), F(), F());
     } else if (args.nesterov) {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, true>(), u, args.inv_scale, args.found_inf);
+      run(std::integral_constant<int64_t, kOptSgd>(), T(), T());
     } else {
-      multi_tensor_apply<5>(lists, UpdateFunctor<scalar_t, kOptSgd, true, false>(), u, args.inv_scale, args.found_inf);
+      run(std::integral_constant<int64_t, kOptSgd>(), T(), F());
     }
   });
 }

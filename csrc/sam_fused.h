@@ -11,6 +11,12 @@
 //   restore_update_ w = source, fused with torch.optim's SGD or Adam/AdamW update (opt 1, 2) or
 //                   alone (opt 0), with the scalars folded by the host (sam_fused/spec.py); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq. With AMP
 //                   tensors: g *= inv_scale as it is read; found_inf != 0 turns the pass into a restore.
+//   dots_           out[0..2] (+)= sum g^2, sum g * aux, sum aux^2 over the tensors (GSAM, LookSAM)
+//
+// The SAM variants' extra columns ride in the same passes: perturb_ may save the (unscaled) first
+// gradient into ``save``; restore_update_ may combine the gradient with an ``aux`` buffer,
+// g_eff = c0 * g + c1 * aux, and rewrite aux = c2 * g + c3 * aux, coef = [c0, c1, c2, c3] a
+// 4-element fp32 tensor on the parameters' device (computed there from dots_: no host sync).
 #pragma once
 
 #include <torch/extension.h>
@@ -31,6 +37,10 @@ struct UpdateArgs {
   const float* inv_scale = nullptr;
   const float* found_inf = nullptr;
   double grad_mul = 1.0;  // CPU: *inv_scale, read once on the host
+  // GSAM / LookSAM: combine = 0 (the gradient as it is), 1 (g_eff = c0 g + c1 aux), 2 (and aux =
+  // c2 g + c3 aux); coef points to [c0, c1, c2, c3] on the parameters' device
+  int combine = 0;
+  const float* coef = nullptr;
 };
 
 using TensorList = std::vector<at::Tensor>;
@@ -39,18 +49,28 @@ using TensorList = std::vector<at::Tensor>;
 // multiplied by it as they are read (sq_sum_) and the perturbation by it (perturb_).
 void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
                 bool accumulate, const at::Tensor* inv_scale);
+void dots_cpu(at::Tensor& out, const TensorList& grads, const TensorList& aux, bool accumulate,
+              const at::Tensor* inv_scale);
 void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
-                 const at::Tensor& norm, double rho, bool adaptive, double eta, const at::Tensor* inv_scale);
+                 const TensorList& save, const at::Tensor& norm, double rho, bool adaptive, double eta,
+                 const at::Tensor* inv_scale);
 void restore_update_cpu(const TensorList& params, const TensorList& grads, const TensorList& sources,
-                        const TensorList& state1, const TensorList& state2, const UpdateArgs& u);
+                        const TensorList& state1, const TensorList& state2, const TensorList& aux,
+                        const UpdateArgs& u);
 
 #ifdef SAM_FUSED_WITH_CUDA
+// partials: scratch of at least one float per 65536-element chunk (no allocation in the step),
+// or null (allocated here).
 void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                 bool accumulate, const at::Tensor* inv_scale);
+                 bool accumulate, const at::Tensor* inv_scale, const at::Tensor* partials);
+void dots_cuda(at::Tensor& out, const TensorList& grads, const TensorList& aux, bool accumulate,
+               const at::Tensor* inv_scale, const at::Tensor* partials);
 void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
-                  const at::Tensor& norm, double rho, bool adaptive, double eta, const at::Tensor* inv_scale);
+                  const TensorList& save, const at::Tensor& norm, double rho, bool adaptive, double eta,
+                  const at::Tensor* inv_scale);
 void restore_update_cuda(const TensorList& params, const TensorList& grads, const TensorList& sources,
-                         const TensorList& state1, const TensorList& state2, const UpdateArgs& u);
+                         const TensorList& state1, const TensorList& state2, const TensorList& aux,
+                         const UpdateArgs& u);
 #endif
 
 }  // namespace sam_fused

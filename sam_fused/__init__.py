@@ -1,9 +1,11 @@
 """sam_fused: Sharpness-Aware Minimization with fused multi-tensor kernels."""
 
 from .backends import BACKENDS, BackendUnavailable, available_backends
+from .gsam import GSAM, RhoFollowsLR
+from .looksam import LookSAM
 from .optimizer import FusedSAM
 from .universal import DetSAM, FrobSAM, TraceSAM, UniversalSAM
 
-__all__ = ["FusedSAM", "UniversalSAM", "FrobSAM", "TraceSAM", "DetSAM", "BACKENDS", "BackendUnavailable",
+__all__ = ["FusedSAM", "GSAM", "LookSAM", "RhoFollowsLR", "UniversalSAM", "FrobSAM", "TraceSAM", "DetSAM", "BACKENDS", "BackendUnavailable",
            "available_backends"]
 __version__ = "0.1.0"

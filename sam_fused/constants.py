@@ -13,14 +13,16 @@ OPT_ADAM = 2  # torch.optim.Adam / AdamW, without amsgrad
 NORM_EPS = 1e-12
 
 # Columns of a pointer-table row (Triton): numel, then the addresses of
-# param, grad, backup (or the update's source), state 1, state 2.
+# param, grad, backup (or the update's source), state 1, state 2, and aux (GSAM's saved first
+# gradient, LookSAM's g_v; 0 for FusedSAM).
 COL_NUMEL = 0
 COL_PARAM = 1
 COL_GRAD = 2
 COL_BACKUP = 3
 COL_STATE1 = 4
 COL_STATE2 = 5
-NCOL = 6
+COL_AUX = 6
+NCOL = 7
 
 # Elements per chunk (one program of the Triton elementwise kernels; one CUDA block) and per
 # inner Triton iteration.

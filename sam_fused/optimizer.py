@@ -13,7 +13,7 @@ from torch.amp.grad_scaler import OptState
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .backends import BACKENDS, make_backend
-from .backends.base import FUSED_KINDS, check_amp
+from .backends.base import FUSED_KINDS, Combo, check_amp
 from .plan import Buffers, StepPlan
 
 # Inside a function compiled with torch.compile, the steps run eagerly (a graph break): traced,
@@ -333,7 +333,7 @@ class FusedSAM(SAMOptimizer):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.interval, self.sam_probability, self.seed = interval, sam_probability, seed
-        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
+        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, **self._variant_defaults)
         super().__init__(params, base_optimizer, defaults, backend, base_kwargs)
         self._grad_norm: Tensor | None = None
         self._inv_scale: Tensor | None = None
@@ -368,6 +368,11 @@ class FusedSAM(SAMOptimizer):
     # A SAM variant's own perturbation direction: parameter-sized buffers (plan.Buffers) the
     # first step perturbs along, in place of the gradients. None: the gradients.
     _direction: Buffers | None = None
+    # Buffers the first step fills with the (unscaled) first gradient in its perturb pass (GSAM,
+    # LookSAM). None: nothing is saved.
+    _save: Buffers | None = None
+    # Per-group hyperparameters a variant adds to rho, adaptive and eta (set before __init__).
+    _variant_defaults: dict = {}
 
     def _sq_reduction(self) -> Callable[[Tensor], None] | None:
         """What turns the local sum of squares into the global one: the all-reduce over the shards
@@ -387,6 +392,12 @@ class FusedSAM(SAMOptimizer):
         """A SAM variant's gradient combination: called by ``second_step`` after the gradients were
         checked and before the update, with the step's plan (its buckets list the parameters as
         the kernels see them); may rewrite ``p.grad`` in place. FusedSAM's does nothing."""
+
+    def _combination(self, plan: StepPlan, amp) -> "Combo | None":
+        """A fused gradient combination (GSAM, LookSAM) for this second step's update: a
+        :class:`~sam_fused.backends.base.Combo`, or None (FusedSAM: the gradients as they are).
+        ``amp`` = (inv_scale, found_inf) or None."""
+        return None
 
     # ------------------------------------------------------------------ SAM
     @_unwrapping
@@ -412,7 +423,8 @@ class FusedSAM(SAMOptimizer):
         try:
             norm = None
             if plan.active:
-                norm = self._backend.perturb(plan, self._sq_reduction(), self._direction, inv_scale)
+                extra = {} if self._save is None else {"save": self._save}
+                norm = self._backend.perturb(plan, self._sq_reduction(), self._direction, inv_scale, **extra)
             self._grad_norm = norm
         finally:
             self._backend.plans.end_pass()
@@ -491,7 +503,11 @@ class FusedSAM(SAMOptimizer):
                 if self._amp_first is not None and self._amp_first[1] is not None:
                     amp = (amp[0], amp[1] + self._amp_first[1])  # an inf in either pass skips the update
             self._combine(plan)
-            self._backend.restore_and_update(self._perturbed, plan, amp)
+            combo = self._combination(plan, amp)
+            if combo is None:
+                self._backend.restore_and_update(self._perturbed, plan, amp)
+            else:
+                self._backend.restore_and_update(self._perturbed, plan, amp, combo)
         finally:
             self._backend.plans.end_pass()
         self._perturbed = None
@@ -545,7 +561,7 @@ class FusedSAM(SAMOptimizer):
             group["sam_step"] = step + 1
         if not self.is_sam_step(step):  # a plain base-optimizer step: one forward/backward
             loss = None if ran else closure()
-            self.base_optimizer.step()
+            self._plain_step()
             self._end_step()
             self._opt_called = True
             return loss
@@ -559,6 +575,11 @@ class FusedSAM(SAMOptimizer):
             self.restore()
             raise
         return loss
+
+    def _plain_step(self) -> None:
+        """The update of a step that is not a SAM step (interval or randomized SAM, LookSAM's steps
+        in between): the base optimizer's own step with the gradients as they are."""
+        self.base_optimizer.step()
 
     def is_sam_step(self, step: int) -> bool:
         """Whether ``step(closure)`` number ``step`` (counted from 0) is a SAM step."""

@@ -178,10 +178,18 @@ class Bucket:
     def grads(self, direction: "Buffers | None" = None) -> list[Tensor] | tuple:
         """The gradients, or with ``direction`` the buffers a SAM variant perturbs along instead."""
         if direction is not None:
-            return [direction.get(p) for p in self.owners]
+            return self.buffers(direction)
         if self._grads is not None:
             return self._grads
         return [local(p.grad) for p in self.owners]
+
+    def buffers(self, bufs: "Buffers") -> list[Tensor]:
+        """The buffers of ``bufs`` for this bucket's parameters, found once per version."""
+        key = ("buffers", id(bufs))
+        cached = self.cache.get(key)
+        if cached is None or cached[0] != self.version or cached[1] is not bufs:
+            cached = self.cache[key] = (self.version, bufs, [bufs.get(p) for p in self.owners])
+        return cached[2]
 
     def rows(self, rows, sources: list[Tensor] | None = None) -> "Bucket":
         """A bucket of some of these rows (a launch over part of the bucket), optionally with other sources."""

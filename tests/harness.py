@@ -99,15 +99,23 @@ OPTIMIZERS = {
 }
 
 
-def run_backend(backend, dtype, device, opt_name, adaptive=False, eta=0.0, steps=7, seed=0, rho_scale=1.0):
-    """Run ``steps`` SAM steps; returns (params, per-param state dicts, optimizer)."""
+def run_backend(backend, dtype, device, opt_name, adaptive=False, eta=0.0, steps=7, seed=0, rho_scale=1.0,
+                sam_cls=FusedSAM, closure=False, **sam_kwargs):
+    """Run ``steps`` SAM steps (``sam_cls``, FusedSAM by default, with ``sam_kwargs``), by
+    first/second_step or, with ``closure``, through ``step(closure)`` with a closure that sets the
+    gradients; returns (params, per-param state dicts, optimizer)."""
     weights, coefs = problem(seed)
     params = make_params(weights, dtype, device)
     cls, kwargs = OPTIMIZERS[opt_name] if isinstance(opt_name, str) else opt_name
     groups = groups_of(params, lrs_of(opt_name), rhos=tuple(r * rho_scale for r in RHOS))
-    opt = FusedSAM(groups, cls, adaptive=adaptive, eta=eta, backend=backend, **kwargs)
+    opt = sam_cls(groups, cls, adaptive=adaptive, eta=eta, backend=backend, **kwargs, **sam_kwargs)
     for step in range(steps):
         missing = {NO_GRAD_PARAM} if step == NO_GRAD_STEP else set()
+        if closure:
+            for p in params:
+                p.grad = None
+            opt.step(lambda: set_grads(params, coefs, missing) or torch.zeros(()))
+            continue
         set_grads(params, coefs, missing)
         opt.first_step(zero_grad=True)
         set_grads(params, coefs, missing)
@@ -116,56 +124,76 @@ def run_backend(backend, dtype, device, opt_name, adaptive=False, eta=0.0, steps
 
 
 # ---------------------------------------------------------------------- float64 transcription
-def run_float64(opt_name, adaptive=False, eta=0.0, steps=7, seed=0, dtype=torch.float32):
-    """The formulas of the README, in float64, on the weights rounded to ``dtype`` first."""
+GROUP_OF = [0] * 4 + [1] * (len(SHAPES) - 4)
+
+
+def base_update(opt_name, w: torch.Tensor, g: torch.Tensor, st: dict, lr: float) -> torch.Tensor:
+    """One step of the base optimizer ``opt_name`` on one float64 parameter (torch.optim's
+    formulas); updates its state ``st``, returns the new weight."""
+    cls, kw = OPTIMIZERS[opt_name]
+    if kw.get("maximize", False):
+        g = -g
+    wd = kw.get("weight_decay", 0.0)
+    if cls is torch.optim.SGD:
+        g = g + wd * w
+        mom = kw.get("momentum", 0.0)
+        if mom:
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = g.clone()
+            else:
+                st["momentum_buffer"] = mom * st["momentum_buffer"] + (1 - kw.get("dampening", 0.0)) * g
+            buf = st["momentum_buffer"]
+            g = g + mom * buf if kw.get("nesterov", False) else buf
+        return w - lr * g
+    beta1, beta2 = kw.get("betas", (0.9, 0.999))
+    eps = kw.get("eps", 1e-8)
+    if not st:
+        st.update(step=0.0, exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
+    st["step"] += 1
+    if cls is torch.optim.AdamW:
+        w = w * (1 - lr * wd)
+    else:
+        g = g + wd * w
+    st["exp_avg"] = beta1 * st["exp_avg"] + (1 - beta1) * g
+    st["exp_avg_sq"] = beta2 * st["exp_avg_sq"] + (1 - beta2) * g * g
+    bc1 = 1 - beta1 ** st["step"]
+    bc2 = 1 - beta2 ** st["step"]
+    denom = st["exp_avg_sq"].sqrt() / math.sqrt(bc2) + eps
+    return w - (lr / bc1) * st["exp_avg"] / denom
+
+
+def active_at(step: int) -> list[int]:
+    return [i for i in range(len(SHAPES)) if not (step == NO_GRAD_STEP and i == NO_GRAD_PARAM)]
+
+
+def sam_point(ws, coefs, active, adaptive=False, eta=0.0, rho_scale=1.0):
+    """(g at w, the perturbed weights w + e, g at w + e) of a SAM step, in float64."""
+    g0 = {i: grad_fn(ws[i], coefs[i]) for i in active}
+    t = {i: (ws[i].abs() + eta) if adaptive else torch.ones_like(ws[i]) for i in active}
+    norm = math.sqrt(sum(float(((t[i] * g0[i]) ** 2).sum()) for i in active))
+    moved = {i: ws[i] + rho_scale * RHOS[GROUP_OF[i]] * t[i] ** 2 * g0[i] / (norm + 1e-12) for i in active}
+    g1 = {i: grad_fn(moved[i], coefs[i]) for i in active}
+    return g0, moved, g1
+
+
+def dot(a: dict, b: dict) -> float:
+    return sum(float((a[i] * b[i]).sum()) for i in a)
+
+
+def run_float64(opt_name, adaptive=False, eta=0.0, steps=7, seed=0, dtype=torch.float32, combine=None):
+    """The formulas of the README, in float64, on the weights rounded to ``dtype`` first.
+    ``combine(g0, g1, step)`` (GSAM's), if given, returns the gradients the update uses."""
     weights, coefs = problem(seed)
     ws = [w.to(dtype).double().clone() for w in weights]
-    cls, kw = OPTIMIZERS[opt_name]
-    sgd = cls is torch.optim.SGD
-    group_of = [0] * 4 + [1] * (len(ws) - 4)
-    lrs, rhos = lrs_of(opt_name), RHOS
+    lrs = lrs_of(opt_name)
     state = [dict() for _ in ws]
     for step in range(steps):
-        active = [i for i in range(len(ws)) if not (step == NO_GRAD_STEP and i == NO_GRAD_PARAM)]
-        g0 = {i: grad_fn(ws[i], coefs[i]) for i in active}
-        t = {i: (ws[i].abs() + eta) if adaptive else torch.ones_like(ws[i]) for i in active}
-        norm = math.sqrt(sum(float(((t[i] * g0[i]) ** 2).sum()) for i in active))
-        backup = {i: ws[i].clone() for i in active}
+        active = active_at(step)
+        g0, _, g1 = sam_point(ws, coefs, active, adaptive, eta)
+        if combine is not None:
+            g1 = combine(g0, g1)
         for i in active:
-            ws[i] = ws[i] + rhos[group_of[i]] * t[i] ** 2 * g0[i] / (norm + 1e-12)
-        g1 = {i: grad_fn(ws[i], coefs[i]) for i in active}
-        for i in active:
-            w, g, st, lr = backup[i], g1[i], state[i], lrs[group_of[i]]
-            if kw.get("maximize", False):
-                g = -g
-            wd = kw.get("weight_decay", 0.0)
-            if sgd:
-                g = g + wd * w
-                mom = kw.get("momentum", 0.0)
-                if mom:
-                    if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = g.clone()
-                    else:
-                        st["momentum_buffer"] = mom * st["momentum_buffer"] + (1 - kw.get("dampening", 0.0)) * g
-                    buf = st["momentum_buffer"]
-                    g = g + mom * buf if kw.get("nesterov", False) else buf
-                ws[i] = w - lr * g
-            else:
-                beta1, beta2 = kw.get("betas", (0.9, 0.999))
-                eps = kw.get("eps", 1e-8)
-                if not st:
-                    st.update(step=0.0, exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w))
-                st["step"] += 1
-                if cls is torch.optim.AdamW:
-                    w = w * (1 - lr * wd)
-                else:
-                    g = g + wd * w
-                st["exp_avg"] = beta1 * st["exp_avg"] + (1 - beta1) * g
-                st["exp_avg_sq"] = beta2 * st["exp_avg_sq"] + (1 - beta2) * g * g
-                bc1 = 1 - beta1 ** st["step"]
-                bc2 = 1 - beta2 ** st["step"]
-                denom = st["exp_avg_sq"].sqrt() / math.sqrt(bc2) + eps
-                ws[i] = w - (lr / bc1) * st["exp_avg"] / denom
+            ws[i] = base_update(opt_name, ws[i], g1[i], state[i], lrs[GROUP_OF[i]])
     return ws, state
 
 

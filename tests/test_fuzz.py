@@ -22,7 +22,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tolerances import FP32_FLOOR, FP64_FLOOR, LOWP_FACTOR, LOWP_FLOOR  # noqa: E402
+from tolerances import FP32_FLOOR, FP64_FLOOR, LOWP_FACTOR, LOWP_FLOOR, lowp_floor  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FAST = [b for b in available_backends(DEVICE) if b != "torch"]
@@ -126,7 +126,7 @@ def test_fast_backend_matches_reference(backend, c):
     exact, eopt = run("torch", c, dtype_override=torch.float64)
     for i, (f, r, e) in enumerate(zip(fast, ref, exact)):
         assert f.dtype == r.dtype and f.stride() == r.stride()
-        bound = LOWP_FACTOR * err(r, e) + FLOOR[f.dtype]
+        bound = LOWP_FACTOR * err(r, e) + lowp_floor(f.dtype, e, FLOOR)
         assert err(f, e) <= bound, f"param {i} {c['params'][i]}: {err(f, e):.3g} > {bound:.3g}"
         fs, rs, es = fopt.state.get(f, {}), ropt.state.get(r, {}), eopt.state.get(e, {})
         assert set(fs) == set(rs)
@@ -134,5 +134,5 @@ def test_fast_backend_matches_reference(backend, c):
             if k == "step":
                 assert float(v) == float(rs[k])
                 continue
-            bound = LOWP_FACTOR * err(rs[k], es[k]) + FLOOR[f.dtype]
+            bound = LOWP_FACTOR * err(rs[k], es[k]) + lowp_floor(f.dtype, es[k], FLOOR)
             assert err(v, es[k]) <= bound, f"state {k} of param {i}: {err(v, es[k]):.3g} > {bound:.3g}"

@@ -14,7 +14,7 @@ import torch
 
 import harness
 from harness import assert_close, max_err, run_backend, run_float64
-from tolerances import FP32, FP32_FLOOR, LOWP_FACTOR, LOWP_FLOOR
+from tolerances import FP32, FP32_FLOOR, LOWP_FACTOR, lowp_floor
 
 from sam_fused import available_backends
 
@@ -84,13 +84,13 @@ def test_fast_low_precision(backend, dtype, opt_name, variant):
     for i, (p, r, w) in enumerate(zip(params, ref_params, ws)):
         assert p.dtype == dtype
         assert torch.isfinite(p).all()
-        bound = LOWP_FACTOR * max_err(r, w) + LOWP_FLOOR[dtype]
+        bound = LOWP_FACTOR * max_err(r, w) + lowp_floor(dtype, w)
         assert max_err(p, w) <= bound, f"param {harness.SHAPES[i]}: {max_err(p, w):.4g} > {bound:.4g}"
     for s, r, s64 in zip(states, ref_states, st64):
         assert set(s) == set(r)
         for k, v in _state_tensors(s).items():
             assert v.dtype == dtype == r[k].dtype
-            bound = LOWP_FACTOR * max_err(r[k], s64[k]) + LOWP_FLOOR[dtype]
+            bound = LOWP_FACTOR * max_err(r[k], s64[k]) + lowp_floor(dtype, s64[k])
             assert max_err(v, s64[k]) <= bound, f"state {k}: {max_err(v, s64[k]):.4g} > {bound:.4g}"
 
 

@@ -10,10 +10,17 @@ A backend implements the passes of a SAM step over a :class:`~sam_fused.plan.Ste
     norm = sqrt(sq) and, per parameter, ``backup = w; w += e``. Returns the norm tensor.
 ``restore(plan)``
     every parameter of the plan back to its backup, bit-identically.
-``restore_and_update(perturbed, plan, amp)``
-    restore what ``perturbed`` perturbed and apply the base optimizer with the current gradients
-    (those of ``plan``); ``amp`` = (inv_scale, found_inf) device tensors or None: the gradients are
-    multiplied by inv_scale, and a non-zero found_inf leaves parameters and state as restored.
+``restore_and_update(perturbed, plan, amp, combo)``
+    restore what ``perturbed`` perturbed (nothing when None: a plain step) and apply the base
+    optimizer with the current gradients (those of ``plan``); ``amp`` = (inv_scale, found_inf)
+    device tensors or None: the gradients are multiplied by inv_scale, and a non-zero found_inf
+    leaves parameters and state as restored. ``combo`` (a :class:`Combo`, GSAM and LookSAM): the
+    update uses ``c0 * g + c1 * aux`` and may rewrite ``aux = c2 * g + c3 * aux``.
+
+The SAM variants' extra reductions and buffers ride in the same passes: ``perturb(..., save=)``
+also writes the (unscaled) gradient into the ``save`` buffers, and ``dots(plan, aux, reduce,
+inv_scale)`` sums ``g.g, g.aux, aux.aux`` over every parameter with a gradient into a 3-element
+fp32 device tensor (``reduce`` may change it in place: the FSDP2 all-reduce).
 
 Every check happens before the first write; no pass synchronizes with the device unless stated.
 """
@@ -26,9 +33,23 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..plan import FLOAT_DTYPES, Buffers, PlanCache, StepPlan
+from ..plan import FLOAT_DTYPES, Buffers, PlanCache, StepPlan, local
 
 Amp = tuple[Tensor, Tensor]  # (inv_scale, found_inf), 1-element fp32 tensors on the parameters' device
+
+
+@dataclass
+class Combo:
+    """The gradient combination of GSAM and LookSAM, applied inside the update pass.
+
+    ``coef`` is a ``[n_groups, 4]`` fp32 tensor on the parameters' device, row ``i`` = (c0, c1, c2,
+    c3) for param group ``i``: the update reads ``c0 * g + c1 * aux`` in place of the gradient g
+    (unscaled first with AMP) and, with ``write``, stores ``aux = c2 * g + c3 * aux``. ``aux`` holds
+    one parameter-sized buffer per parameter (keyed by the parameter)."""
+
+    aux: Buffers
+    coef: Tensor
+    write: bool = False
 
 
 @dataclass
@@ -75,13 +96,29 @@ class Backend:
     def restore(self, plan: StepPlan) -> None:
         raise NotImplementedError
 
-    def restore_and_update(self, perturbed: StepPlan, plan: StepPlan, amp: Amp | None = None) -> None:
+    def restore_and_update(self, perturbed: StepPlan | None, plan: StepPlan, amp: Amp | None = None,
+                           combo: Combo | None = None) -> None:
         raise NotImplementedError
 
+    def dots(self, plan: StepPlan, aux: Buffers, reduce=None, inv_scale: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
 
-def base_step(opt, plan: StepPlan, amp: Amp | None) -> None:
+    def _dots_out(self, device: torch.device) -> Tensor:
+        out = getattr(self, "_dots", None)
+        if out is None or out.device != device:
+            out = self._dots = torch.zeros(3, dtype=torch.float32, device=device)
+        return out
+
+
+def base_step(opt, plan: StepPlan, amp: Amp | None, combo: Combo | None = None) -> None:
     """The base optimizer's own ``step()``; with ``amp``, on unscaled gradients, skipped when
-    found_inf is set (one host read of found_inf: this path is not capturable)."""
+    found_inf is set (one host read of found_inf: this path is not capturable). With ``combo``,
+    the gradients are first rewritten to the combination (``combine_grads``)."""
+    if combo is not None:
+        if amp is not None and float(amp[1]) != 0.0:
+            return
+        combine_grads(opt, plan, combo, None if amp is None else amp[0])
+        amp = None
     if amp is not None:
         inv_scale, found_inf = amp
         if float(found_inf) != 0.0:
@@ -90,6 +127,34 @@ def base_step(opt, plan: StepPlan, amp: Amp | None) -> None:
         if grads:
             torch._foreach_mul_(grads, inv_scale.reshape(()))
     opt.base_optimizer.step()
+
+
+def group_index(opt, group: dict) -> int:
+    return next(i for i, g in enumerate(opt.param_groups) if g is group)
+
+
+def combine_grads(opt, plan: StepPlan, combo: Combo, inv_scale: Tensor | None = None) -> None:
+    """The reference combination, in place: per parameter with a gradient, in fp32 (fp64 for fp64
+    parameters), ``x = g * inv_scale``, ``aux = c2 x + c3 aux`` (with ``combo.write``) and
+    ``g = c0 x + c1 aux`` (with the old aux)."""
+    rows = {id(g): i for i, g in enumerate(opt.param_groups)}
+    for group in opt.param_groups:
+        c = combo.coef[rows[id(group)]]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = local(p.grad)
+            a = combo.aux.get(p)
+            dt = torch.float64 if g.dtype == torch.float64 else torch.float32
+            x = g.to(dt)
+            if inv_scale is not None:
+                x = x * inv_scale.reshape(()).to(dt)
+            ad = a.to(dt)
+            cd = c.to(dt)
+            combined = cd[0] * x + cd[1] * ad
+            if combo.write:
+                a.copy_(cd[2] * x + cd[3] * ad)
+            g.copy_(combined)
 
 
 FUSED_KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
@@ -150,5 +215,5 @@ def check_amp(plan: StepPlan, amp: Amp | None) -> None:
             raise ValueError(f"{name} is on {t.device}, the parameters on {plan.active[0].device}")
 
 
-__all__ = ["Amp", "Backend", "GroupWork", "FLOAT_DTYPES", "FUSED_KINDS", "base_step", "check_all_state", "check_amp",
+__all__ = ["Amp", "Backend", "Combo", "GroupWork", "combine_grads", "group_index", "FLOAT_DTYPES", "FUSED_KINDS", "base_step", "check_all_state", "check_amp",
            "check_state", "state_keys"]

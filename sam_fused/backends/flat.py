@@ -31,7 +31,7 @@ from ..plan import Bucket, Buffers, StepPlan, local
 from ..spec import Update
 from . import reference
 from .base import FUSED_KINDS as _FUSED
-from .base import Amp, Backend, base_step, check_all_state, check_state, state_keys as _state_keys
+from .base import Amp, Backend, Combo, base_step, check_all_state, check_state, state_keys as _state_keys
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype
@@ -63,10 +63,17 @@ class FlatBackend(Backend):
         raise NotImplementedError
 
     def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
-                       inv_scale: Tensor | None) -> None:
+                       inv_scale: Tensor | None, save: Buffers | None = None) -> None:
+        """``backup = w; w += e`` over the bucket; with ``save``, also ``save = g * inv_scale``."""
         raise NotImplementedError
 
-    def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None) -> None:
+    def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None, combo: Combo | None = None) -> None:
+        """Restore + update over the bucket; with ``combo`` the gradient is ``c0 g + c1 aux`` (row
+        ``bucket.index`` of ``combo.coef``) and, with ``combo.write``, aux becomes ``c2 g + c3 aux``."""
+        raise NotImplementedError
+
+    def launch_dots(self, buckets: list[Bucket], aux: Buffers, out: Tensor, inv_scale: Tensor | None) -> None:
+        """``out = [sum g.g, sum g.aux, sum aux.aux]`` over the buckets, a 3-element fp32 device tensor."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ first step
@@ -77,7 +84,7 @@ class FlatBackend(Backend):
         return self._sq, self._norm
 
     def perturb(self, plan: StepPlan, reduce_sq=None, direction: Buffers | None = None,
-                inv_scale: Tensor | None = None) -> Tensor:
+                inv_scale: Tensor | None = None, save: Buffers | None = None) -> Tensor:
         sq, norm = self._scalars(plan.locals[0].device)
         extra = reference.grad_sq_sum(plan.slow, sq.device, direction, inv_scale) if plan.slow else None
         self.launch_sq(plan.buckets, extra, sq, norm, direction, inv_scale)
@@ -85,14 +92,26 @@ class FlatBackend(Backend):
             reduce_sq(sq)
             torch.sqrt(sq, out=norm)
         for bucket in plan.buckets:
-            self.launch_perturb(bucket, norm, direction, inv_scale)
+            self.launch_perturb(bucket, norm, direction, inv_scale, save)
         for group, p, backup in plan.slow:
-            reference.perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale)
+            reference.perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale,
+                               None if save is None else save.get(p))
         return norm
 
+    def dots(self, plan: StepPlan, aux: Buffers, reduce=None, inv_scale: Tensor | None = None) -> Tensor:
+        out = self._dots_out(plan.locals[0].device)
+        self.launch_dots(plan.buckets, aux, out, inv_scale)
+        if plan.slow:
+            out += reference.dots_sum([p for _, p, _ in plan.slow], out.device, aux, inv_scale)
+        if reduce is not None:
+            reduce(out)
+        return out
+
     # ------------------------------------------------------------------ second step
-    def restore(self, plan: StepPlan) -> None:
+    def restore(self, plan: StepPlan | None) -> None:
         """Bit-exact restore: one launch per bucket, a copy for each other parameter."""
+        if plan is None:
+            return
         for bucket in plan.buckets:
             self.launch_update(bucket, Update(OPT_RESTORE), None)
         for _, p, backup in plan.slow:
@@ -113,7 +132,8 @@ class FlatBackend(Backend):
                 return None
         return kind
 
-    def restore_and_update(self, perturbed: StepPlan, plan: StepPlan, amp: Amp | None = None) -> None:
+    def restore_and_update(self, perturbed: StepPlan | None, plan: StepPlan, amp: Amp | None = None,
+                           combo: Combo | None = None) -> None:
         self._updates += 1
         kind = self._fused_kind()
         if kind == "adam" and amp is not None and float(amp[1]) != 0.0:
@@ -125,7 +145,7 @@ class FlatBackend(Backend):
         if launches is None:
             check_all_state(self.opt, plan)  # torch.optim would raise half-way, with state half-written
             self.restore(perturbed)
-            base_step(self.opt, plan, amp)
+            base_step(self.opt, plan, amp, combo)
             return
         # every check has passed: from here on, only writes
         if perturbed is not plan:
@@ -135,7 +155,7 @@ class FlatBackend(Backend):
             if pre:
                 dst.copy_(p.detach())
         for bucket, update in launches:
-            self.launch_update(bucket, update, amp)
+            self.launch_update(bucket, update, amp, combo)
         for p, dst, _ in staged:
             p.detach().copy_(dst)
 

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ..plan import Bucket, Buffers
 from ..spec import Update
-from .base import Amp
+from ..constants import CHUNK
+from .base import Amp, Combo
 from .flat import FlatBackend
 
 
@@ -24,29 +25,61 @@ class NativeBackend(FlatBackend):
         super().__init__(optimizer)
         self._C = module
         self.name = name
+        self._partials: Tensor | None = None
+
+    def _scratch(self, buckets: list[Bucket], width: int, device: torch.device) -> Tensor | None:
+        """CUDA: one scratch buffer, ``width`` floats per block of the largest bucket, kept, so that a
+        steady-state step allocates nothing (the CPU kernels need none)."""
+        if device.type != "cuda":
+            return None
+        need = width * max((_chunks(b) for b in buckets), default=1)
+        if self._partials is None or self._partials.numel() < need or self._partials.device != device:
+            self._partials = torch.empty(max(need, 64), dtype=torch.float32, device=device)
+        return self._partials
 
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
                   direction: Buffers | None, inv_scale: Tensor | None) -> None:
+        scratch = self._scratch(buckets, 1, sq.device)
         for i, b in enumerate(buckets):
             g = b.group
             self._C.sq_sum_(sq, b.params, b.grads(direction), adaptive=bool(g["adaptive"]), eta=float(g["eta"]),
-                            accumulate=i > 0, inv_scale=inv_scale)
+                            accumulate=i > 0, inv_scale=inv_scale, partials=scratch)
         if not buckets:
             sq.zero_()
         if extra is not None:
             sq.add_(extra)
         torch.sqrt(sq, out=norm)
 
+    def launch_dots(self, buckets: list[Bucket], aux: Buffers, out: Tensor, inv_scale: Tensor | None) -> None:
+        scratch = self._scratch(buckets, 3, out.device)
+        for i, b in enumerate(buckets):
+            self._C.dots_(out, b.grads(), b.buffers(aux), accumulate=i > 0, inv_scale=inv_scale, partials=scratch)
+        if not buckets:
+            out.zero_()
+
     def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
-                       inv_scale: Tensor | None) -> None:
+                       inv_scale: Tensor | None, save: Buffers | None = None) -> None:
         g = bucket.group
-        self._C.perturb_(bucket.params, bucket.grads(direction), bucket.backups, norm=norm, rho=float(g["rho"]),
+        self._C.perturb_(bucket.params, bucket.grads(direction), bucket.backups,
+                         [] if save is None else bucket.buffers(save), norm=norm, rho=float(g["rho"]),
                          adaptive=bool(g["adaptive"]), eta=float(g["eta"]), inv_scale=inv_scale)
 
-    def launch_update(self, bucket: Bucket, u: Update, amp: Amp | None) -> None:
+    def launch_update(self, bucket: Bucket, u: Update, amp: Amp | None, combo: Combo | None = None) -> None:
         inv_scale, found_inf = amp if amp is not None else (None, None)
+        combine, aux, coef = 0, [], None
+        if combo is not None and u.opt:
+            combine, aux, coef = 2 if combo.write else 1, bucket.buffers(combo.aux), combo.coef[bucket.index]
         self._C.restore_update_(
             bucket.params, bucket.grads() if u.opt else [], bucket.backups, bucket.state1 or [], bucket.state2 or [],
-            opt=u.opt, has_momentum=u.momentum != 0, nesterov=bool(u.nesterov), scalars=u.scalars(),
-            inv_scale=inv_scale, found_inf=found_inf,
+            aux, opt=u.opt, has_momentum=u.momentum != 0, nesterov=bool(u.nesterov), scalars=u.scalars(),
+            inv_scale=inv_scale, found_inf=found_inf, combine=combine, coef=coef,
         )
+
+
+def _chunks(bucket: Bucket) -> int:
+    """Blocks of the CUDA kernels over the bucket (65536 elements each), counted once per version."""
+    cached = bucket.cache.get("cuda_chunks")
+    if cached is None or cached[0] != bucket.version:
+        n = sum(-(-p.numel() // CHUNK) for p in bucket.params)
+        cached = bucket.cache["cuda_chunks"] = (bucket.version, n)
+    return cached[1]

@@ -10,6 +10,10 @@ gradient ``g`` and the hyperparameters of its param group:
     w    <- w + e             (skipped, weights untouched, when norm is not finite)
 
 The second step copies the backup back (bit-exact) and runs ``base_optimizer.step()``.
+
+GSAM and LookSAM: ``save`` keeps ``g`` (unscaled) beside the backup; ``dots`` sums ``g.g``,
+``g.aux`` and ``aux.aux`` (fp32, each parameter's sum in its math dtype); the combination rewrites
+each gradient to ``c0 g + c1 aux`` before the base step (``base.combine_grads``).
 Every operation here is an ordinary torch op on one tensor, written to be read, not to be fast.
 """
 
@@ -20,7 +24,7 @@ from torch import Tensor
 
 from ..constants import NORM_EPS as EPS
 from ..plan import StepPlan, local
-from .base import Amp, Backend, base_step, check_all_state
+from .base import Amp, Backend, Combo, base_step, check_all_state
 
 
 def weighted_grad(p: Tensor, group: dict, g: Tensor | None = None, inv_scale: Tensor | None = None) -> Tensor:
@@ -52,14 +56,31 @@ def grad_sq_sum(pairs, device: torch.device, direction=None, inv_scale: Tensor |
     return total
 
 
+def dots_sum(params, device: torch.device, aux, inv_scale: Tensor | None = None) -> Tensor:
+    """``[sum g.g, sum g.aux, sum aux.aux]`` over ``params`` (each with a gradient; ``g`` unscaled
+    by ``inv_scale``), an fp32 3-element tensor on ``device``."""
+    total = torch.zeros(3, dtype=torch.float32, device=device)
+    for p in params:
+        g = local(p.grad)
+        dt = _math_dtype(g)
+        x = _unscaled(g.to(dt), inv_scale)
+        a = aux.get(p).to(dt)
+        part = torch.stack([x.square().sum(), (x * a).sum(), a.square().sum()])
+        total += part.to(device=device, dtype=torch.float32)
+    return total
+
+
 def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, g: Tensor | None = None,
-             inv_scale: Tensor | None = None) -> None:
-    """Copy ``p`` into ``backup``, then ``p += e`` along ``g`` (default ``p.grad``, unscaled by AMP's
-    ``inv_scale`` when given); ``p`` is left as it was if ``norm`` is not finite. fp64 parameters
-    are perturbed in fp64, the others in fp32."""
+             inv_scale: Tensor | None = None, save: Tensor | None = None) -> None:
+    """Copy ``p`` into ``backup`` (and the unscaled gradient into ``save`` when given), then
+    ``p += e`` along ``g`` (default ``p.grad``, unscaled by AMP's ``inv_scale`` when given); ``p``
+    is left as it was if ``norm`` is not finite. fp64 parameters are perturbed in fp64, the others
+    in fp32."""
     g = local(p.grad) if g is None else g  # FSDP2: the local shards of the gradient and parameter
     p = local(p)
     backup.copy_(p.detach())
+    if save is not None:
+        save.copy_(_unscaled(g.to(_math_dtype(p)), inv_scale))
     dt = _math_dtype(p)
     norm = norm.to(device=p.device, dtype=dt)
     ok = torch.isfinite(norm)
@@ -80,20 +101,30 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def perturb(self, plan: StepPlan, reduce_sq=None, direction=None, inv_scale=None) -> Tensor:
+    def perturb(self, plan: StepPlan, reduce_sq=None, direction=None, inv_scale=None, save=None) -> Tensor:
         sq = grad_sq_sum(plan.slow, plan.locals[0].device, direction, inv_scale)
         if reduce_sq is not None:
             reduce_sq(sq)
         norm = sq.sqrt()
         for group, p, backup in plan.slow:
-            perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale)
+            perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale,
+                     None if save is None else save.get(p))
         return norm
 
-    def restore(self, plan: StepPlan) -> None:
+    def dots(self, plan: StepPlan, aux, reduce=None, inv_scale=None) -> Tensor:
+        out = dots_sum(plan.active, plan.locals[0].device, aux, inv_scale)
+        if reduce is not None:
+            reduce(out)
+        return out
+
+    def restore(self, plan: StepPlan | None) -> None:
+        if plan is None:
+            return
         for _, p, backup in plan.slow:
             local(p).detach().copy_(backup)
 
-    def restore_and_update(self, perturbed: StepPlan, plan: StepPlan, amp: Amp | None = None) -> None:
+    def restore_and_update(self, perturbed: StepPlan | None, plan: StepPlan, amp: Amp | None = None,
+                           combo: Combo | None = None) -> None:
         check_all_state(self.opt, plan)  # torch.optim would raise half-way, with state half-written
         self.restore(perturbed)
-        base_step(self.opt, plan, amp)
+        base_step(self.opt, plan, amp, combo)

@@ -1,7 +1,7 @@
 """The Triton backend: each bucket is one launch per kernel, through a device-resident pointer table.
 
 Launches per step for B buckets: B norm + 1 finalize + B perturb + B restore/update, whatever the
-number of tensors. One table per bucket (numel, p, g, backup, state 1, state 2) serves the three
+number of tensors (GSAM and LookSAM: B + 1 more for their dot products). One table per bucket (numel, p, g, backup, state 1, state 2) serves the three
 passes; it is rebuilt and re-sent only when the bucket's lists change (new ``.grad`` tensors,
 state created), so a steady-state step uploads nothing.
 """
@@ -11,27 +11,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels.dots import dots_partials, dots_programs, finalize_dots
 from ..kernels.norm import finalize, norm_programs, sq_partials
 from ..kernels.perturb import perturb as perturb_kernel
 from ..kernels.table import TL_DTYPES, PointerTable
 from ..kernels.update import restore_update
 from ..plan import Bucket, Buffers
 from ..spec import Update
-from .base import Amp
+from .base import Amp, Combo
 from .flat import FlatBackend
 
 
-def bucket_table(bucket: Bucket, direction: Buffers | None = None) -> PointerTable:
-    """The bucket's table (with ``direction``'s buffers in the grad column: another table), rebuilt
-    when the bucket's lists changed since it was built."""
-    key = "table" if direction is None else ("table", id(direction))
+def bucket_table(bucket: Bucket, direction: Buffers | None = None, aux: Buffers | None = None) -> PointerTable:
+    """The bucket's table (with ``direction``'s buffers in the grad column, or ``aux``'s in the aux
+    column: other tables), rebuilt when the bucket's lists changed since it was built."""
+    key = ("table", None if direction is None else id(direction), None if aux is None else id(aux))
     cached = bucket.cache.get(key)
     if cached is not None and cached[0] == bucket.version:
         return cached[1]
     table = cached[1] if cached is not None else PointerTable()
-    s1 = bucket.state1 or [None] * len(bucket.params)
-    s2 = bucket.state2 or [None] * len(bucket.params)
-    table.update(bucket.device, list(zip(bucket.params, bucket.grads(direction), bucket.backups, s1, s2)))
+    n = len(bucket.params)
+    s1 = bucket.state1 or [None] * n
+    s2 = bucket.state2 or [None] * n
+    ax = [None] * n if aux is None else bucket.buffers(aux)
+    table.update(bucket.device, list(zip(bucket.params, bucket.grads(direction), bucket.backups, s1, s2, ax)))
     bucket.cache[key] = (bucket.version, table)
     return table
 
@@ -64,9 +67,24 @@ class TritonBackend(FlatBackend):
         finalize(partials, off, sq, norm)
 
     def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
-                       inv_scale: Tensor | None) -> None:
+                       inv_scale: Tensor | None, save: Buffers | None = None) -> None:
         g = bucket.group
-        perturb_kernel(bucket_table(bucket, direction), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"], inv_scale)
+        perturb_kernel(bucket_table(bucket, direction, save), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"],
+                       inv_scale, save is not None)
 
-    def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None) -> None:
-        restore_update(bucket_table(bucket), bucket.dtype, update, amp)
+    def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None, combo: Combo | None = None) -> None:
+        if combo is None:
+            restore_update(bucket_table(bucket), bucket.dtype, update, amp)
+            return
+        restore_update(bucket_table(bucket, aux=combo.aux), bucket.dtype, update, amp,
+                       combo.coef[bucket.index], 2 if combo.write else 1)
+
+    def launch_dots(self, buckets: list[Bucket], aux: Buffers, out: Tensor, inv_scale: Tensor | None) -> None:
+        tables = [(bucket_table(b, aux=aux), b) for b in buckets]
+        counts = [dots_programs(t) for t, _ in tables]
+        partials = self._partials_for(3 * sum(counts) + 3, out.device)
+        off = 0
+        for (table, b), k in zip(tables, counts):
+            dots_partials(table, partials[3 * off:], b.dtype, inv_scale)
+            off += k
+        finalize_dots(partials, off, out)

@@ -3,7 +3,7 @@
 A table has two int64 arrays on the parameters' device:
 
     chunks:  [n_chunks, 2]        (tensor index, first element of the chunk)
-    tensors: [n_tensors, NCOL]    (numel, address of p, g, source/backup, state 1, state 2)
+    tensors: [n_tensors, NCOL]    (numel, address of p, g, source/backup, state 1, state 2, aux)
 
 A kernel program reads its chunk row, then the row of its tensor, and turns the stored addresses
 into typed pointers with ``.to(tl.pointer_type(DTYPE))``. The chunk array depends only on the
@@ -30,6 +30,7 @@ COL_GRAD = tl.constexpr(constants.COL_GRAD)
 COL_BACKUP = tl.constexpr(constants.COL_BACKUP)
 COL_STATE1 = tl.constexpr(constants.COL_STATE1)
 COL_STATE2 = tl.constexpr(constants.COL_STATE2)
+COL_AUX = tl.constexpr(constants.COL_AUX)
 NORM_EPS = tl.constexpr(constants.NORM_EPS)
 OPT_RESTORE = tl.constexpr(constants.OPT_RESTORE)
 OPT_SGD = tl.constexpr(constants.OPT_SGD)

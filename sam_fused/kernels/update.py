@@ -17,6 +17,11 @@ off and nesterov are compile-time constants.
 Mixed precision (AMP): with a device-side ``inv_scale`` and ``found_inf`` (as torch's fused
 optimizers take them) the gradient is multiplied by inv_scale as it is read, and when found_inf
 is non-zero the pass only restores: the weights get their source's bits, the state its own.
+
+GSAM and LookSAM (COMBINE 1 or 2): the gradient read is ``c0 * g + c1 * aux`` (g unscaled first,
+aux from the table's aux column, ``(c0, c1, c2, c3)`` read from a device row computed from the dot
+products, so no host sync), and with COMBINE 2 the aux column is rewritten to ``c2 * g + c3 * aux``
+(LookSAM's g_v): +4 B read (+4 B written) per element.
 """
 
 from __future__ import annotations
@@ -24,27 +29,40 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import constants
 from ..spec import Update
-from .table import (BLOCK, CHUNK, COL_BACKUP, COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, NUM_WARPS, OPT_RESTORE,
+from .table import (BLOCK, CHUNK, COL_AUX, COL_BACKUP, COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, NUM_WARPS, OPT_RESTORE,
                     OPT_SGD, TL_DTYPES,
                     PointerTable, chunk_of, column, load, nothing, store, to_dtype, walk)
 
 
 @triton.jit
 def _update_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
-    (p, g, src, s1, s2, skip, sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2, one_minus_beta2,
-     eps, step_size, bias_correction2_sqrt) = args
+    (p, g, src, s1, s2, ax, skip, sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2, one_minus_beta2,
+     eps, step_size, bias_correction2_sqrt, grad_mul, c0, c1, c2, c3) = args
     DTYPE: tl.constexpr = C[0]
     OPT: tl.constexpr = C[1]
     HAS_MOMENTUM: tl.constexpr = C[2]
     NESTEROV: tl.constexpr = C[3]
     AMP: tl.constexpr = C[4]
+    COMBINE: tl.constexpr = C[5]
     raw = load(src, idx, mask, MASKED)
     if OPT == OPT_RESTORE:  # a bit copy
         store(p, idx, raw, mask, MASKED)
     else:
         w = raw.to(tl.float32)
-        d = load(g, idx, mask, MASKED).to(tl.float32) * sign + l2 * w
+        x = load(g, idx, mask, MASKED).to(tl.float32)
+        if COMBINE != 0:
+            old_aux = load(ax, idx, mask, MASKED)
+            a = old_aux.to(tl.float32)
+            x = x * grad_mul
+            if COMBINE == 2:
+                new_aux = to_dtype(c2 * x + c3 * a, DTYPE)
+                if AMP:
+                    new_aux = tl.where(skip, old_aux, new_aux)
+                store(ax, idx, new_aux, mask, MASKED)
+            x = c0 * x + c1 * a
+        d = x * sign + l2 * w
         if OPT == OPT_SGD:
             if HAS_MOMENTUM:
                 old1 = load(s1, idx, mask, MASKED)
@@ -83,11 +101,11 @@ def _update_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 
 @triton.jit
 def _restore_update_kernel(
-    chunks, tensors, inv_scale_ptr, found_inf_ptr,
+    chunks, tensors, inv_scale_ptr, found_inf_ptr, coef_ptr,
     sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
     bias_correction2_sqrt,
     DTYPE: tl.constexpr, OPT: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMP: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    COMBINE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, NCOL)
     p = column(row, COL_PARAM, DTYPE, ALIGNED)
@@ -95,24 +113,40 @@ def _restore_update_kernel(
     src = column(row, COL_BACKUP, DTYPE, ALIGNED)
     s1 = column(row, COL_STATE1, DTYPE, ALIGNED)
     s2 = column(row, COL_STATE2, DTYPE, ALIGNED)
+    ax = p
+    grad_mul = 1.0
+    c0 = 1.0
+    c1 = 0.0
+    c2 = 0.0
+    c3 = 0.0
+    if COMBINE != 0:
+        ax = column(row, COL_AUX, DTYPE, ALIGNED)
+        c0 = tl.load(coef_ptr)
+        c1 = tl.load(coef_ptr + 1)
+        c2 = tl.load(coef_ptr + 2)
+        c3 = tl.load(coef_ptr + 3)
     if AMP:  # the gradient is read unscaled; an inf/NaN found turns the pass into a restore
-        sign = sign * tl.load(inv_scale_ptr)
+        if COMBINE != 0:
+            grad_mul = tl.load(inv_scale_ptr)
+        else:
+            sign = sign * tl.load(inv_scale_ptr)
         skip = tl.load(found_inf_ptr) != 0.0
     else:
         skip = False
-    args = (p, g, src, s1, s2, skip, sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2,
-            one_minus_beta2, eps, step_size, bias_correction2_sqrt)
-    walk(start, end, _update_block, args, (DTYPE, OPT, HAS_MOMENTUM, NESTEROV, AMP), nothing(), BLOCK)
+    args = (p, g, src, s1, s2, ax, skip, sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2,
+            one_minus_beta2, eps, step_size, bias_correction2_sqrt, grad_mul, c0, c1, c2, c3)
+    walk(start, end, _update_block, args, (DTYPE, OPT, HAS_MOMENTUM, NESTEROV, AMP, COMBINE), nothing(), BLOCK)
 
 
-def restore_update(table: PointerTable, dtype, u: Update, amp=None) -> None:
+def restore_update(table: PointerTable, dtype, u: Update, amp=None, coef=None, combine: int = 0) -> None:
     """One launch over the table with the folded scalars of ``u``; ``amp`` = (inv_scale, found_inf)
-    or None."""
+    or None; ``combine`` 1 or 2 with ``coef`` (4 fp32 values on the device) for GSAM / LookSAM."""
     if table.n_chunks == 0:
         return
     inv_scale, found_inf = amp if amp is not None else (table.tensors, table.tensors)
+    combine = combine if u.opt != constants.OPT_RESTORE else 0
     _restore_update_kernel[(table.n_chunks,)](
-        table.chunks, table.tensors, inv_scale, found_inf, *u.scalars(),
+        table.chunks, table.tensors, inv_scale, found_inf, table.tensors if coef is None else coef, *u.scalars(),
         DTYPE=TL_DTYPES[dtype], OPT=u.opt, HAS_MOMENTUM=u.momentum != 0, NESTEROV=bool(u.nesterov),
-        AMP=amp is not None, ALIGNED=table.aligned, num_warps=NUM_WARPS,
+        AMP=amp is not None, COMBINE=combine, ALIGNED=table.aligned, num_warps=NUM_WARPS,
     )
