@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sam_fused.kernels import norm, perturb, universal, update
+from sam_fused.kernels import dots, norm, perturb, universal, update
 from sam_fused.kernels.table import NUM_WARPS
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -42,20 +42,33 @@ def variants():
         c = dict(COMMON, DTYPE=DTYPES[dt], ADAPTIVE=ad, AMP=amp, ALIGNED=al)
         yield ("norm", dt, ad, al, amp), norm._sq_partials_kernel, dict(
             chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", eta=f32, inv_scale_ptr="*fp32"), c
-        yield ("perturb", dt, ad, al, amp), perturb._perturb_kernel, dict(
-            chunks="*i64", tensors="*i64", norm_ptr="*fp32", rho=f32, eta=f32, inv_scale_ptr="*fp32"), c
+        # SAVE (GSAM, LookSAM keep g): the SAM perturbation only, aligned
+        for save in (False, True) if (al and not ad) else (False,):
+            yield ("perturb", dt, ad, al, amp, save), perturb._perturb_kernel, dict(
+                chunks="*i64", tensors="*i64", norm_ptr="*fp32", rho=f32, eta=f32, inv_scale_ptr="*fp32"), dict(
+                c, SAVE=save)
+        if not ad:
+            yield ("dots", dt, al, amp), dots._dots_partials_kernel, dict(
+                chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", inv_scale_ptr="*fp32"), dict(
+                COMMON, DTYPE=DTYPES[dt], AMP=amp, ALIGNED=al)
     yield ("finalize",), norm._finalize_kernel, dict(partials="*fp32", n="i32", sq="*fp32", norm="*fp32"), dict(
+        PBLOCK=1024)
+    yield ("finalize_dots",), dots._finalize_dots_kernel, dict(partials="*fp32", n="i32", out="*fp32"), dict(
         PBLOCK=1024)
     floats = "sign lr l2 decay momentum keep coef one_minus_beta1 beta2 one_minus_beta2 eps step_size".split()
     floats.append("bias_correction2_sqrt")
-    utypes = dict(chunks="*i64", tensors="*i64", inv_scale_ptr="*fp32", found_inf_ptr="*fp32", **{f: f32 for f in floats})
+    utypes = dict(chunks="*i64", tensors="*i64", inv_scale_ptr="*fp32", found_inf_ptr="*fp32", coef_ptr="*fp32",
+                  **{f: f32 for f in floats})
     for dt in DTYPES:
-        for opt, mom, nest, amp in [(0, 0, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0), (1, 1, 1, 0), (2, 0, 0, 0),
-                                    (1, 1, 0, 1), (2, 0, 0, 1)]:
-            for al in (False, True):
+        for opt, mom, nest, amp, comb in [(0, 0, 0, 0, 0), (1, 0, 0, 0, 0), (1, 1, 0, 0, 0), (1, 1, 1, 0, 0),
+                                          (2, 0, 0, 0, 0), (1, 1, 0, 1, 0), (2, 0, 0, 1, 0),
+                                          # GSAM (1) and LookSAM (2) combinations
+                                          (1, 1, 0, 0, 1), (1, 1, 0, 0, 2), (2, 0, 0, 0, 1), (2, 0, 0, 0, 2),
+                                          (1, 1, 0, 1, 1)]:
+            for al in (False, True) if not comb else (True,):
                 c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, HAS_MOMENTUM=bool(mom), NESTEROV=bool(nest),
-                         AMP=bool(amp), ALIGNED=al)
-                yield ("update", dt, opt, mom, nest, amp, al), update._restore_update_kernel, utypes, c
+                         AMP=bool(amp), COMBINE=comb, ALIGNED=al)
+                yield ("update", dt, opt, mom, nest, amp, comb, al), update._restore_update_kernel, utypes, c
         for start, uni, expl in itertools.product((False, True), repeat=3):
             c = dict(COMMON, DTYPE=DTYPES[dt], START=start, UNIFORM=uni, EXPLICIT=expl, ALIGNED=not expl)
             yield ("usam_perturb", dt, start, uni, expl), universal._usam_perturb_kernel, dict(

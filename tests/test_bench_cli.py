@@ -49,6 +49,9 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     # interval and randomized SAM: training rows only, no extra memory beyond SAM's backup
     assert {"esam-interval5", "esam-rst0.5"} <= set(train) and "esam-rst0.5" not in variants
     assert train["esam-interval5"]["extra_bytes_per_param"] == 4.0
+    # GSAM: the backup and the saved gradient; LookSAM: backup, g_v and the saved gradient (fp32)
+    assert train["esam-gsam"]["extra_bytes_per_param"] == 8.0
+    assert train["esam-looksam5"]["extra_bytes_per_param"] == 12.0
     host = data["host_cost"]
     assert [(r["tensors"], r["grads"]) for r in host] == [(10, "in place"), (10, "new"), (30, "in place"), (30, "new")]
     for r in host:

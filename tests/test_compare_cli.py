@@ -57,3 +57,13 @@ def test_label_noise_flips_the_requested_fraction_to_other_classes():
     assert 0.15 < flipped < 0.25
     _, noisy, clean, _, _ = load_digits_split(noise=0.0, seed=0)
     assert bool((noisy == clean).all())
+
+
+def test_compare_trains_gsam_and_looksam(tmp_path):
+    small = [a if a != "2" or i != SMALL.index("--seeds") + 1 else "1" for i, a in enumerate(SMALL)]
+    args = ["compare", *small, "--landscape-steps", "3", "--optimizer", "gsam", "--optimizer", "looksam"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert set(data["summary"]) == {"gsam", "looksam"}
+    for r in data["per_seed"][0].values():
+        assert 0 <= r["test_acc"] <= 1 and r["lambda_1"] > 0

@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import FusedSAM, UniversalSAM, __version__
+from .. import GSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from .cli import cpu_name, plain
 
-OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "frob", "trace", "det")
+OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "gsam", "looksam", "frob", "trace", "det")
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
 
 
@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
                        description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS,
                    help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
-                        "interval: SAM every 5th step; rst: SAM with probability 0.5 (both with --rho); "
+                        "interval: SAM every 5th step; rst: SAM with probability 0.5; gsam: GSAM, alpha 0.4; "
+                        "looksam: LookSAM, k 5, alpha 0.7 (all with --rho); "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
     p.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
@@ -103,6 +104,10 @@ def make_optimizer(name: str, params, args, seed: int | None = None):
     if name == "rst":
         return FusedSAM(params, torch.optim.SGD, rho=args.rho, sam_probability=0.5,
                         seed=args.seed if seed is None else seed, **base)
+    if name == "gsam":
+        return GSAM(params, torch.optim.SGD, rho=args.rho, alpha=0.4, **base)
+    if name == "looksam":
+        return LookSAM(params, torch.optim.SGD, rho=args.rho, k=5, alpha=0.7, **base)
     if name == "asam":
         return FusedSAM(params, torch.optim.SGD, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
     if name in ("frob", "trace", "det"):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ... import FusedSAM, UniversalSAM, __version__
+from ... import GSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from ...backends import available_backends, triton_interpreting
 from ..cli import cpu_name, plain
 from .baseline import PerParameterSAM
@@ -82,7 +82,8 @@ def add_parser(sub) -> None:
                    help="also train with Frob-SAM, Trace-SAM and Det-SAM (n = 2; training table only, "
                         "with their cost relative to SGD and to SAM)")
     p.add_argument("--efficient", action="store_true",
-                   help="also train with interval SAM (SAM every 5th step) and randomized SAM (RST, p = 0.5): "
+                   help="also train with interval SAM (SAM every 5th step), randomized SAM (RST, p = 0.5), GSAM "
+                        "(alpha 0.4) and LookSAM (k = 5, alpha 0.7): "
                         "training table only, their throughput relative to SGD and to SAM, per step averaged "
                         "over whole cycles")
     p.add_argument("--host-tensors", default=None,
@@ -186,10 +187,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-# The schedules of interval and randomized SAM: (FusedSAM keyword, value, step(closure) calls timed
-# as one round: a whole cycle of the interval; for RST enough calls that each round holds about
-# the expected share of SAM steps)
-EFFICIENT = {"esam-interval5": ("interval", 5, 5), "esam-rst0.5": ("sam_probability", 0.5, 10)}
+# The efficient SAM family: (class, its keywords, step(closure) calls timed as one round: a whole
+# cycle of an interval; for RST enough calls that each round holds about the expected share of
+# SAM steps)
+EFFICIENT = {
+    "esam-interval5": (FusedSAM, dict(interval=5), 5),
+    "esam-rst0.5": (FusedSAM, dict(sam_probability=0.5), 10),
+    "esam-gsam": (GSAM, dict(alpha=0.4), 1),
+    "esam-looksam5": (LookSAM, dict(k=5, alpha=0.7), 5),
+}
 
 
 def calls_per_round(variant: str) -> int:
@@ -199,8 +205,8 @@ def calls_per_round(variant: str) -> int:
 def _sam(variant: str, params, base: str):
     cls, kw, _ = BASES[base]
     if variant in EFFICIENT:
-        key, value, _ = EFFICIENT[variant]
-        return FusedSAM(params, cls, rho=0.05, **{key: value}, **kw)
+        sam_cls, sam_kw, _ = EFFICIENT[variant]
+        return sam_cls(params, cls, rho=0.05, **sam_kw, **kw)
     if variant.startswith("usam-"):
         return UniversalSAM(params, cls, measure=variant[len("usam-"):], n_samples=2, seed=0, **kw)
     if variant == "sam-baseline":

@@ -167,6 +167,11 @@ def held_bytes(opt) -> int:
     for bufs in getattr(backend, "buffers", {}).values():  # universal SAM: g0 and the sums
         for b in bufs.values():
             add(b)
+    for name in ("_save", "_gv"):  # GSAM's saved gradient; LookSAM's g_v and saved gradient
+        bufs = getattr(opt, name, None)
+        if bufs is not None:
+            for b in bufs.values():
+                add(b)
     return total
 
 
