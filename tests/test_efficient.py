@@ -165,6 +165,17 @@ def test_generic_base_optimizer(backend):
 
 
 # ---------------------------------------------------------------------- exact reductions
+def same(backend: str, a: torch.Tensor, b: torch.Tensor, tol: str = "fast_vs_reference") -> None:
+    """Bit for bit, except for compiled Triton kernels on a GPU: there the compiler contracts
+    multiply-adds into FMAs (TRITON_DEFAULT_FP_FUSION), and the kernel variant with the combination
+    contracts the update differently from the one without: measured on an H200, 2.4e-7 apart after
+    two steps, exactly equal with FP fusion off. There the FP32 table applies."""
+    if backend == "triton" and DEVICE.type == "cuda":
+        harness.assert_close(a, b, *FP32[tol], "compiled Triton")
+    else:
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + FAST)
 def test_gsam_alpha_zero_is_sam_bit_for_bit(backend):
     """alpha = 0: c0 = 1, c1 = -0, so the combined gradient is g_p exactly."""
@@ -172,7 +183,7 @@ def test_gsam_alpha_zero_is_sam_bit_for_bit(backend):
                                     steps=4)
     sam, sam_states, _ = run_backend(backend, torch.float32, DEVICE, "sgd_momentum_wd", steps=4)
     for p, q in zip(params, sam):
-        assert torch.equal(p, q)
+        same(backend, p, q)
 
 
 @pytest.mark.parametrize("backend", ["torch"] + FAST)
@@ -315,7 +326,7 @@ def test_gsam_with_a_grad_scaler_equals_the_unscaled_run(backend):
         loss_fn(twin(x), y).backward()
         b.second_step(zero_grad=True)
     for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+        same(backend, p, q, "amp_vs_fp32")
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")

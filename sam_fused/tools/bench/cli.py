@@ -184,6 +184,8 @@ def environment(device: torch.device) -> dict:
                                        text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         env["commit"] = None
+    # a copy of a working tree without its history (a remote GPU machine) is told its commit
+    env["commit"] = os.environ.get("SAM_FUSED_COMMIT") or env["commit"]
     return env
 
 
