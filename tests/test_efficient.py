@@ -350,3 +350,32 @@ def test_gsam_and_looksam_are_not_fusedsam_by_accident():
     p = [torch.nn.Parameter(torch.randn(3))]
     assert GSAM(p, torch.optim.SGD, lr=0.1).param_groups[0]["alpha"] == 0.4
     assert LookSAM(p, torch.optim.SGD, lr=0.1).param_groups[0]["alpha"] == 0.7
+
+
+def test_looksam_steps_in_between_build_their_tables_once(monkeypatch):
+    """A warmed-up step in between, with gradients in place, uploads no pointer table (the update
+    without a perturbation to undo reuses its buckets; it rebuilt them every step before)."""
+    if "triton" not in FAST:
+        pytest.skip("needs the triton backend")
+    from sam_fused.kernels import table
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (5, 70_000, 3)]
+    opt = LookSAM(params, torch.optim.SGD, k=4, lr=0.01, momentum=0.9, backend="triton")
+    grads = [torch.randn_like(p) for p in params]
+
+    def closure():
+        for p, g in zip(params, grads):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        return torch.zeros(())
+
+    for _ in range(3):  # a SAM step, then two in between: state and tables exist
+        opt.step(closure)
+    uploads = []
+    original = table._upload
+    monkeypatch.setattr(table, "_upload", lambda *a: uploads.append(a) or original(*a))
+    opt.step(closure)  # step 3: in between
+    assert uploads == []

@@ -164,7 +164,7 @@ class FlatBackend(Backend):
         """The (bucket, update) launches of a fused update, after checking every state tensor; None
         when some tensor cannot be indexed flat with its parameter (the generic path then runs)."""
         state = self.opt.base_optimizer.state
-        buckets = plan.buckets if from_backup else [b.rows(range(len(b.params)), b.params) for b in plan.buckets]
+        buckets = plan.buckets if from_backup else _self_sourced(plan)
         staged = []
         if plan.slow:
             for group, p, backup in plan.slow:
@@ -291,6 +291,18 @@ class FlatBackend(Backend):
         for i, v in enumerate(values):
             by_step.setdefault(v, []).append(i)
         return [(bucket.rows(rows), Update(OPT_ADAM, step=v, **hyper)) for v, rows in by_step.items()]
+
+
+def _self_sourced(plan: StepPlan) -> list[Bucket]:
+    """The plan's buckets with the parameters themselves as the update's source (an update with
+    no perturbation to undo: LookSAM's steps in between, a second step whose gradients differ
+    from the first's), made once per version of the plan's buckets, so that their pointer tables
+    and state lists are built once, not per step."""
+    key = tuple(b.version for b in plan.buckets)
+    cached = plan.cache.get("self_sourced")
+    if cached is None or cached[0] != key:
+        cached = plan.cache["self_sourced"] = (key, [b.rows(range(len(b.params)), b.params) for b in plan.buckets])
+    return cached[1]
 
 
 def _same(a: list | None, b: list | None) -> bool:
