@@ -41,8 +41,8 @@ def add_parser(sub) -> None:
                        description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS,
                    help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
-                        "interval: SAM every 5th step; rst: SAM with probability 0.5; gsam: GSAM, alpha 0.4; "
-                        "looksam: LookSAM, k 5, alpha 0.7 (all with --rho); "
+                        "interval: SAM every 5th step; rst: SAM with probability 0.5; gsam: GSAM (--gsam-alpha); "
+                        "looksam: LookSAM (--looksam-k, --looksam-alpha); all with --rho; "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
     p.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of the SGD-momentum base (default: 0.05)")
     p.add_argument("--rho", type=float, default=0.05, help="SAM's rho (default: 0.05)")
     p.add_argument("--asam-rho", type=float, default=0.5, help="ASAM's rho (default: 0.5)")
+    p.add_argument("--gsam-alpha", type=float, default=0.4, help="GSAM's alpha (default: 0.4)")
+    p.add_argument("--looksam-alpha", type=float, default=0.7, help="LookSAM's alpha (default: 0.7)")
+    p.add_argument("--looksam-k", type=int, default=5, help="LookSAM's k: a SAM step every k steps (default: 5)")
     p.add_argument("--lam", type=float, default=None,
                    help="lam of frob/trace/det (default: each class's default, e.g. Frob-SAM 0.005)")
     p.add_argument("--width", type=int, default=128, help="hidden width of the MLP (default: 128)")
@@ -105,9 +108,10 @@ def make_optimizer(name: str, params, args, seed: int | None = None):
         return FusedSAM(params, torch.optim.SGD, rho=args.rho, sam_probability=0.5,
                         seed=args.seed if seed is None else seed, **base)
     if name == "gsam":
-        return GSAM(params, torch.optim.SGD, rho=args.rho, alpha=0.4, **base)
+        return GSAM(params, torch.optim.SGD, rho=args.rho, alpha=getattr(args, "gsam_alpha", 0.4), **base)
     if name == "looksam":
-        return LookSAM(params, torch.optim.SGD, rho=args.rho, k=5, alpha=0.7, **base)
+        return LookSAM(params, torch.optim.SGD, rho=args.rho, k=getattr(args, "looksam_k", 5),
+                       alpha=getattr(args, "looksam_alpha", 0.7), **base)
     if name == "asam":
         return FusedSAM(params, torch.optim.SGD, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
     if name in ("frob", "trace", "det"):
