@@ -132,6 +132,30 @@ def run_universal(rank, world, out: Path, backends):
                 torch.save(params, out / f"universal_{backend}_{measure}.pt")
 
 
+def make_efficient(model, name, backend):
+    from sam_fused import GSAM, LookSAM
+
+    cls, kw = OPTIMIZERS["sgd"]
+    if name == "gsam":
+        return GSAM(model.parameters(), cls, rho=0.1, alpha=0.4, backend=backend, **kw)
+    return LookSAM(model.parameters(), cls, rho=0.1, k=2, alpha=0.7, backend=backend, **kw)
+
+
+def run_efficient(rank, world, out: Path, backends):
+    """GSAM and LookSAM (k 2: SAM steps and steps in between) on FSDP2, through step(closure):
+    their sums are all-reduced over the shards like the norm."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    for backend in backends:
+        for name in ("gsam", "looksam"):
+            model = fsdp_model(mesh)
+            universal_steps(model, make_efficient(model, name, backend), data(4), rank, world)
+            params = [full(p).detach().clone() for p in model.parameters()]
+            if rank == 0:
+                torch.save(params, out / f"efficient_{backend}_{name}.pt")
+
+
 def run_dcp(rank, world, out: Path, backend):
     """Train 2 steps, save model and optimizer with DCP, load into fresh ones, train 2 more; and
     the same 4 steps without interruption."""
@@ -176,6 +200,7 @@ def main(rank: int, world: int, port: int, out: str, backends: list[str], univer
         run_ddp(rank, world, out_dir)
         run_fsdp(rank, world, out_dir, backends)
         run_universal(rank, world, out_dir, universal_backends)
+        run_efficient(rank, world, out_dir, backends)
         run_dcp(rank, world, out_dir, backends[-1])
         dist.barrier()  # every rank done before the group goes away
     finally:

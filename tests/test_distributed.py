@@ -116,6 +116,16 @@ def test_fsdp2_universal_equals_single_process(runs, backend, measure):
     assert_close(got, [p.detach() for p in model.parameters()])
 
 
+@pytest.mark.parametrize("name", ["gsam", "looksam"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_gsam_and_looksam_equal_single_process(runs, backend, name):
+    """Their inner products and norms are global: the local sums all-reduced over the shards."""
+    got = torch.load(runs / f"efficient_{backend}_{name}.pt")
+    model = W.make_model()
+    W.universal_steps(model, W.make_efficient(model, name, "torch"), W.data(4), 0, 1)
+    assert_close(got, [p.detach() for p in model.parameters()])
+
+
 def test_dcp_checkpoint_round_trip_continues_identically(runs):
     uninterrupted, resumed = torch.load(runs / f"dcp_{BACKENDS[-1]}.pt")
     assert len(uninterrupted) == len(resumed) > 6  # parameters, exp_avg, exp_avg_sq, step

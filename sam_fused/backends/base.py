@@ -101,6 +101,14 @@ class Backend:
         raise NotImplementedError
 
     def dots(self, plan: StepPlan, aux: Buffers, reduce=None, inv_scale: Tensor | None = None) -> Tensor:
+        """``[sum g.g, sum g.aux, sum aux.aux]`` over the plan's parameters, then ``reduce`` (the
+        FSDP2 all-reduce) in place; a 3-element fp32 device tensor."""
+        out = self.local_dots(plan, aux, inv_scale)
+        if reduce is not None:
+            reduce(out)
+        return out
+
+    def local_dots(self, plan: StepPlan, aux: Buffers, inv_scale: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def _dots_out(self, device: torch.device) -> Tensor:

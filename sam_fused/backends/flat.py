@@ -98,13 +98,11 @@ class FlatBackend(Backend):
                                None if save is None else save.get(p))
         return norm
 
-    def dots(self, plan: StepPlan, aux: Buffers, reduce=None, inv_scale: Tensor | None = None) -> Tensor:
+    def local_dots(self, plan: StepPlan, aux: Buffers, inv_scale: Tensor | None) -> Tensor:
         out = self._dots_out(plan.locals[0].device)
         self.launch_dots(plan.buckets, aux, out, inv_scale)
         if plan.slow:
             out += reference.dots_sum([p for _, p, _ in plan.slow], out.device, aux, inv_scale)
-        if reduce is not None:
-            reduce(out)
         return out
 
     # ------------------------------------------------------------------ second step

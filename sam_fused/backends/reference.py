@@ -111,11 +111,8 @@ class TorchBackend(Backend):
                      None if save is None else save.get(p))
         return norm
 
-    def dots(self, plan: StepPlan, aux, reduce=None, inv_scale=None) -> Tensor:
-        out = dots_sum(plan.active, plan.locals[0].device, aux, inv_scale)
-        if reduce is not None:
-            reduce(out)
-        return out
+    def local_dots(self, plan: StepPlan, aux, inv_scale=None) -> Tensor:
+        return dots_sum(plan.active, plan.locals[0].device, aux, inv_scale)
 
     def restore(self, plan: StepPlan | None) -> None:
         if plan is None:
