@@ -379,3 +379,35 @@ def test_looksam_steps_in_between_build_their_tables_once(monkeypatch):
     monkeypatch.setattr(table, "_upload", lambda *a: uploads.append(a) or original(*a))
     opt.step(closure)  # step 3: in between
     assert uploads == []
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("algo", ["gsam", "looksam"])
+def test_float64_parameters(backend, algo):
+    """float64 stays float64 (native kernels in fp64, the reference ops elsewhere); the sums are
+    fp32 values as the norm is, so the fp32 table bounds the difference."""
+    run = run_gsam if algo == "gsam" else run_looksam
+    params, states, _ = run(backend, "sgd_momentum_wd", torch.float64)
+    ref, ref_states, _ = run("torch", "sgd_momentum_wd", torch.float64)
+    assert all(p.dtype == torch.float64 for p in params)
+    compare_fp32(params, states, ref, ref_states, "fast_vs_reference")
+
+
+@pytest.mark.parametrize("cls", [GSAM, LookSAM])
+def test_copies_and_pickles_keep_working(cls):
+    import pickle
+
+    weights, coefs = problem(0)
+    params = harness.make_params(weights, torch.float32, DEVICE)
+    opt = cls(harness.groups_of(params, harness.LRS), torch.optim.SGD, momentum=0.9, backend="torch")
+    for _ in range(3):
+        for p in params:
+            p.grad = None
+        opt.step(lambda: harness.set_grads(params, coefs) or torch.zeros(()))
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    if cls is LookSAM:  # g_v travels with the copy (by parameter index)
+        assert set(clone.state_dict()["looksam_gv"]) == set(opt.state_dict()["looksam_gv"])
+        copied = copy.deepcopy(opt)
+        for i, p in enumerate(copied._indexed()):
+            assert torch.equal(copied._gv.get(p), opt._gv.get(params[i]))
