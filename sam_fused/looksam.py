@@ -148,6 +148,7 @@ class LookSAM(FusedSAM):
         return group_values(self, "alpha", device, self._values)
 
     # ------------------------------------------------------------------ the steps in between
+    @_eager
     @torch.no_grad()
     def _plain_step(self) -> None:
         """g + alpha * ||g|| / ||g_v|| * g_v, fused into the update (one pass for the sums first)."""
