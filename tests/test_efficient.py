@@ -35,15 +35,16 @@ LOOK_RHO = 10.0
 
 
 # ---------------------------------------------------------------------- float64 transcriptions
-def gsam64(opt_name, alpha=ALPHA, steps=7, dtype=torch.float32):
-    """g_p - alpha * (g - cos ||g|| g_p / (||g_p|| + eps)), cos = <g, g_p> / (||g|| ||g_p|| + eps)."""
+def gsam64(opt_name, alpha=ALPHA, steps=7, dtype=torch.float32, adaptive=False, eta=0.0):
+    """g_p - alpha * (g - cos ||g|| g_p / (||g_p|| + eps)), cos = <g, g_p> / (||g|| ||g_p|| + eps);
+    with ``adaptive`` the perturbation is ASAM's, the decomposition of the raw gradients."""
 
     def combine(g, gp):
         ng, ngp = math.sqrt(dot(g, g)), math.sqrt(dot(gp, gp))
         cos = dot(g, gp) / (ng * ngp + EPS)
         return {i: gp[i] - alpha * (g[i] - cos * ng * gp[i] / (ngp + EPS)) for i in g}
 
-    return harness.run_float64(opt_name, steps=steps, dtype=dtype, combine=combine)
+    return harness.run_float64(opt_name, adaptive=adaptive, eta=eta, steps=steps, dtype=dtype, combine=combine)
 
 
 def looksam64(opt_name, k=K, alpha=LOOK_ALPHA, steps=7, dtype=torch.float32):
@@ -92,6 +93,20 @@ def test_gsam_reference_matches_float64(opt_name):
     params, states, _ = run_gsam("torch", opt_name)
     ws, st64 = gsam64(opt_name)
     compare_fp32(params, states, ws, st64, "fp32_vs_float64")
+
+
+def test_adaptive_gsam_reference_matches_float64():
+    """ASAM's perturbation (T = |w| + eta) with GSAM's decomposition of the raw gradients."""
+    params, states, _ = run_gsam("torch", "sgd_momentum_wd", adaptive=True, eta=0.01)
+    ws, st64 = gsam64("sgd_momentum_wd", adaptive=True, eta=0.01)
+    compare_fp32(params, states, ws, st64, "fp32_vs_float64")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_adaptive_gsam_fast_matches_reference(backend):
+    params, states, _ = run_gsam(backend, "adamw", adaptive=True, eta=0.01)
+    ref, ref_states, _ = run_gsam("torch", "adamw", adaptive=True, eta=0.01)
+    compare_fp32(params, states, ref, ref_states, "fast_vs_reference")
 
 
 @pytest.mark.parametrize("opt_name", OPTS)
