@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .backends.base import Combo
 from .constants import NORM_EPS
-from .gsam import group_values
+from .gsam import group_values, zero_unsaved
 from .optimizer import FusedSAM, _check_nonneg, _eager, _unwrapping
 from .plan import Buffers, StepPlan
 
@@ -100,11 +100,7 @@ class LookSAM(FusedSAM):
         """Update with g_s as it is; write g_v = g_s - (<g, g_s> / ||g||^2) g into the saved-g buffers,
         which then become g_v (the old g_v buffers take the next SAM step's g)."""
         saved = self._save
-        if self._perturbed is not plan and self._perturbed is not None:
-            before = {id(p) for p in self._perturbed.active}
-            for p in plan.active:
-                if id(p) not in before:
-                    saved.get(p).zero_()
+        zero_unsaved(self._perturbed, plan, saved)
         inv_scale = None if amp is None else amp[0]
         dots = self._backend.dots(plan, saved, self._backend.plans.params.reduce_sq, inv_scale)
         gs_g, g_g = dots[1], dots[2]

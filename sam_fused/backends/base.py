@@ -137,17 +137,12 @@ def base_step(opt, plan: StepPlan, amp: Amp | None, combo: Combo | None = None) 
     opt.base_optimizer.step()
 
 
-def group_index(opt, group: dict) -> int:
-    return next(i for i, g in enumerate(opt.param_groups) if g is group)
-
-
 def combine_grads(opt, plan: StepPlan, combo: Combo, inv_scale: Tensor | None = None) -> None:
     """The reference combination, in place: per parameter with a gradient, in fp32 (fp64 for fp64
     parameters), ``x = g * inv_scale``, ``aux = c2 x + c3 aux`` (with ``combo.write``) and
     ``g = c0 x + c1 aux`` (with the old aux)."""
-    rows = {id(g): i for i, g in enumerate(opt.param_groups)}
-    for group in opt.param_groups:
-        c = combo.coef[rows[id(group)]]
+    for index, group in enumerate(opt.param_groups):
+        c = combo.coef[index]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -223,5 +218,5 @@ def check_amp(plan: StepPlan, amp: Amp | None) -> None:
             raise ValueError(f"{name} is on {t.device}, the parameters on {plan.active[0].device}")
 
 
-__all__ = ["Amp", "Backend", "Combo", "GroupWork", "combine_grads", "group_index", "FLOAT_DTYPES", "FUSED_KINDS", "base_step", "check_all_state", "check_amp",
+__all__ = ["Amp", "Backend", "Combo", "GroupWork", "combine_grads", "FLOAT_DTYPES", "FUSED_KINDS", "base_step", "check_all_state", "check_amp",
            "check_state", "state_keys"]
