@@ -46,6 +46,25 @@ def test_compiled_steps_equal_eager(backend, lr):
             assert torch.equal(p, w)
 
 
+def closure_steps(model, opt, loss_fn, x, y, compiled: bool, steps: int) -> list[torch.Tensor]:
+    """``steps`` calls of ``opt.step(closure)``, inside ``torch.compile`` when ``compiled``; the
+    parameters after them."""
+
+    def closure():
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    def step():
+        opt.zero_grad()
+        return opt.step(closure)
+
+    fn = torch.compile(step) if compiled else step
+    for _ in range(steps):
+        fn()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_compiled_universal_step_equals_eager():
     results = []
@@ -55,20 +74,7 @@ def test_compiled_universal_step_equals_eager():
         model = torch.nn.Linear(4, 2).to(DEVICE)
         x, y = torch.randn(8, 4, device=DEVICE), torch.randn(8, 2, device=DEVICE)
         opt = FrobSAM(model.parameters(), torch.optim.SGD, lr=0.1, seed=0, backend="torch")
-
-        def closure():
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
-        def step():
-            opt.zero_grad()
-            return opt.step(closure)
-
-        fn = torch.compile(step) if compiled else step
-        for _ in range(2):
-            fn()
-        results.append([p.detach().clone() for p in model.parameters()])
+        results.append(closure_steps(model, opt, torch.nn.functional.mse_loss, x, y, compiled, 2))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -154,20 +160,7 @@ def test_compiled_closure_steps_equal_eager(backend, name):
         model = _mlp()
         x, y = torch.randn(8, 8, device=DEVICE), torch.randint(0, 3, (8,), device=DEVICE)
         opt = make(model, which)
-
-        def closure():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        def step():
-            opt.zero_grad()
-            return opt.step(closure)
-
-        fn = torch.compile(step) if compiled else step
-        for _ in range(4):
-            fn()
-        results.append([p.detach().clone() for p in model.parameters()])
+        results.append(closure_steps(model, opt, torch.nn.functional.cross_entropy, x, y, compiled, 4))
     eager, compiled, sam = results
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
