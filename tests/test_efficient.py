@@ -426,3 +426,37 @@ def test_copies_and_pickles_keep_working(cls):
         copied = copy.deepcopy(opt)
         for i, p in enumerate(copied._indexed()):
             assert torch.equal(copied._gv.get(p), opt._gv.get(params[i]))
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("backend", ["torch"] + FAST)
+def test_gsam_inf_in_the_second_backward_leaves_weights_and_state(backend, opt_name):
+    """GradScaler: an inf in the second gradient skips the combined update (on the device for SGD,
+    through the host for Adam): weights and optimizer state bit-identical, the scale halved."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(DEVICE)
+    x, y = torch.randn(32, 8, device=DEVICE), torch.randint(0, 3, (32,), device=DEVICE)
+    cls, kw = (torch.optim.SGD, dict(lr=0.1, momentum=0.9)) if opt_name == "sgd" else (torch.optim.AdamW, dict(lr=0.01))
+    opt = GSAM(model.parameters(), cls, rho=0.1, backend=backend, **kw)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=1024.0)
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def step(poison: bool):
+        scaler.scale(loss_fn(model(x), y)).backward()
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(loss_fn(model(x), y)).backward()
+        if poison:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+    step(False)  # state exists
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()
+             if torch.is_tensor(v)}
+    step(True)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    after = {(i, k): v for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    assert all(torch.equal(after[key], v) for key, v in state.items())
+    assert scaler.get_scale() == 512.0
