@@ -45,13 +45,13 @@ const at::Tensor* checked_inv_scale(const char* op, const c10::optional<at::Tens
   return &*inv_scale;
 }
 
-// A float32 scratch buffer on the parameters' device, or null.
+// A scratch buffer of `dtype` on the parameters' device, or null.
 const at::Tensor* checked_partials(const char* op, const c10::optional<at::Tensor>& partials,
-                                   const TensorList& params) {
+                                   const TensorList& params, at::ScalarType dtype) {
   if (!partials.has_value()) return nullptr;
-  TORCH_CHECK(partials->scalar_type() == at::kFloat && partials->is_contiguous() &&
+  TORCH_CHECK(partials->scalar_type() == dtype && partials->is_contiguous() &&
                   (params.empty() || partials->device() == params[0].device()),
-              op, ": partials must be a contiguous float32 tensor on the parameters' device");
+              op, ": partials must be a contiguous ", dtype, " tensor on the parameters' device");
   return &*partials;
 }
 
@@ -59,10 +59,12 @@ void sq_sum(at::Tensor out, const TensorList& params, const TensorList& grads, b
             bool accumulate, const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& partials) {
   check_lists("sq_sum_", params, {&grads});
   TORCH_CHECK(grads.size() == params.size(), "sq_sum_: one grad per parameter");
-  check_scalar("sq_sum_", "out", out, params);
-  TORCH_CHECK(out.is_contiguous(), "sq_sum_: out must be contiguous");
+  // fp64: the sum of squares of gradients whose norm fits fp32 can exceed fp32's range
+  TORCH_CHECK(out.numel() == 1 && out.scalar_type() == at::kDouble && out.is_contiguous(),
+              "sq_sum_: out must be a contiguous one-element float64 tensor");
+  TORCH_CHECK(params.empty() || out.device() == params[0].device(), "sq_sum_: out must be on the parameters' device");
   const at::Tensor* inv = checked_inv_scale("sq_sum_", inv_scale, params);
-  const at::Tensor* scratch = checked_partials("sq_sum_", partials, params);
+  const at::Tensor* scratch = checked_partials("sq_sum_", partials, params, at::kDouble);
 #ifdef SAM_FUSED_WITH_CUDA
   if (on_cuda(params)) return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate, inv, scratch);
 #else
@@ -80,7 +82,7 @@ void dots(at::Tensor out, const TensorList& grads, const TensorList& aux, bool a
                   (grads.empty() || out.device() == grads[0].device()),
               "dots_: out must be a contiguous 3-element float32 tensor on the gradients' device");
   const at::Tensor* inv = checked_inv_scale("dots_", inv_scale, grads);
-  const at::Tensor* scratch = checked_partials("dots_", partials, grads);
+  const at::Tensor* scratch = checked_partials("dots_", partials, grads, at::kFloat);
 #ifdef SAM_FUSED_WITH_CUDA
   if (on_cuda(grads)) return dots_cuda(out, grads, aux, accumulate, inv, scratch);
 #else

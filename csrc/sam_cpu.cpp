@@ -33,26 +33,26 @@ scalar_t* ptr(const TensorList& list, int64_t i) {
   return list.empty() ? nullptr : static_cast<scalar_t*>(list[i].data_ptr());
 }
 
+// Products and sums in double for every dtype: finite whenever the norm fits fp32.
 template <typename scalar_t, bool ADAPTIVE>
 void sq_sum_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads, double eta,
                    float grad_mul, std::vector<double>& partial) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t m = acc_t(grad_mul);
+  const double m = grad_mul;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
       const scalar_t* g = ptr<scalar_t>(grads, ch.tensor);
       const scalar_t* w = ptr<scalar_t>(params, ch.tensor);
-      acc_t lanes[kLanes] = {};
+      double lanes[kLanes] = {};
       int64_t i = ch.begin;
       for (; i + kLanes <= ch.end; i += kLanes) {
         for (int k = 0; k < kLanes; ++k)
-          lanes[k] += weighted_square<acc_t>(acc_t(w[i + k]), acc_t(g[i + k]) * m, ADAPTIVE, acc_t(eta));
+          lanes[k] += weighted_square<double>(double(w[i + k]), double(g[i + k]) * m, ADAPTIVE, eta);
       }
-      for (; i < ch.end; ++i) lanes[0] += weighted_square<acc_t>(acc_t(w[i]), acc_t(g[i]) * m, ADAPTIVE, acc_t(eta));
-      acc_t s = 0;
+      for (; i < ch.end; ++i) lanes[0] += weighted_square<double>(double(w[i]), double(g[i]) * m, ADAPTIVE, eta);
+      double s = 0;
       for (int k = 0; k < kLanes; ++k) s += lanes[k];
-      partial[c] = static_cast<double>(s);
+      partial[c] = s;
     }
   });
 }
@@ -112,7 +112,7 @@ void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, 
       scalar_t* __restrict__ b = ptr<scalar_t>(backups, ch.tensor);
       std::memcpy(b + ch.begin, w + ch.begin, (ch.end - ch.begin) * sizeof(scalar_t));
       scalar_t* __restrict__ sv = ptr<scalar_t>(save, ch.tensor);
-      if (sv != nullptr) {  // GSAM / LookSAM keep the first gradient, unscaled
+      if (sv != nullptr && ok) {  // GSAM / LookSAM keep the first gradient, unscaled (not a non-finite one)
         if (grad_mul == 1.f) {
           std::memcpy(sv + ch.begin, g + ch.begin, (ch.end - ch.begin) * sizeof(scalar_t));
         } else {
@@ -149,8 +149,8 @@ void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& gra
   }
   double total = 0.0;  // fixed order: the same gradients give the same bits, whatever the threads
   for (double v : partial) total += v;
-  float* dst = out.data_ptr<float>();
-  *dst = accumulate ? static_cast<float>(static_cast<double>(*dst) + total) : static_cast<float>(total);
+  double* dst = out.data_ptr<double>();
+  *dst = accumulate ? *dst + total : total;
 }
 
 void dots_cpu(at::Tensor& out, const TensorList& grads, const TensorList& aux, bool accumulate,

@@ -1,5 +1,5 @@
 // CUDA kernels of the three fused passes, on multi_tensor_apply. Tensor-list slots:
-//   sq_sum:          tl[0] params, tl[1] grads                       -> one partial per block
+//   sq_sum:          tl[0] params, tl[1] grads                       -> one fp64 partial per block
 //   dots_:           tl[0] grads, tl[1] aux                          -> three partials per block
 //   perturb_:        tl[0] params, tl[1] grads, tl[2] backups, tl[3] save (GSAM/LookSAM, may be empty)
 //   restore_update_: tl[0] params, tl[1] grads, tl[2] sources, tl[3] state1, tl[4] state2, tl[5] aux
@@ -78,10 +78,11 @@ __device__ acc_t block_sum(acc_t v) {
   return buf[0];
 }
 
+// Products and sums in double: finite whenever the norm fits fp32 (see sam_fused/kernels/norm.py).
 template <typename scalar_t>
 struct SqSumFunctor {
-  __device__ void operator()(MetaTable<2>& meta, float* partials, bool adaptive, float eta, const float* inv_scale) {
-    using acc_t = at::opmath_type<scalar_t>;
+  __device__ void operator()(MetaTable<2>& meta, double* partials, bool adaptive, double eta, const float* inv_scale) {
+    using acc_t = double;
     const acc_t m = inv_scale == nullptr ? acc_t(1) : acc_t(*inv_scale);
     const auto [t, begin, end] = chunk_range(meta);
     const scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
@@ -97,7 +98,7 @@ struct SqSumFunctor {
         acc += weighted_square<acc_t>(adaptive ? acc_t(wv[j]) : acc_t(0), acc_t(gv[j]) * m, adaptive, acc_t(eta));
     }
     acc = block_sum<acc_t>(acc);
-    if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = static_cast<float>(acc);
+    if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = acc;
   }
 };
 
@@ -148,11 +149,11 @@ __global__ void __launch_bounds__(kThreads) final_sums_kernel(const float* parti
   }
 }
 
-__global__ void __launch_bounds__(kThreads) final_sum_kernel(const float* partials, int64_t n, float* out,
+__global__ void __launch_bounds__(kThreads) final_sum_kernel(const double* partials, int64_t n, double* out,
                                                             bool accumulate) {
-  float acc = 0.f;
+  double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
-  acc = block_sum<float>(acc);
+  acc = block_sum<double>(acc);
   if (threadIdx.x == 0) *out = accumulate ? *out + acc : acc;
 }
 
@@ -174,14 +175,14 @@ struct PerturbFunctor {
     for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
       load_vec(w, i, end, vec, wv);
       store_vec(b, i, end, vec, wv);
-      if (sv != nullptr) {
+      if (sv != nullptr && ok) {  // a non-finite first gradient is not saved
         load_vec(g, i, end, vec, gv);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) svv[j] = scalar_t(acc_t(gv[j]) * acc_t(gm));
         store_vec(sv, i, end, vec, svv);
       }
       if (!ok) continue;  // non-finite norm: the weights stay as they are
-      if (sv == nullptr) load_vec(g, i, end, vec, gv);
+      if (sv == nullptr) load_vec(g, i, end, vec, gv);  // (with sv, loaded above: ok holds here)
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const acc_t x = acc_t(wv[j]);
@@ -267,9 +268,9 @@ struct UpdateFunctor {
 namespace {
 
 // The caller's scratch when it is large enough (a step then allocates nothing), else a new one.
-at::Tensor scratch(const at::Tensor* partials, int64_t n, const at::Tensor& like) {
+at::Tensor scratch(const at::Tensor* partials, int64_t n, const at::Tensor& like, at::ScalarType dtype) {
   if (partials != nullptr && partials->numel() >= n) return *partials;
-  return at::empty({std::max<int64_t>(n, 1)}, like.options().dtype(at::kFloat));
+  return at::empty({std::max<int64_t>(n, 1)}, like.options().dtype(dtype));
 }
 
 }  // namespace
@@ -277,21 +278,21 @@ at::Tensor scratch(const at::Tensor* partials, int64_t n, const at::Tensor& like
 void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
                  bool accumulate, const at::Tensor* inv_scale, const at::Tensor* scratch_in) {
   const int64_t n = total_chunks(params);
-  auto partials = scratch(scratch_in, n, params[0]);
+  auto partials = scratch(scratch_in, n, params[0], at::kDouble);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cuda", [&] {
-    multi_tensor_apply<2>({&params, &grads}, SqSumFunctor<scalar_t>(), partials.data_ptr<float>(), adaptive,
-                          static_cast<float>(eta), inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
+    multi_tensor_apply<2>({&params, &grads}, SqSumFunctor<scalar_t>(), partials.data_ptr<double>(), adaptive, eta,
+                          inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
   });
   const c10::cuda::CUDAGuard guard(params[0].device());
-  final_sum_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.data_ptr<float>(), n,
-                                                                        out.data_ptr<float>(), accumulate);
+  final_sum_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.data_ptr<double>(), n,
+                                                                        out.data_ptr<double>(), accumulate);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void dots_cuda(at::Tensor& out, const TensorList& grads, const TensorList& aux, bool accumulate,
                const at::Tensor* inv_scale, const at::Tensor* scratch_in) {
   const int64_t n = total_chunks(grads);
-  auto partials = scratch(scratch_in, 3 * n, grads[0]);
+  auto partials = scratch(scratch_in, 3 * n, grads[0], at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads[0].scalar_type(), "dots_cuda", [&] {
     multi_tensor_apply<2>({&grads, &aux}, DotsFunctor<scalar_t>(), partials.data_ptr<float>(),
                           inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());

@@ -5,8 +5,10 @@
 // fp32 (fp64 for double parameters) and stored back in the parameter's dtype.
 //
 //   sq_sum_         out (+)= sum over tensors of (T * g)^2, T = |w| + eta (ASAM) or 1, into a 0-dim
-//                   fp32 tensor, from per-chunk partials summed in a fixed order (deterministic)
-//   perturb_        backup = w; w += rho * T^2 * g / (norm + 1e-12), skipped when norm is not finite
+//                   fp64 tensor, from per-chunk partials summed in a fixed order (deterministic);
+//                   products and sums in fp64, so the sum is finite whenever the norm fits fp32
+//   perturb_        backup = w; w += rho * T^2 * g / (norm + 1e-12), skipped (and nothing saved)
+//                   when norm is not finite
 //                   (both with an optional AMP inv_scale: g *= inv_scale as it is read)
 //   restore_update_ w = source, fused with torch.optim's SGD or Adam/AdamW update (opt 1, 2) or
 //                   alone (opt 0), with the scalars folded by the host (sam_fused/spec.py); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq. With AMP

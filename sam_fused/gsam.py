@@ -30,7 +30,7 @@ from torch import Tensor
 from .backends.base import Combo
 from .constants import NORM_EPS
 from .optimizer import FusedSAM, _check_nonneg
-from .plan import Buffers, StepPlan
+from .plan import Buffers, StepPlan, ZeroBuffers
 
 
 def group_values(opt, key: str, device: torch.device, cache: dict) -> Tensor:
@@ -75,7 +75,7 @@ class GSAM(FusedSAM):
         _check_nonneg("alpha", alpha)
         self._variant_defaults = {"alpha": alpha}
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eta=eta, backend=backend, **base_kwargs)
-        self._save = Buffers()
+        self._save = ZeroBuffers()
         self._values: dict = {}
 
     def _check_group(self, group: dict) -> None:
@@ -93,11 +93,16 @@ class GSAM(FusedSAM):
         alpha = group_values(self, "alpha", dots.device, self._values)
         zero = torch.zeros_like(alpha)
         coef = torch.stack([1.0 + alpha * ratio, -alpha, zero, zero], dim=1)
+        if self._grad_norm is not None:
+            # a first gradient with an inf or NaN: no perturbation was made and nothing saved (the
+            # buffer keeps finite values); the update is SAM's, with g_p alone. Decided on the device.
+            sam = torch.stack([torch.ones_like(alpha), zero, zero, zero], dim=1)
+            coef = torch.where(torch.isfinite(self._grad_norm.to(coef.device)), coef, sam)
         return Combo(self._save, coef)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._save = Buffers()
+        self._save = ZeroBuffers()
         self._values = {}
 
     def __getstate__(self) -> dict:

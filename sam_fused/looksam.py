@@ -32,7 +32,7 @@ from .backends.base import Combo
 from .constants import NORM_EPS
 from .gsam import group_values, zero_unsaved
 from .optimizer import FusedSAM, _check_nonneg, _eager, _unwrapping
-from .plan import Buffers, StepPlan
+from .plan import StepPlan, ZeroBuffers
 
 
 _NO_SCALER = (
@@ -41,15 +41,34 @@ _NO_SCALER = (
 )
 
 
-class _ZeroBuffers(Buffers):
-    """Buffers that start at zero (a parameter that has had no SAM step yet has g_v = 0)."""
+class _FiniteFlag:
+    """Whether a device scalar (the first step's norm) is finite, known on the host at the second
+    step without waiting for the device: the check is copied to pinned host memory right after the
+    norm is computed, and by the second step (after the second forward and backward were queued
+    behind it) the copy has long finished; the event wait then costs nothing."""
 
-    def get(self, p: Tensor) -> Tensor:
-        fresh = self._bufs.get(p)
-        b = super().get(p)
-        if b is not fresh:
-            b.zero_()
-        return b
+    def __init__(self) -> None:
+        self._host: Tensor | None = None
+        self._event = None
+
+    def record(self, value: Tensor | None) -> None:
+        if value is None:  # nothing had a gradient: nothing to distrust
+            self._host, self._event = torch.ones((), dtype=torch.bool), None
+            return
+        ok = torch.isfinite(value)
+        if value.device.type != "cuda":
+            self._host, self._event = ok, None
+            return
+        if self._event is None or self._host is None or not self._host.is_pinned():
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._event = torch.cuda.Event()
+        self._host.copy_(ok, non_blocking=True)
+        self._event.record()
+
+    def read(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host is None or bool(self._host)
 
 
 class LookSAM(FusedSAM):
@@ -83,9 +102,10 @@ class LookSAM(FusedSAM):
         self._fresh_state()
 
     def _fresh_state(self) -> None:
-        self._gv = _ZeroBuffers()
-        self._save = _ZeroBuffers()
+        self._gv = ZeroBuffers()
+        self._save = ZeroBuffers()
         self._values: dict = {}
+        self._first_ok = _FiniteFlag()
 
     @property
     def k(self) -> int:
@@ -96,9 +116,13 @@ class LookSAM(FusedSAM):
         _check_nonneg("alpha", group["alpha"])
 
     # ------------------------------------------------------------------ a SAM step
-    def _combination(self, plan: StepPlan, amp) -> Combo:
+    def _combination(self, plan: StepPlan, amp) -> Combo | None:
         """Update with g_s as it is; write g_v = g_s - (<g, g_s> / ||g||^2) g into the saved-g buffers,
-        which then become g_v (the old g_v buffers take the next SAM step's g)."""
+        which then become g_v (the old g_v buffers take the next SAM step's g). After a first
+        gradient with an inf or NaN (no perturbation was made, nothing was saved), the update
+        uses g_s and g_v stays as it was."""
+        if not self._first_ok.read():
+            return None
         saved = self._save
         zero_unsaved(self._perturbed, plan, saved)
         inv_scale = None if amp is None else amp[0]
@@ -115,6 +139,7 @@ class LookSAM(FusedSAM):
         if grad_scaler is not None:
             raise NotImplementedError(_NO_SCALER)
         super().first_step(zero_grad)
+        self._first_ok.record(self._grad_norm)
 
     @_unwrapping
     @_eager
@@ -192,7 +217,7 @@ class LookSAM(FusedSAM):
         state = super().__getstate__()
         gv = self._gv._bufs
         state["_gv_values"] = [(i, gv[p].clone()) for i, p in enumerate(self._indexed()) if p in gv]
-        for key in ("_gv", "_save", "_values", "_pending_swap"):
+        for key in ("_gv", "_save", "_values", "_pending_swap", "_first_ok"):
             state.pop(key, None)
         return state
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -70,6 +71,13 @@ def _check_nonneg(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite non-negative number (at most 1e30), got {value!r}")
 
 
+def _check_positive(name: str, value) -> None:
+    """Like :func:`_check_nonneg`, and not zero (a scale that divides)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < float("inf")
+            or value > 1e30):
+        raise ValueError(f"{name} must be a finite positive number (at most 1e30), got {value!r}")
+
+
 class _BackwardSeen:
     """A post-accumulate-grad hook on every parameter: set when a backward has written a gradient.
     It holds no reference to the optimizer (the hooks live on the parameters)."""
@@ -93,20 +101,38 @@ class BackwardWatch:
         self.flag = _BackwardSeen()
         self._hooks = WeakIdKeyDictionary()  # parameter -> hook handle
         self._bound = None  # the plan cache's ParamSet the hooks were checked against
+        self._frozen: list[Tensor] = []  # parameters without requires_grad when last checked: no hook yet
 
     def backward_ran(self, opt: "SAMOptimizer") -> bool:
         """Whether a backward wrote gradients since the last ``clear()``. On the first call, when no
-        hook can have fired yet, whether any parameter has a gradient at all."""
+        hook can have fired yet, whether any parameter has a gradient at all; likewise for a
+        parameter unfrozen since (``requires_grad`` turned on), the first time it is seen."""
         params = opt._backend.plans.params
         if params is None or params is not self._bound:
             first = not self._hooks
+            self._frozen = []
             for group in opt.param_groups:
                 for p in group["params"]:
-                    if p.requires_grad and p not in self._hooks:
-                        self._hooks[p] = p.register_post_accumulate_grad_hook(self.flag)
-                        if first and p.grad is not None:
-                            self.flag.seen = True
+                    if p in self._hooks:
+                        continue
+                    if not p.requires_grad:  # a hook cannot be put on it until it is unfrozen
+                        self._frozen.append(p)
+                        continue
+                    self._hooks[p] = p.register_post_accumulate_grad_hook(self.flag)
+                    if first and p.grad is not None:
+                        self.flag.seen = True
             self._bound = params
+        if not self.flag.seen and self._frozen:
+            # only when no hook fired: a backward may have reached only layers unfrozen since
+            still = []
+            for p in self._frozen:
+                if not p.requires_grad:
+                    still.append(p)
+                    continue
+                self._hooks[p] = p.register_post_accumulate_grad_hook(self.flag)
+                if p.grad is not None:  # its gradient can only come from a backward since it was unfrozen
+                    self.flag.seen = True
+            self._frozen = still
         return self.flag.seen
 
     def clear(self) -> None:
@@ -419,6 +445,12 @@ class FusedSAM(SAMOptimizer):
                 "update them, or restore() to undo the perturbation"
             )
         plan = self._step_plan()
+        if not plan.active and not self.__dict__.get("_warned_no_grad", False):
+            self._warned_no_grad = True
+            warnings.warn(
+                f"{type(self).__name__}.first_step() found no gradient on any parameter: nothing is perturbed and "
+                "the second step is a plain base-optimizer step. Was zero_grad() called between backward() and "
+                "first_step()? (said once)", stacklevel=3)
         inv_scale = self._first_inv_scale(grad_scaler, plan) if grad_scaler is not None else None
         try:
             norm = None
@@ -554,26 +586,29 @@ class FusedSAM(SAMOptimizer):
                 "scaler.step(opt) after the second backward"
             )
         closure = torch.enable_grad()(closure)
+        self._check_groups()  # a refused step changes nothing, the schedule included
         loss = None
         ran = self._watch.backward_ran(self)
         step = self.param_groups[0].get("sam_step", 0)
-        for group in self.param_groups:
-            group["sam_step"] = step + 1
         if not self.is_sam_step(step):  # a plain base-optimizer step: one forward/backward
             loss = None if ran else closure()
             self._plain_step()
             self._end_step()
-            self._opt_called = True
-            return loss
-        if not ran:
-            loss = closure()
-        self.first_step(zero_grad=True)
-        try:
-            closure()
-            self.second_step()
-        except BaseException:
-            self.restore()
-            raise
+        else:
+            if not ran:
+                loss = closure()
+            self.first_step(zero_grad=True)
+            try:
+                closure()
+                self.second_step()
+            except BaseException:
+                self.restore()
+                raise
+        # counted only once the step is made: a refused or failed step (a closure that raised, say
+        # out of memory) leaves the schedule as it was, so the retry is the step that was due
+        for group in self.param_groups:
+            group["sam_step"] = step + 1
+        self._opt_called = True
         return loss
 
     def _plain_step(self) -> None:

@@ -147,6 +147,18 @@ class Buffers:
         return list(self._bufs.values())
 
 
+class ZeroBuffers(Buffers):
+    """Buffers that start at zero (a buffer the kernels may read before they first write it: a
+    saved gradient that a non-finite step did not write, a g_v before the first SAM step)."""
+
+    def get(self, p: Tensor) -> Tensor:
+        fresh = self._bufs.get(p)
+        b = super().get(p)
+        if b is not fresh:
+            b.zero_()
+        return b
+
+
 class Bucket:
     """The flat-indexable parameters of one param group and one dtype, launched together.
 

@@ -36,7 +36,7 @@ from .backends import ALGORITHMS, make_backend
 from .backends.universal_reference import MEASURES, loss_tensor
 from .plan import local, mesh_mean
 from .backends.base import GroupWork
-from .optimizer import SAMOptimizer, _check_nonneg, _eager
+from .optimizer import SAMOptimizer, _check_nonneg, _check_positive, _eager
 
 
 def work_of(plan) -> list[GroupWork]:
@@ -99,8 +99,7 @@ class UniversalSAM(SAMOptimizer):
         lam = _PAPER_DEFAULTS[measure]["lam"] if lam is None else lam
         _check_nonneg("lam", lam)
         _check_nonneg("h", h)
-        if not (isinstance(rho, (int, float)) and rho > 0):
-            raise ValueError(f"rho must be a positive number, got {rho!r}")
+        _check_positive("rho", rho)
         if not isinstance(n_samples, int) or n_samples < (2 if measure == "frob" else 1):
             raise ValueError(
                 f"n_samples must be an integer >= {2 if measure == 'frob' else 1} for {measure}, got {n_samples!r}"
@@ -114,8 +113,7 @@ class UniversalSAM(SAMOptimizer):
     _backend_factory = staticmethod(_make_universal_backend)
 
     def _check_group(self, group: dict) -> None:
-        if not (isinstance(group["rho"], (int, float)) and group["rho"] > 0):
-            raise ValueError(f"rho must be a positive number, got {group['rho']!r}")
+        _check_positive("rho", group["rho"])
         _check_nonneg("lam", group["lam"])
 
     @_eager
@@ -130,7 +128,7 @@ class UniversalSAM(SAMOptimizer):
             if not plan.active:
                 return loss
             work = work_of(plan)
-            step = self.param_groups[0].setdefault("usam_step", 0)
+            step = self.param_groups[0].get("usam_step", 0)
             backend = self._backend
             if backend.plans.params.dtensor:  # FSDP2: every rank its own batch; the losses are the mean
                 anchor = plan.active[0]

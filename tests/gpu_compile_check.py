@@ -41,7 +41,7 @@ def variants():
             continue
         c = dict(COMMON, DTYPE=DTYPES[dt], ADAPTIVE=ad, AMP=amp, ALIGNED=al)
         yield ("norm", dt, ad, al, amp), norm._sq_partials_kernel, dict(
-            chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", eta=f32, inv_scale_ptr="*fp32"), c
+            chunks="*i64", tensors="*i64", partials="*fp64", n_chunks="i32", eta=f32, inv_scale_ptr="*fp32"), c
         # SAVE (GSAM, LookSAM keep g): the SAM perturbation only, aligned
         for save in (False, True) if (al and not ad) else (False,):
             yield ("perturb", dt, ad, al, amp, save), perturb._perturb_kernel, dict(
@@ -51,7 +51,7 @@ def variants():
             yield ("dots", dt, al, amp), dots._dots_partials_kernel, dict(
                 chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", inv_scale_ptr="*fp32"), dict(
                 COMMON, DTYPE=DTYPES[dt], AMP=amp, ALIGNED=al)
-    yield ("finalize",), norm._finalize_kernel, dict(partials="*fp32", n="i32", sq="*fp32", norm="*fp32"), dict(
+    yield ("finalize",), norm._finalize_kernel, dict(partials="*fp64", n="i32", sq="*fp64", norm="*fp32"), dict(
         PBLOCK=1024)
     yield ("finalize_dots",), dots._finalize_dots_kernel, dict(partials="*fp32", n="i32", out="*fp32"), dict(
         PBLOCK=1024)

@@ -58,7 +58,7 @@ class FlatBackend(Backend):
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
                   direction: Buffers | None, inv_scale: Tensor | None) -> None:
         """``sq = sum over buckets of (T g)^2 [+ extra]`` and ``norm = sqrt(sq)``, into the given 0-dim
-        fp32 device tensors; each bucket's group says ``adaptive`` and ``eta``; ``g`` is the
+        device tensors (sq fp64, so that it cannot overflow where the norm fits fp32; norm fp32); each bucket's group says ``adaptive`` and ``eta``; ``g`` is the
         gradient, or the ``direction`` buffer, times ``inv_scale`` (AMP) when given."""
         raise NotImplementedError
 
@@ -79,7 +79,7 @@ class FlatBackend(Backend):
     # ------------------------------------------------------------------ first step
     def _scalars(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._sq is None or self._sq.device != device:
-            self._sq = torch.zeros((), dtype=torch.float32, device=device)
+            self._sq = torch.zeros((), dtype=torch.float64, device=device)
             self._norm = torch.zeros((), dtype=torch.float32, device=device)
         return self._sq, self._norm
 

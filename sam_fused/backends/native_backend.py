@@ -25,21 +25,24 @@ class NativeBackend(FlatBackend):
         super().__init__(optimizer)
         self._C = module
         self.name = name
-        self._partials: Tensor | None = None
+        self._partials: dict[torch.dtype, Tensor] = {}
 
-    def _scratch(self, buckets: list[Bucket], width: int, device: torch.device) -> Tensor | None:
-        """CUDA: one scratch buffer, ``width`` floats per block of the largest bucket, kept, so that a
-        steady-state step allocates nothing (the CPU kernels need none)."""
+    def _scratch(self, buckets: list[Bucket], width: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """CUDA: one scratch buffer per dtype (fp64 for the norm, fp32 for the dot products),
+        ``width`` values per block of the largest bucket, kept, so that a steady-state step
+        allocates nothing (the CPU kernels need none)."""
         if device.type != "cuda":
             return None
         need = width * max((_chunks(b) for b in buckets), default=1)
-        if self._partials is None or self._partials.numel() < need or self._partials.device != device:
-            self._partials = torch.empty(max(need, 64), dtype=torch.float32, device=device)
-        return self._partials
+        have = self._partials.get(dtype)
+        if have is None or have.numel() < need or have.device != device:
+            have = self._partials[dtype] = torch.empty(max(need, 64), dtype=dtype, device=device)
+        return have
 
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
                   direction: Buffers | None, inv_scale: Tensor | None) -> None:
-        scratch = self._scratch(buckets, 1, sq.device)
+        scratch = self._scratch(buckets, 1, sq.device, torch.float64)
         for i, b in enumerate(buckets):
             g = b.group
             self._C.sq_sum_(sq, b.params, b.grads(direction), adaptive=bool(g["adaptive"]), eta=float(g["eta"]),

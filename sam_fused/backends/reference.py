@@ -5,13 +5,15 @@ gradient ``g`` and the hyperparameters of its param group:
 
     g     = grad * inv_scale  (with AMP's GradScaler; else the gradient as it is)
     T     = |w| + eta         (ASAM)      T = 1  (SAM)
-    norm  = || T * g ||_2     over every parameter with a grad, in every group, in fp32
+    norm  = || T * g ||_2     over every parameter with a grad, in every group: the sum of
+                              squares in fp64 (finite whenever the norm fits fp32), the norm fp32
     e     = rho * T^2 * g / (norm + 1e-12)
     w    <- w + e             (skipped, weights untouched, when norm is not finite)
 
 The second step copies the backup back (bit-exact) and runs ``base_optimizer.step()``.
 
-GSAM and LookSAM: ``save`` keeps ``g`` (unscaled) beside the backup; ``dots`` sums ``g.g``,
+GSAM and LookSAM: ``save`` keeps ``g`` (unscaled) beside the backup (not written when the norm is
+not finite: the buffer keeps its values, as the weights do); ``dots`` sums ``g.g``,
 ``g.aux`` and ``aux.aux`` (fp32, each parameter's sum in its math dtype); the combination rewrites
 each gradient to ``c0 g + c1 aux`` before the base step (``base.combine_grads``).
 Every operation here is an ordinary torch op on one tensor, written to be read, not to be fast.
@@ -27,32 +29,25 @@ from ..plan import StepPlan, local
 from .base import Amp, Backend, Combo, base_step, check_all_state
 
 
-def weighted_grad(p: Tensor, group: dict, g: Tensor | None = None, inv_scale: Tensor | None = None) -> Tensor:
-    """``T * g`` in fp32 (fp64 for fp64 parameters): the quantity whose global L2 norm scales the
-    perturbation; ``g`` defaults to ``p.grad``, unscaled by AMP's ``inv_scale`` when given."""
-    g = local(p.grad) if g is None else g  # FSDP2: the local shards of the gradient and parameter
-    p = local(p)
-    g = _unscaled(g.to(_math_dtype(p)), inv_scale)
-    if group["adaptive"]:
-        g = g * (p.detach().to(g.dtype).abs() + group["eta"])
-    return g
-
-
 def _math_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _unscaled(g: Tensor, inv_scale: Tensor | None) -> Tensor:
-    return g if inv_scale is None else g * inv_scale.to(g.device).reshape(())
+    return g if inv_scale is None else g * inv_scale.to(device=g.device, dtype=g.dtype).reshape(())
 
 
 def grad_sq_sum(pairs, device: torch.device, direction=None, inv_scale: Tensor | None = None) -> Tensor:
     """Sum of squares of the weighted gradients (or ``direction`` buffers) of ``(group, param, ...)``
-    tuples, an fp32 0-dim tensor on ``device`` (each parameter's sum in its math dtype)."""
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    tuples, an fp64 0-dim tensor on ``device``, every product and sum in fp64: it is finite whenever
+    the norm fits fp32 (an fp32 sum of squares overflows from norms of 1.8e19 on)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for group, p, *_ in pairs:
-        g = None if direction is None else direction.get(p)
-        total += weighted_grad(p, group, g, inv_scale).square().sum().to(device=device, dtype=torch.float32)
+        g = local(p.grad) if direction is None else direction.get(p)
+        x = _unscaled(g.to(torch.float64), inv_scale)
+        if group["adaptive"]:
+            x = x * (local(p).detach().to(torch.float64).abs() + group["eta"])
+        total += x.square().sum().to(device)
     return total
 
 
@@ -79,11 +74,11 @@ def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, g: Tensor | N
     g = local(p.grad) if g is None else g  # FSDP2: the local shards of the gradient and parameter
     p = local(p)
     backup.copy_(p.detach())
-    if save is not None:
-        save.copy_(_unscaled(g.to(_math_dtype(p)), inv_scale))
     dt = _math_dtype(p)
     norm = norm.to(device=p.device, dtype=dt)
     ok = torch.isfinite(norm)
+    if save is not None:
+        save.copy_(torch.where(ok, _unscaled(g.to(dt), inv_scale), save.to(dt)))
     scale = torch.where(ok, group["rho"] / (norm + EPS), torch.zeros_like(norm))
     w = p.detach().to(dt)
     g = _unscaled(g.to(dt), inv_scale)
@@ -105,7 +100,7 @@ class TorchBackend(Backend):
         sq = grad_sq_sum(plan.slow, plan.locals[0].device, direction, inv_scale)
         if reduce_sq is not None:
             reduce_sq(sq)
-        norm = sq.sqrt()
+        norm = sq.sqrt().float()
         for group, p, backup in plan.slow:
             perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale,
                      None if save is None else save.get(p))

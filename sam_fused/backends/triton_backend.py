@@ -45,18 +45,24 @@ class TritonBackend(FlatBackend):
 
     def __init__(self, optimizer) -> None:
         super().__init__(optimizer)
-        self._partials: Tensor | None = None
+        self._partials: Tensor | None = None  # the dot products' (fp32)
+        self._sq_partials: Tensor | None = None  # the norm's (fp64)
 
     def _partials_for(self, n: int, device: torch.device) -> Tensor:
         if self._partials is None or self._partials.numel() < n or self._partials.device != device:
             self._partials = torch.empty(max(n, 64), dtype=torch.float32, device=device)
         return self._partials
 
+    def _sq_partials_for(self, n: int, device: torch.device) -> Tensor:
+        if self._sq_partials is None or self._sq_partials.numel() < n or self._sq_partials.device != device:
+            self._sq_partials = torch.empty(max(n, 64), dtype=torch.float64, device=device)
+        return self._sq_partials
+
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
                   direction: Buffers | None, inv_scale: Tensor | None) -> None:
         tables = [(bucket_table(b, direction), b) for b in buckets]
         counts = [norm_programs(t) for t, _ in tables]
-        partials = self._partials_for(sum(counts) + 1, sq.device)
+        partials = self._sq_partials_for(sum(counts) + 1, sq.device)
         off = 0
         for (table, b), k in zip(tables, counts):
             sq_partials(table, partials[off:], b.dtype, b.group["adaptive"], b.group["eta"], inv_scale)

@@ -1,11 +1,18 @@
 """Global gradient norm, deterministic, without float atomics.
 
 Stage 1 (one launch per bucket): a persistent grid of at most ``NORM_PROGRAMS`` programs; program
-``k`` walks chunks k, k + G, k + 2G, ... of the bucket's table, accumulates ``(T * g)^2`` in an fp32
-vector and writes its sum to ``partials[k]``. ``T = |w| + eta`` for ASAM, 1 for SAM.
+``k`` walks chunks k, k + G, k + 2G, ... of the bucket's table, accumulates ``(T * g)^2`` in an fp64
+vector and writes its sum to ``partials[k]`` (fp64). ``T = |w| + eta`` for ASAM, 1 for SAM.
 Stage 2 (one launch per step): one program sums the partials of every bucket and writes the sum of
-squares and its square root (the norm); a distributed reduction can change the sum in between and
-take the root again.
+squares (fp64) and its square root (the norm, fp32); a distributed reduction can change the sum in
+between and take the root again.
+
+Why fp64: the square of a finite fp32 value reaches 1.2e77 and the sum of squares of gradients
+whose norm fits fp32 (up to 3.4e38) reaches 1.2e77 too; in fp32 that sum overflowed for norms
+above 1.8e19 (bf16 gradients of 1e20: norm 6.9e20, sum of squares inf, the perturbation silently
+skipped). In fp64 every such sum is finite (and squares of tiny gradients do not underflow), so
+the norm is finite exactly when the true norm fits fp32. The cost is one conversion and one fp64
+FMA per element, far below the memory traffic on every GPU with fp64 at >= 1/64 of the fp32 rate.
 
 With AMP's ``inv_scale`` the gradient is multiplied by it as it is read (a constexpr variant).
 
@@ -27,11 +34,11 @@ def _sq_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
     p, g, eta, grad_mul = args
     ADAPTIVE: tl.constexpr = C[0]
     AMP: tl.constexpr = C[1]
-    x = load(g, idx, mask, MASKED).to(tl.float32)
+    x = load(g, idx, mask, MASKED).to(tl.float64)
     if AMP:
         x = x * grad_mul
     if ADAPTIVE:
-        w = load(p, idx, mask, MASKED).to(tl.float32)
+        w = load(p, idx, mask, MASKED).to(tl.float64)
         x = x * (tl.abs(w) + eta)
     return acc + x * x
 
@@ -44,9 +51,9 @@ def _sq_partials_kernel(
     pid = tl.program_id(0)
     grad_mul = 1.0
     if AMP:
-        grad_mul = tl.load(inv_scale_ptr)
+        grad_mul = tl.load(inv_scale_ptr).to(tl.float64)
     n_programs = tl.num_programs(0)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for c in range(pid, n_chunks, n_programs):
         row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
         p = column(row, COL_PARAM, DTYPE, ALIGNED)
@@ -61,7 +68,7 @@ def _finalize_kernel(partials, n, sq, norm, PBLOCK: tl.constexpr):
     x = tl.load(partials + offs, mask=offs < n, other=0.0)
     total = tl.sum(x, axis=0)
     tl.store(sq, total)
-    tl.store(norm, tl.sqrt(total))
+    tl.store(norm, tl.sqrt(total).to(tl.float32))
 
 
 def norm_programs(table: PointerTable) -> int:
@@ -71,7 +78,7 @@ def norm_programs(table: PointerTable) -> int:
 
 def sq_partials(table: PointerTable, partials: Tensor, dtype, adaptive: bool, eta: float,
                 inv_scale: Tensor | None = None) -> None:
-    """Write ``norm_programs(table)`` partial sums of squares into ``partials[0:...]``; with AMP's
+    """Write ``norm_programs(table)`` partial sums of squares into ``partials[0:...]`` (fp64); with AMP's
     ``inv_scale`` (a one-element fp32 device tensor) the gradients are unscaled as they are read."""
     grid = norm_programs(table)
     if grid == 0:
@@ -85,5 +92,5 @@ def sq_partials(table: PointerTable, partials: Tensor, dtype, adaptive: bool, et
 
 
 def finalize(partials: Tensor, n: int, sq: Tensor, norm: Tensor) -> None:
-    """``sq = sum(partials[:n])``, ``norm = sqrt(sq)`` in one program, fixed order."""
+    """``sq = sum(partials[:n])`` (fp64), ``norm = sqrt(sq)`` (fp32) in one program, fixed order."""
     _finalize_kernel[(1,)](partials, n, sq, norm, PBLOCK=max(triton.next_power_of_2(n), 16))

@@ -6,7 +6,8 @@
 
 ``norm`` is read from the device tensor the norm kernels wrote; rho and eta are runtime arguments,
 so a schedule on rho never recompiles. Bytes per element (fp32): read w, g; write backup, w: 16 B.
-With SAVE (GSAM, LookSAM), the unscaled gradient is also written to the aux column: 20 B.
+With SAVE (GSAM, LookSAM), the unscaled gradient is also written to the aux column: 20 B; with a
+non-finite norm nothing is written there (the saved buffer keeps its bits, as the weights do).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def _perturb_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
     graw = load(g, idx, mask, MASKED)
     x = graw.to(tl.float32)
     if SAVE:
-        if AMP:
-            store(sv, idx, to_dtype(x * grad_mul, DTYPE), mask, MASKED)
-        else:
-            store(sv, idx, graw, mask, MASKED)
+        if ok:  # uniform over the launch: a branch, not a mask
+            if AMP:
+                store(sv, idx, to_dtype(x * grad_mul, DTYPE), mask, MASKED)
+            else:
+                store(sv, idx, graw, mask, MASKED)
     if ADAPTIVE:
         t = tl.abs(w) + eta
         e = t * t * x * scale
