@@ -82,7 +82,9 @@ class GSAM(FusedSAM):
         super()._check_group(group)
         _check_nonneg("alpha", group["alpha"])
 
-    def _combination(self, plan: StepPlan, amp) -> Combo:
+    def _combination(self, plan: StepPlan, amp) -> Combo | None:
+        if not plan.active:  # no gradient: nothing to combine (and no device to compute on)
+            return None
         zero_unsaved(self._perturbed, plan, self._save)
         inv_scale = None if amp is None else amp[0]
         dots = self._backend.dots(plan, self._save, self._backend.plans.params.reduce_sq, inv_scale)

@@ -121,7 +121,7 @@ class LookSAM(FusedSAM):
         which then become g_v (the old g_v buffers take the next SAM step's g). After a first
         gradient with an inf or NaN (no perturbation was made, nothing was saved), the update
         uses g_s and g_v stays as it was."""
-        if not self._first_ok.read():
+        if not plan.active or not self._first_ok.read():
             return None
         saved = self._save
         zero_unsaved(self._perturbed, plan, saved)
