@@ -79,10 +79,16 @@ def variants():
                 chunks="*i64", tensors="*i64", losses="*fp32", i="i32", n="i32", rho=f32, lam=f32), c
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """``--shard K/N``: compile every N-th variant from the K-th (the test runs N shards at once)."""
+    shard, shards = 0, 1
+    if len(argv) == 2 and argv[0] == "--shard":
+        shard, shards = (int(x) for x in argv[1].split("/"))
     widest = {}
     count = 0
-    for name, kernel, types, constexprs in variants():
+    for index, (name, kernel, types, constexprs) in enumerate(variants()):
+        if index % shards != shard:
+            continue
         if not isinstance(kernel, triton.runtime.jit.JITFunction):
             print("kernels are interpreted: run with TRITON_INTERPRET unset", file=sys.stderr)
             return 2
@@ -101,4 +107,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

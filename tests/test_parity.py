@@ -61,6 +61,15 @@ def test_reference_matches_float64(opt_name, variant):
     compare_fp32(params, states, ws, st64, "fp32_vs_float64")
 
 
+# Interpreted Triton in `make test`: every base optimizer once (each update kernel variant), SAM and
+# ASAM with and without eta spread over them; every layout in each run. `make test-full`: all 21.
+QUICK_FP32 = [dict(opt_name="sgd", variant="sam"), dict(opt_name="sgd_momentum_wd", variant="asam"),
+              dict(opt_name="sgd_nesterov", variant="asam_eta"), dict(opt_name="sgd_dampening_maximize", variant="sam"),
+              dict(opt_name="adam", variant="asam_eta"), dict(opt_name="adamw", variant="asam"),
+              dict(opt_name="adam_maximize", variant="sam")]
+
+
+@pytest.mark.quick_subset("triton", QUICK_FP32)
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("variant", list(SAM_VARIANTS))
 @pytest.mark.parametrize("opt_name", list(harness.OPTIMIZERS))
@@ -72,6 +81,11 @@ def test_fast_matches_reference_fp32(backend, opt_name, variant):
     compare_fp32(params, states, ws, st64, "fp32_vs_float64")
 
 
+@pytest.mark.quick_subset("triton", [
+    dict(dtype=torch.bfloat16, opt_name="sgd_momentum_wd", variant="sam"),
+    dict(dtype=torch.bfloat16, opt_name="adamw", variant="asam_eta"),
+    dict(dtype=torch.float16, opt_name="adam", variant="sam"),
+    dict(dtype=torch.float16, opt_name="sgd_nesterov", variant="asam_eta")])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("variant", ["sam", "asam_eta"])
 @pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "sgd_nesterov", "adam", "adamw"])
@@ -117,6 +131,7 @@ def test_generic_base_optimizer_matches_reference(backend):
             assert max_err(fast, exact) <= bound, f"{max_err(fast, exact):.3g} > {bound:.3g}"
 
 
+@pytest.mark.quick_subset("triton", [])  # a property of the table: the native backend shows it in `make test`
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_tolerance_catches_a_1_percent_error(backend):
     """The fp32 tolerances are tight enough to see rho off by 1%."""
