@@ -10,9 +10,16 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: bench test
+.PHONY: bench test test-full
 bench: $(VENV)/.installed
 	$(BIN)/sam-fused bench $(ARGS)
 
+# The suite with each interpreted Triton matrix cut to a covering subset (tests' quick_subset
+# markers); every other test runs whole. The slowest tests are listed at the end (pytest.ini).
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(ARGS)
+
+# Every combination of the Triton matrices too (on a GPU, where they run compiled, `make test`
+# already does this).
+test-full: $(VENV)/.installed
+	$(BIN)/python -m pytest --full $(ARGS)

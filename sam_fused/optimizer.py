@@ -315,7 +315,9 @@ class FusedSAM(SAMOptimizer):
 
     ``interval`` and ``sam_probability`` act through ``step(closure)`` only (``first_step`` /
     ``second_step`` called by hand are a SAM step by definition); the count of ``step(closure)``
-    calls is kept as ``"sam_step"`` in every param group, so it is in ``state_dict()``.
+    calls is kept as ``"sam_step"`` in every param group, so it is in ``state_dict()``; a call
+    counts once its step is made, so a refused step or a closure that raises leaves the schedule
+    as it was (the retry is the step that was due).
 
     ``param_groups`` is the base optimizer's own list, so LR schedulers, ``add_param_group`` and
     per-group hyperparameters work on this object directly. ``grad_norm`` holds, after each

@@ -474,11 +474,11 @@ def test_triton_norm_is_deterministic():
 
 
 def _counts_per_step(spec, backend, counts, instrument=None):
-    """The counts of two steps each of optimizers over 3 and over 300 tensors; the base
+    """The counts of two steps each of optimizers over 3 and over 100 tensors; the base
     optimizer's own step() must not be called (it is replaced by None)."""
     cls, kw = SPECS[spec]
     seen = []
-    for n in (3, 300):
+    for n in (3, 100):
         params = [torch.nn.Parameter(torch.randn(7, device=DEVICE)) for _ in range(n)]
         opt = FusedSAM(params, cls, rho=0.1, backend=backend, **kw)
         if instrument is not None:
@@ -498,7 +498,7 @@ def _counts_per_step(spec, backend, counts, instrument=None):
 @pytest.mark.parametrize("spec", ["sgd", "adamw"])
 def test_triton_launches_do_not_grow_with_tensor_count(monkeypatch, spec):
     """One norm, one finalize, one perturb and one update launch per step for one bucket, for 3 or
-    300 tensors; the base optimizer's own step() is never called."""
+    100 tensors; the base optimizer's own step() is never called."""
     from sam_fused.backends import triton_backend as tb
 
     counts = {}
@@ -519,7 +519,7 @@ def test_triton_launches_do_not_grow_with_tensor_count(monkeypatch, spec):
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="native extension unavailable")
 @pytest.mark.parametrize("spec", ["sgd", "adamw"])
 def test_native_calls_do_not_grow_with_tensor_count(monkeypatch, spec):
-    """One sq_sum_, one perturb_ and one restore_update_ call per step for one bucket, for 3 or 300
+    """One sq_sum_, one perturb_ and one restore_update_ call per step for one bucket, for 3 or 100
     tensors; the base optimizer's own step() is never called."""
     from sam_fused import native
 
