@@ -138,3 +138,37 @@ def test_help_shows_no_markup(args, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "usage: sam-fused" in text and "``" not in text
+
+
+def test_roofline_section_writes_a_row_per_pass(tmp_path, capsys):
+    """--roofline on the CPU at tiny sizes: every pass of the fused step and torch's fused
+    optimizers, for each shape and dtype, with the bytes of the module docstring."""
+    from sam_fused.tools.bench import roofline
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--device", "cpu", "--no-train", "--host-tensors", "none", "--model", "transformer",
+               "--transformer-params", "1e5", "--steps", "2", "--warmup", "1", "--backend", "cpu", "--roofline",
+               "--roofline-sizes", "3000", "--roofline-mixes", "resnet50", "--json", str(out)])
+    assert rc == 0
+    assert "Roofline: each pass alone" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["passes"]
+    fused = {"norm", "perturb", "dots", "restore+update sgd", "restore+update adamw", "sam step sgd"}
+    for shape, tensors in (("1 tensor", 1), ("resnet50", 161)):
+        for dtype, elem in (("float32", 4), ("bfloat16", 2)):
+            rs = [r for r in rows if r["shape"] == shape and r["dtype"] == dtype]
+            assert {r["pass"] for r in rs if r["backend"] == "cpu"} == fused
+            for r in rs:
+                assert r["tensors"] == tensors and r["median_ms"] > 0
+                assert r["bytes_per_param"] == roofline.PASS_ELEMENTS[r["pass"]] * elem
+                assert r["fraction_of_copy"] == pytest.approx(r["gbs"] / json.loads(out.read_text())["copy_gbs"])
+    assert all(r["params"] <= 3000 + 161 for r in rows if r["shape"] == "resnet50")  # scaled down on the CPU
+
+
+def test_roofline_mixes_have_the_documented_shapes():
+    from sam_fused.tools.bench.roofline import llm_numels, resnet50_numels, transformer_numels
+
+    assert (len(resnet50_numels()), sum(resnet50_numels())) == (161, 25_557_032)  # torchvision's ResNet-50
+    assert len(llm_numels()) == 194 and 0.95e9 < sum(llm_numels()) < 1.0e9
+    assert len(transformer_numels(2e6)) == 187
+    with pytest.raises(SystemExit):
+        main(["bench", "--roofline-sizes"])

@@ -40,6 +40,7 @@ from .host import host_cost
 from .measure import (bytes_per_param, copy_bandwidth, count_launches, held_bytes, median, paired_ratios, quartiles,
                       rel_spread, sync, time_ms)
 from .models import MODELS, build
+from . import roofline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASES = {
@@ -89,6 +90,19 @@ def add_parser(sub) -> None:
     p.add_argument("--host-tensors", default=None,
                    help="tensor counts of the host-cost table, comma-separated; 'none' skips it "
                         "(default: 100,1000; with --full or on a GPU, 100,1000,10000)")
+    p.add_argument("--roofline", action="store_true",
+                   help="also time each pass of the fused step alone (norm, perturb, restore+update for SGD-momentum "
+                        "and AdamW, the GSAM/LookSAM dots pass, the whole step) with torch's fused SGD and AdamW "
+                        "beside, as GB/s and a fraction of the copy bandwidth (the default on a GPU)")
+    p.add_argument("--roofline-sizes", default=None,
+                   help="single-tensor sizes of the roofline, comma-separated parameter counts (default: "
+                        "16e6,64e6,256e6,1e9 on a GPU, 1e6,4e6 on the CPU)")
+    p.add_argument("--roofline-mixes", default="transformer,resnet50,llm",
+                   help="tensor mixes of the roofline, comma-separated from transformer, resnet50 (161 tensors, "
+                        "25.6M), llm (194 tensors, 0.98B); scaled down to the largest size on the CPU; 'none' "
+                        "(default: all three)")
+    p.add_argument("--roofline-dtypes", default="float32,bfloat16",
+                   help="parameter dtypes of the roofline, comma-separated (default: float32,bfloat16)")
     p.add_argument("--json", type=Path, default=None, help="write every figure and the environment to this file")
     p.set_defaults(func=run)
 
@@ -369,7 +383,7 @@ def _fmt_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def report(env, copy_gbs, step_rows, train_rows, host_rows=()) -> str:
+def report(env, copy_gbs, step_rows, train_rows, host_rows=(), pass_rows=()) -> str:
     out = [f"sam-fused bench: {env['device_name']} ({env['device']}, {env['threads']} threads on {env['cores']} cores), "
            f"torch {env['torch']}, triton {env['triton']}, commit {(env['commit'] or '?')[:10]}, {env['date']}",
            f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s; figures: median of {env['reps']} rounds, "
@@ -382,6 +396,12 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=()) -> str:
                    + (" (host wall time to enqueue; kernel time beside)" if gpu else ""))
         headers = ["tensors", "grads", "SAM", "fused SGD", "SAM / SGD"] + (["SAM kernels"] if gpu else [])
         out.append(_fmt_table(headers, format_host_rows(list(host_rows), torch.device(env["device"]))))
+        out.append("")
+    if pass_rows:
+        out.append("Roofline: each pass alone, minimal bytes over the median time, as a fraction of the copy "
+                   "(torch = torch's own fused optimizers on the same tensors)")
+        out.append(_fmt_table(["shape", "params", "tensors", "dtype", "backend", "pass", "median ms [quartiles]", "GB/s",
+                               "of copy"], roofline.format_rows(list(pass_rows))))
         out.append("")
     unit = "launches" if env["device"] == "cuda" else "ops"
     for model in dict.fromkeys(r["model"] for r in step_rows):
@@ -456,6 +476,22 @@ def run(args) -> int:
     host_spec = args.host_tensors or ("100,1000,10000" if full else "100,1000")
     host_counts = [] if host_spec == "none" else [int(n) for n in host_spec.split(",")]
     host_backend = next((b for b in backends if b != "torch"), "torch")
+    roof = None
+    if args.roofline or device.type == "cuda":
+        try:
+            roof = dict(sizes=roofline.parse_sizes(args.roofline_sizes) if args.roofline_sizes else
+                        roofline.default_sizes(device),
+                        mixes=[] if args.roofline_mixes == "none" else args.roofline_mixes.split(","),
+                        dtypes=[DTYPES[d] for d in args.roofline_dtypes.split(",")],
+                        backends=[b for b in backends if b != "torch"])
+        except (KeyError, ValueError) as e:
+            print(f"sam-fused bench: bad roofline option: {e}", file=sys.stderr)
+            return 2
+        bad = [m for m in roof["mixes"] if m not in roofline.MIXES]
+        if bad or not roof["backends"]:
+            print(f"sam-fused bench: roofline mixes must be from {roofline.MIXES} and a fused backend must be "
+                  f"available (got mixes {bad}, backends {backends})", file=sys.stderr)
+            return 2
 
     def sizes_of(w):
         if args.batch_size:
@@ -465,6 +501,8 @@ def run(args) -> int:
     # task weights: about the share of the run each takes on a 2-core CPU (building a variant is quick)
     n_variants = len(names)
     total = 1 + 2 * len(host_counts)
+    if roof is not None:
+        total += 0.5 * (len(roof["sizes"]) + len(roof["mixes"])) * len(roof["dtypes"])
     for w in workloads:
         total += 0.1 * n_variants + 0.5 * n_variants
         if not args.no_train:
@@ -482,6 +520,12 @@ def run(args) -> int:
                        2 * len(host_counts))
         host_rows = host_cost(device, host_backend, host_counts, reps=reps)
         progress.finish()
+    pass_rows = []
+    if roof is not None:
+        progress.start("roofline: each pass alone", 0.5 * (len(roof["sizes"]) + len(roof["mixes"])) * len(roof["dtypes"]))
+        pass_rows = roofline.roofline(device, roof["backends"], roof["sizes"], roof["mixes"], roof["dtypes"], copy_gbs,
+                                      args.warmup, reps, tparams)
+        progress.finish()
     step_rows, train_rows = [], []
     for w in workloads:
         step_rows += optimizer_step_table(w, names, args.base, device, dtype, args.warmup, reps, copy_gbs, progress)
@@ -489,11 +533,11 @@ def run(args) -> int:
             train_rows += train_table(w, names + universal, args.base, device, args.warmup, reps, sizes_of(w), progress)
     env["load_end"] = load()
     env["warnings"] = warnings_for(env, step_rows, train_rows, host_rows)
-    print(report(env, copy_gbs, step_rows, train_rows, host_rows))
+    print(report(env, copy_gbs, step_rows, train_rows, host_rows, pass_rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = dict(environment=env, copy_gbs=copy_gbs, base=args.base, dtype=args.dtype,
-                       host_cost=host_rows, optimizer_step=step_rows, training=train_rows)
+                       host_cost=host_rows, optimizer_step=step_rows, training=train_rows, passes=pass_rows)
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0
