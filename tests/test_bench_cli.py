@@ -53,8 +53,10 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert train["esam-gsam"]["extra_bytes_per_param"] == 8.0
     assert train["esam-looksam5"]["extra_bytes_per_param"] == 12.0
     host = data["host_cost"]
-    assert [(r["tensors"], r["grads"]) for r in host] == [(10, "in place"), (10, "new"), (30, "in place"), (30, "new")]
+    assert [(r["tensors"], r["grads"]) for r in host] == [(n, g) for n in (10, 30) for g in ("in place", "new", "backward")]
     for r in host:
+        assert r["same_addresses"] == {"in place": 1.0, "new": 0.0}.get(r["grads"], r["same_addresses"])
+        assert 0.0 <= r["same_addresses"] <= 1.0
         assert r["sam_us_per_tensor"] > 0 and r["sgd_us_per_tensor"] > 0
         assert r["ratio"] == r["sam_us_per_tensor"] / r["sgd_us_per_tensor"]
         assert r["sam_q1"] <= r["sam_us_per_tensor"] <= r["sam_q3"]

@@ -277,3 +277,47 @@ def test_constants_match_the_native_header():
     assert float(values["kNormEps"]) == constants.NORM_EPS
     assert int(values["kCudaChunk"]) == constants.CHUNK
     assert int(values["kUpdateScalars"]) == len(constants.UPDATE_SCALARS)
+
+
+class _FakeEvent:
+    """A CUDA event stand-in: done when the test says so."""
+
+    def __init__(self):
+        self.done, self.records = True, 0
+
+    def record(self):
+        self.done, self.records = False, self.records + 1
+
+    def query(self):
+        return self.done
+
+
+def test_table_uploads_reuse_their_pinned_buffers_and_never_wait():
+    """The staging ring of the Triton tables: a buffer is rewritten only after its copy ran (its event
+    completed, asked with query(), never waited on); while all are in flight the ring grows; once
+    the copies run, uploads allocate nothing more. Pinned memory and events faked (CPU here)."""
+    from sam_fused.kernels.table import Staging
+
+    events = []
+
+    def event():
+        events.append(_FakeEvent())
+        return events[-1]
+
+    staging = Staging(pinned=lambda n: torch.empty(n, dtype=torch.int64), event=event)
+    dst = None
+    for step in range(2):  # two uploads in flight at once: the ring grows to two buffers
+        dst = staging.upload([step, 1, 2], dst, torch.device("cpu"))
+        assert dst.tolist() == [step, 1, 2]
+    assert staging.allocations == 2 and all(not e.done for e in events)
+    for e in events:  # the copies ran
+        e.done = True
+    same = dst
+    for step in range(10):
+        dst = staging.upload([7, step, 9], dst, torch.device("cpu"))
+        assert dst.tolist() == [7, step, 9]
+        events[0].done = events[1].done = True
+    assert staging.allocations == 2  # nothing more allocated
+    assert dst is same  # the device array is rewritten in place: its address (and a captured graph) stays
+    assert staging.upload(list(range(100)), dst, torch.device("cpu")).numel() == 100  # a larger table: new buffers
+    assert staging.allocations == 3

@@ -9,7 +9,10 @@ A kernel program reads its chunk row, then the row of its tensor, and turns the 
 into typed pointers with ``.to(tl.pointer_type(DTYPE))``. The chunk array depends only on the
 numels and is built once; the tensor array is re-sent (one small host-to-device copy from pinned
 memory, asynchronous) only when an address changes, which happens when autograd hands out new
-``.grad`` tensors. Nothing here waits for the device.
+``.grad`` tensors at other addresses than the last ones. Nothing here waits for the device, and a
+re-send allocates nothing once warm: it writes one of the table's own pinned staging buffers
+(:class:`Staging`) and copies it into the table's device array in place, in stream order (which
+also keeps the array's address, so a captured CUDA graph sees the new contents).
 """
 
 from __future__ import annotations
@@ -42,11 +45,49 @@ NORM_PROGRAMS = 512
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _upload(values: list[int], device: torch.device) -> Tensor:
-    host = torch.tensor(values if values else [0], dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+class Staging:
+    """Pinned host buffers for uploads, reused. A buffer is written only once the copy that last
+    read it has run (its event has completed, asked without waiting), so the host never waits on the
+    device and the device never reads a half-written buffer; while every buffer is still in flight
+    (new gradients on both passes of a step, queued behind a long backward) the ring grows by one.
+    It settles at the number of uploads in flight at once, two or three in a training loop."""
+
+    def __init__(self, pinned=None, event=None) -> None:
+        self._ring: list[list] = []  # [host buffer, event of its last copy or None]
+        self._pinned = pinned or (lambda n: torch.empty(n, dtype=torch.int64, pin_memory=True))
+        self._event = event or torch.cuda.Event
+        self.allocations = 0
+
+    def acquire(self, n: int) -> list:
+        for slot in self._ring:
+            if slot[0].numel() >= n and (slot[1] is None or slot[1].query()):
+                return slot
+        slot = [self._pinned(max(n, 64)), None]
+        self.allocations += 1
+        self._ring.append(slot)
+        return slot
+
+    def upload(self, values: list[int], dst: Tensor | None, device: torch.device) -> Tensor:
+        """``values`` in an int64 device array: ``dst`` itself when it has their size, else a new one."""
+        n = len(values)
+        slot = self.acquire(n)
+        host = slot[0][:n]
+        host.copy_(torch.tensor(values, dtype=torch.int64))
+        if dst is None or dst.numel() != n or dst.device != device:
+            dst = torch.empty(n, dtype=torch.int64, device=device)
+        dst.copy_(host, non_blocking=True)
+        if slot[1] is None:
+            slot[1] = self._event()
+        slot[1].record()
+        return dst
+
+
+def _upload(values: list[int], device: torch.device, staging: Staging | None = None,
+            dst: Tensor | None = None) -> Tensor:
+    values = values if values else [0]
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64)
+    return (staging or Staging()).upload(values, dst, device)
 
 
 class PointerTable:
@@ -59,6 +100,7 @@ class PointerTable:
         self.tensors: Tensor | None = None
         self._numels: list[int] | None = None
         self._addrs: list[int] | None = None
+        self._staging = Staging() if torch.cuda.is_available() else None
         self.aligned = False  # every address a multiple of 16 bytes: kernels may use vector accesses
 
     def update(self, device: torch.device, columns: list[tuple[Tensor | int | None, ...]]) -> "PointerTable":
@@ -70,7 +112,7 @@ class PointerTable:
             for i, n in enumerate(numels):
                 for start in range(0, n, constants.CHUNK):
                     rows += (i, start)
-            self.chunks = _upload(rows, device)
+            self.chunks = _upload(rows, device, self._staging, self.chunks)
             self.n_chunks = len(rows) // 2
             self._numels = numels
         addrs: list[int] = []
@@ -79,7 +121,7 @@ class PointerTable:
             addrs.extend(0 if t is None else t if isinstance(t, int) else t.data_ptr() for t in cols)
             addrs.extend(0 for _ in range(self.ncol - 1 - len(cols)))
         if addrs != self._addrs:
-            self.tensors = _upload(addrs, device)
+            self.tensors = _upload(addrs, device, self._staging, self.tensors)
             self._addrs = addrs
             self.aligned = all(
                 t is None or isinstance(t, int) or t.data_ptr() % 16 == 0 for cols in columns for t in cols

@@ -394,7 +394,7 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=(), pass_rows=()) -> 
         out.append(f"Host cost: FusedSAM first_step + second_step ({r0['backend']} backend) vs one "
                    f"SGD(fused=True).step(), {r0['numel']}-element tensors, us per tensor, median [quartiles]"
                    + (" (host wall time to enqueue; kernel time beside)" if gpu else ""))
-        headers = ["tensors", "grads", "SAM", "fused SGD", "SAM / SGD"] + (["SAM kernels"] if gpu else [])
+        headers = ["tensors", "grads", "SAM", "fused SGD", "SAM / SGD", "same addr"] + (["SAM kernels"] if gpu else [])
         out.append(_fmt_table(headers, format_host_rows(list(host_rows), torch.device(env["device"]))))
         out.append("")
     if pass_rows:
