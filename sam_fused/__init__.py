@@ -1,10 +1,7 @@
 """sam_fused: Sharpness-Aware Minimization with fused multi-tensor kernels."""
 
 from .backends import BACKENDS, BackendUnavailable, available_backends
-from .gsam import GSAM, RhoFollowsLR
-from .looksam import LookSAM
-from .optimizer import FusedSAM
-from .universal import DetSAM, FrobSAM, TraceSAM, UniversalSAM
+from .optim import DetSAM, FrobSAM, FusedSAM, GSAM, LookSAM, RhoFollowsLR, TraceSAM, UniversalSAM
 
 __all__ = ["FusedSAM", "GSAM", "LookSAM", "RhoFollowsLR", "UniversalSAM", "FrobSAM", "TraceSAM", "DetSAM", "BACKENDS", "BackendUnavailable",
            "available_backends"]

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ...optimizer import FusedSAM
+from ...optim import FusedSAM
 from .measure import sync
 
 

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from ...optimizer import FusedSAM
+from ...optim import FusedSAM
 from ...plan import ZeroBuffers
 from .measure import median, quartiles, sync, time_ms
 
@@ -77,7 +77,7 @@ def transformer_numels(params: float) -> list[int]:
 def shapes(device: torch.device, sizes: list[int], mixes: list[str], transformer_params: float) -> list[tuple[str, list[int]]]:
     """(label, numels) of every shape the roofline runs: one tensor per size, then the mixes (scaled
     down on the CPU, tensor count kept, to the largest size)."""
-    out = [(f"1 tensor", [int(n)]) for n in sizes]
+    out = [("1 tensor", [int(n)]) for n in sizes]
     cap = None if device.type == "cuda" else max(sizes)
     for mix in mixes:
         numels = {"transformer": lambda: transformer_numels(transformer_params), "resnet50": resnet50_numels,

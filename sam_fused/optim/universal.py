@@ -32,11 +32,11 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .backends import ALGORITHMS, make_backend
-from .backends.universal_reference import MEASURES, loss_tensor
-from .plan import local, mesh_mean
-from .backends.base import GroupWork
-from .optimizer import SAMOptimizer, _check_nonneg, _check_positive, _eager
+from ..backends import ALGORITHMS, make_backend
+from ..backends.universal_reference import MEASURES, loss_tensor
+from ..backends.base import GroupWork
+from ..plan import local, mesh_mean
+from .base import SAMOptimizer, _check_nonneg, _check_positive, _eager
 
 
 def work_of(plan) -> list[GroupWork]:

@@ -27,10 +27,10 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .backends.base import Combo
-from .constants import NORM_EPS
-from .optimizer import FusedSAM, _check_nonneg
-from .plan import Buffers, StepPlan, ZeroBuffers
+from ..backends.base import Combo
+from ..constants import NORM_EPS
+from ..plan import Buffers, StepPlan, ZeroBuffers
+from .sam import FusedSAM, _check_nonneg
 
 
 def group_values(opt, key: str, device: torch.device, cache: dict) -> Tensor:

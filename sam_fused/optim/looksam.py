@@ -28,11 +28,11 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .backends.base import Combo
-from .constants import NORM_EPS
+from ..backends.base import Combo
+from ..constants import NORM_EPS
+from ..plan import StepPlan, ZeroBuffers
 from .gsam import group_values, zero_unsaved
-from .optimizer import FusedSAM, _check_nonneg, _eager, _unwrapping
-from .plan import StepPlan, ZeroBuffers
+from .sam import FusedSAM, _check_nonneg, _eager, _unwrapping
 
 
 _NO_SCALER = (

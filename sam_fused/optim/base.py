@@ -1,0 +1,281 @@
+"""What every SAM-family optimizer shares: ``SAMOptimizer`` (the base optimizer built on the same param
+groups, its state dict, per-group hyperparameters and their validation, the backend and its cached
+step plans, copying and pickling), the backward watch of ``step(closure)``, and the checks."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..backends import make_backend
+from ..backends.base import FUSED_KINDS
+from ..plan import StepPlan
+
+# Inside a function compiled with torch.compile, the steps run eagerly (a graph break): traced,
+# the reference backend's backup copy was reordered after the perturbation (the weights were
+# never restored) and the native and Triton launches cannot be traced at all.
+_eager = torch.compiler.disable
+
+
+def _unwrapping(method):
+    """Run the method on the optimizer itself when called through a wrapper that copied its
+    ``__dict__`` and subclasses its class (Lightning's ``LightningOptimizer``, which keeps it as
+    ``_optimizer``): state set on the copy would be lost (the LR scheduler would never learn that
+    the optimizer stepped, a perturbation would be invisible to the optimizer)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        inner = self.__dict__.get("_optimizer")
+        if isinstance(inner, SAMOptimizer) and inner is not self:
+            return getattr(inner, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return run
+
+
+def _called_by_dcp_state_init() -> bool:
+    """Whether this ``step()`` comes from ``torch.distributed.checkpoint``'s state initialization
+    (``set_optimizer_state_dict`` on an optimizer without state), a few frames up."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
+                "torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _check_nonneg(name: str, value) -> None:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf")
+            or value > 1e30):
+        raise ValueError(f"{name} must be a finite non-negative number (at most 1e30), got {value!r}")
+
+
+def _check_positive(name: str, value) -> None:
+    """Like :func:`_check_nonneg`, and not zero (a scale that divides)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < float("inf")
+            or value > 1e30):
+        raise ValueError(f"{name} must be a finite positive number (at most 1e30), got {value!r}")
+
+
+class _BackwardSeen:
+    """A post-accumulate-grad hook on every parameter: set when a backward has written a gradient.
+    It holds no reference to the optimizer (the hooks live on the parameters)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, _param: Tensor) -> None:
+        self.seen = True
+
+
+class BackwardWatch:
+    """Tells whether a backward pass reached the parameters since the last SAM step: what
+    ``step(closure)`` needs to know to serve both closure conventions. The hooks are registered on
+    the first ``step(closure)`` (users of ``first_step``/``second_step`` never pay for them), once
+    per parameter; each costs one Python call per parameter per backward."""
+
+    def __init__(self) -> None:
+        self.flag = _BackwardSeen()
+        self._hooks = WeakIdKeyDictionary()  # parameter -> hook handle
+        self._bound = None  # the plan cache's ParamSet the hooks were checked against
+        self._frozen: list[Tensor] = []  # parameters without requires_grad when last checked: no hook yet
+
+    def backward_ran(self, opt: "SAMOptimizer") -> bool:
+        """Whether a backward wrote gradients since the last ``clear()``. On the first call, when no
+        hook can have fired yet, whether any parameter has a gradient at all; likewise for a
+        parameter unfrozen since (``requires_grad`` turned on), the first time it is seen."""
+        params = opt._backend.plans.params
+        if params is None or params is not self._bound:
+            first = not self._hooks
+            self._frozen = []
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p in self._hooks:
+                        continue
+                    if not p.requires_grad:  # a hook cannot be put on it until it is unfrozen
+                        self._frozen.append(p)
+                        continue
+                    self._hooks[p] = p.register_post_accumulate_grad_hook(self.flag)
+                    if first and p.grad is not None:
+                        self.flag.seen = True
+            self._bound = params
+        if not self.flag.seen and self._frozen:
+            # only when no hook fired: a backward may have reached only layers unfrozen since
+            still = []
+            for p in self._frozen:
+                if not p.requires_grad:
+                    still.append(p)
+                    continue
+                self._hooks[p] = p.register_post_accumulate_grad_hook(self.flag)
+                if p.grad is not None:  # its gradient can only come from a backward since it was unfrozen
+                    self.flag.seen = True
+            self._frozen = still
+        return self.flag.seen
+
+    def clear(self) -> None:
+        self.flag.seen = False
+
+
+class SAMOptimizer(torch.optim.Optimizer):
+    """What every SAM-family optimizer here shares: the base optimizer built on the same param groups,
+    its state dict, param groups with per-group SAM hyperparameters, validation, the backend (and
+    through it the cached step plans), copying and pickling.
+
+    Subclasses name their per-group keys in ``_group_keys``, check them in ``_check_group`` and
+    name the backend factory in ``_backend_factory`` (a function of (name, optimizer)).
+    """
+
+    _group_keys: tuple[str, ...] = ()
+    _backend_factory = staticmethod(make_backend)
+
+    def __init__(self, params: Iterable, base_optimizer: type, defaults: dict, backend, base_kwargs: dict) -> None:
+        if not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer subclass (the class, not an instance), "
+                f"got {base_optimizer!r}"
+            )
+        super().__init__(params, dict(defaults, **base_kwargs))
+        for group in self.param_groups:
+            self._check_group(group)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self._backend = self._backend_factory(backend, self)
+        self._backend.plans.bind(self.param_groups)
+        self._perturbed: StepPlan | None = None
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use."""
+        return self._backend.name
+
+    def _check_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _check_groups(self) -> None:
+        """Per step: every group has valid SAM hyperparameters (a group added to the base optimizer
+        directly gets the defaults)."""
+        for group in self.param_groups:
+            if any(k not in group for k in self._group_keys):
+                for key in self._group_keys:
+                    group.setdefault(key, self.defaults[key])
+            self._check_group(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # during Optimizer.__init__, before the base optimizer exists
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        for key in self._group_keys:
+            group.setdefault(key, self.defaults[key])
+        self._check_group(group)
+        base.add_param_group(group)
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget the cached step plans: call after changing parameters in a way the optimizer cannot
+        see (it does see ``add_param_group``, ``load_state_dict``, new ``.grad`` tensors and
+        parameters whose storage or size changed)."""
+        self._backend.invalidate()
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict; SAM's scratch buffers are never saved."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._perturbed is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step(): call restore() first")
+        kind = FUSED_KINDS.get(type(self.base_optimizer))
+        if kind is not None:  # torch.optim would fail half-way with a bare KeyError
+            needed = {"sgd": (), "adam": ("step", "exp_avg", "exp_avg_sq")}[kind]
+            allowed = {"sgd": {"momentum_buffer"}, "adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}[kind]
+            for index, st in state_dict.get("state", {}).items():
+                if st and (any(k not in st for k in needed) or not set(st) <= allowed):
+                    raise ValueError(
+                        f"this checkpoint's state of parameter {index} has {sorted(st)}, not the state of "
+                        f"{type(self.base_optimizer).__name__}: was it saved by another optimizer?"
+                    )
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for key in self._group_keys:
+                group.setdefault(key, self.defaults[key])
+        self.invalidate()
+
+    @_unwrapping
+    @_eager
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """Undo a perturbation: every perturbed parameter gets back its exact value from before
+        ``first_step()``; the gradients and the optimizer state are left alone. Returns whether
+        there was a perturbation to undo."""
+        plan, self._perturbed = self._perturbed, None
+        if plan is None:
+            return False
+        self._end_step()
+        self._check_unmoved(plan)
+        self._backend.restore(plan)
+        return True
+
+    @torch.no_grad()
+    def _check_unmoved(self, plan: StepPlan) -> None:
+        """The perturbed parameters still have their storage (the kernels would write the backups to
+        the old addresses otherwise). If one was replaced (``p.data = ...``) between the two steps,
+        the others are restored by plain copies, and a clear error is raised."""
+        if plan.still_valid():
+            return
+        self._perturbed = None
+        moved = 0
+        for p, t, ptr, n in zip(plan.active, plan.locals, plan.ptrs, plan.numels):
+            if t.data_ptr() == ptr and t.numel() == n:
+                t.detach().copy_(self._backend.backups.get(p))
+            else:
+                moved += 1
+        self.invalidate()
+        raise RuntimeError(
+            f"{moved} parameter(s) got new storage (p.data = ...) between first_step() and second_step(): their "
+            "perturbation cannot be undone through them; the other parameters were restored and no update was made"
+        )
+
+    def _end_step(self) -> None:
+        """A SAM step ended (updated or restored): forget what the step kept between its passes."""
+
+    def _step_plan(self) -> StepPlan:
+        """The cached plan of this step, after checking every grad and group (raises before any write)."""
+        self._check_groups()
+        return self._backend.plan()
+
+    # ------------------------------------------------------------------ copying
+    def __getstate__(self) -> dict:
+        if self._perturbed is not None:
+            raise RuntimeError(
+                f"a {type(self).__name__} between first_step() and second_step() cannot be copied or pickled: "
+                "its parameters are perturbed and the backups are not part of it; call second_step() or restore()"
+            )
+        state = dict(self.__dict__)
+        state["_backend"] = self._backend.name
+        state.pop("_watch", None)  # hooks on the parameters: a copy registers its own when it needs them
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        torch.optim.Optimizer.__setstate__(self, state)
+        self._backend = self._backend_factory(state["_backend"], self)
+        self._perturbed = None
+        if "_amp_first" in state:
+            self._watch = BackwardWatch()
+
+
