@@ -3,6 +3,10 @@
 Order: a copy built at install time (``SAM_FUSED_BUILD_EXT=1 pip install --no-build-isolation .``),
 else a just-in-time build with ninja through ``torch.utils.cpp_extension.load``, cached under
 ``$TORCH_EXTENSIONS_DIR`` (torch's default: ``~/.cache/torch_extensions``) and reused afterwards.
+The build's name carries a key of everything the binary depends on (the C++ sources and headers,
+the compile flags, the torch build and the Python version), so two checkouts or two virtual
+environments that differ in any of them build side by side instead of rebuilding over each other,
+and those that agree share one build. A build says on stderr when it starts and how long it took.
 The CPU kernels build with the system C++ compiler; the CUDA kernels are added only where torch
 is a CUDA build, a GPU is visible and nvcc is found.
 
@@ -21,8 +25,10 @@ live process longer than the wait ends in an error that names it, never in a han
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -81,6 +87,24 @@ def compile_flags(cuda: bool) -> dict:
     return flags
 
 
+def build_name(cuda: bool, src: Path | None = None) -> str:
+    """``sam_fused_C_{cpu,cuda}_<key>``: the key is a hash of the sources and headers in ``src``, the
+    compile flags, torch's version and CUDA version, and the Python version and ABI tag."""
+    src = source_dir() if src is None else src
+    h = hashlib.sha256()
+    for path in sorted(src.iterdir()):
+        if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    h.update(repr(sorted(compile_flags(cuda).items())).encode())
+    h.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version_info[:2]}|{sys.implementation.cache_tag}".encode())
+    return f"sam_fused_C_{'cuda' if cuda else 'cpu'}_{h.hexdigest()[:12]}"
+
+
+def _built(build_dir: Path, name: str) -> bool:
+    return any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd"))
+
+
 def load():
     """The extension module; builds it on first use. Raises NativeUnavailable with the cause."""
     global _MODULE, _ERROR
@@ -120,7 +144,7 @@ def _load():
     cuda = want_cuda()
     src = source_dir()
     sources = [str(src / s) for s in SOURCES_CPU + (SOURCES_CUDA if cuda else ())]
-    name = "sam_fused_C_cuda" if cuda else "sam_fused_C_cpu"
+    name = build_name(cuda, src)
     verbose = _flag("SAM_FUSED_VERBOSE") in ("1", "true")
     build_dir = Path(_get_build_directory(name, verbose))
     clear_stale_lock(build_dir)
@@ -129,9 +153,17 @@ def _load():
         owner.write_text(str(os.getpid()))
     except OSError:
         owner = None
+    fresh = not _built(build_dir, name)
+    if fresh:
+        print(f"sam_fused: building the native kernels ({'CPU and CUDA' if cuda else 'CPU'}) in {build_dir}, "
+              "once for these sources, torch and Python: 1-4 minutes", file=sys.stderr, flush=True)
+    start = time.monotonic()
     try:
-        return jit_load(name=name, sources=sources, verbose=verbose, extra_include_paths=[str(src)],
-                        **compile_flags(cuda))
+        module = jit_load(name=name, sources=sources, verbose=verbose, extra_include_paths=[str(src)],
+                          **compile_flags(cuda))
+        if fresh:
+            print(f"sam_fused: native kernels built in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        return module
     finally:
         if owner is not None and owner.exists() and owner.read_text().strip() == str(os.getpid()):
             owner.unlink(missing_ok=True)
@@ -180,6 +212,26 @@ def clear_stale_lock(build_dir: Path, wait: float | None = None) -> None:
                 f"build to finish, or remove the file if no build is running (SAM_FUSED_BUILD_WAIT={wait:g})"
             )
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0.01)))
+
+
+def build_pending() -> bool:
+    """Whether the first use of the native backends will build them now (for an ETA)."""
+    if _MODULE is not None or _ERROR is not None or _flag("SAM_FUSED_NATIVE") in ("0", "false", "no", "off"):
+        return False
+    try:
+        from . import _C  # noqa: F401
+
+        return False
+    except ImportError:
+        pass
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        cuda = want_cuda()
+        name = build_name(cuda)
+        return not _built(Path(_get_build_directory(name, False)), name)
+    except Exception:  # no sources, no compiler settings: nothing will be built
+        return False
 
 
 def available(device: torch.device) -> bool:

@@ -174,3 +174,12 @@ def test_roofline_mixes_have_the_documented_shapes():
     assert len(transformer_numels(2e6)) == 187
     with pytest.raises(SystemExit):
         main(["bench", "--roofline-sizes"])
+
+
+def test_the_tables_have_a_legend():
+    from sam_fused.tools.bench.cli import legend
+
+    lines = legend(["sgd", "sgd-fused", "sam-baseline", "sam-torch", "sam-cpu", "esam-gsam"])
+    text = "\n".join(lines)
+    assert "oracle" in text and "not to be fast" in text and "Python loop" in text and "fused=True" in text
+    assert len(lines) == 6 and legend(["sgd"]) == legend(["adamw"])

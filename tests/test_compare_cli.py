@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import pytest
 
 pytest.importorskip("sklearn")
@@ -67,3 +69,20 @@ def test_compare_trains_gsam_and_looksam(tmp_path):
     assert set(data["summary"]) == {"gsam", "looksam"}
     for r in data["per_seed"][0].values():
         assert 0 <= r["test_acc"] <= 1 and r["lambda_1"] > 0
+
+
+def test_one_verdict_rule_for_differences_over_seeds():
+    """The README's figures, called by the rule the README states: a paired t-test at 95%."""
+    from sam_fused.tools.compare import verdict
+
+    def seeds(mean, std):  # five values with exactly this mean and sample deviation
+        base = torch.tensor([-1.2649, -0.6325, 0.0, 0.6325, 1.2649], dtype=torch.float64)
+        base = base / base.std()
+        return (mean + std * base).tolist()
+
+    assert verdict(seeds(0.009, 0.009)) == "within the seed spread"  # 4 of 5 seeds higher is not enough
+    assert verdict(seeds(0.024, 0.015)) == "above"
+    assert verdict(seeds(-0.024, 0.015)) == "below"
+    assert verdict([0.5]) == "within the seed spread"  # one seed proves nothing
+    bound = 2.7764451051977987 * 0.01 / 5 ** 0.5  # t(0.975, 4) * std / sqrt(5)
+    assert verdict(seeds(bound * 1.01, 0.01)) == "above" and verdict(seeds(bound * 0.99, 0.01)) == "within the seed spread"

@@ -373,6 +373,37 @@ def train_table(workload, variant_names, base, device, warmup, reps, batch_sizes
     return rows
 
 
+def legend(names) -> list[str]:
+    """What each variant name of the tables is, for the names that appear."""
+    names = set(names)
+    text = {
+        "sgd": "sgd, adamw: torch's optimizer as constructed by default (its foreach or for-loop path), for scale",
+        "sgd-fused": "sgd-fused, adamw-fused: torch's fused=True kernels: the floor a fused step is measured against",
+        "sam-baseline": "sam-baseline: SAM as commonly written, a Python loop over the parameters (davda54/sam's "
+                        "class) around the base optimizer: what FusedSAM replaces",
+        "sam-torch": "sam-torch: FusedSAM's reference backend, one torch op per tensor: the oracle the fast paths "
+                     "are tested against, written to be read, not to be fast (do not pick it for speed)",
+        "sam-fast": "sam-cpu, sam-cuda, sam-triton: FusedSAM's fused backends (native C++ on the CPU or CUDA, "
+                    "Triton kernels over device pointer tables)",
+        "esam": "esam-*: the efficient family in training (interval5: SAM every 5th step; rst0.5: randomized SAM, "
+                "p = 0.5; gsam; looksam5: LookSAM, k = 5), per step over whole cycles",
+        "usam": "usam-*: the universal class (Frob-, Trace-, Det-SAM, n = 2 samples)",
+    }
+    keys = set()
+    for n in names:
+        if n in ("sgd", "adamw"):
+            keys.add("sgd")
+        elif n.endswith("-fused"):
+            keys.add("sgd-fused")
+        elif n in ("sam-baseline", "sam-torch"):
+            keys.add(n)
+        elif n.startswith("sam-"):
+            keys.add("sam-fast")
+        elif n.startswith(("esam-", "usam-")):
+            keys.add(n[:4])
+    return ["  " + text[k] for k in text if k in keys]
+
+
 def _fmt_table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
@@ -402,6 +433,11 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=(), pass_rows=()) -> 
                    "(torch = torch's own fused optimizers on the same tensors)")
         out.append(_fmt_table(["shape", "params", "tensors", "dtype", "backend", "pass", "median ms [quartiles]", "GB/s",
                                "of copy"], roofline.format_rows(list(pass_rows))))
+        out.append("")
+    names = [r["variant"] for r in list(step_rows) + list(train_rows)]
+    if names:
+        out.append("Variants (\"vs baseline\" compares with sam-baseline):")
+        out += legend(names)
         out.append("")
     unit = "launches" if env["device"] == "cuda" else "ops"
     for model in dict.fromkeys(r["model"] for r in step_rows):
