@@ -305,14 +305,16 @@ class FusedSAM(SAMOptimizer):
         If the closure (or the update) raises after the perturbation, the weights are restored
         exactly before the exception propagates.
 
-        Called by ``scaler.step(opt)`` (``torch.amp.GradScaler``) after ``first_step(grad_scaler=scaler)``
-        and the second backward, it is the second step: the gradients are unscaled in the update
+        Without a closure, between ``first_step()`` and ``second_step()``, it is the second step (what a
+        training loop that calls ``optimizer.step()`` itself needs, as Hugging Face's Trainer in
+        ``SAMTrainer``). Called by ``scaler.step(opt)`` (``torch.amp.GradScaler``) after
+        ``first_step(grad_scaler=scaler)`` and the second backward, it is the second step: the gradients are unscaled in the update
         kernels, and an inf or NaN in either backward skips the update.
         """
         if hasattr(self, "found_inf"):  # set by GradScaler.step around this call
             return self._scaler_second_step(closure)
         if closure is None:
-            if self._perturbed is not None and self._amp_first is not None:  # scaler.step(opt) of a disabled scaler
+            if self._perturbed is not None:  # between first_step() and second_step(): the second step
                 self.second_step()
                 return None
             if self._perturbed is None and _called_by_dcp_state_init():
@@ -321,9 +323,10 @@ class FusedSAM(SAMOptimizer):
                 self.base_optimizer.step()
                 return None
             raise RuntimeError(
-                "FusedSAM.step() needs a closure that runs forward and backward and returns the loss; or call "
-                "first_step() and second_step() yourself; with a GradScaler: first_step(grad_scaler=scaler), then "
-                "scaler.step(opt) after the second backward"
+                f"{type(self).__name__}.step() needs a closure that runs forward and backward and returns the loss; "
+                "or call first_step() and second_step() yourself (step() between them is the second step); with a "
+                "GradScaler: first_step(grad_scaler=scaler), then scaler.step(opt) after the second backward. With "
+                "Hugging Face's Trainer, use sam_fused.integrations.transformers.SAMTrainer, which runs both passes"
             )
         closure = torch.enable_grad()(closure)
         self._check_groups()  # a refused step changes nothing, the schedule included

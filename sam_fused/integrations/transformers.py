@@ -1,0 +1,126 @@
+"""SAM in Hugging Face's ``Trainer``: ``SAMTrainer``, a ``transformers.Trainer`` whose optimizer step
+is a SAM step.
+
+    from sam_fused.integrations.transformers import SAMTrainer
+
+    trainer = SAMTrainer(model=model, args=TrainingArguments(...), train_dataset=ds, sam_rho=0.05)
+    trainer.train()
+
+The optimizer is the Trainer's own choice (``args.optim``, its weight-decay groups, its learning
+rate scheduler), wrapped in :class:`~sam_fused.FusedSAM` (``sam_variant="sam"``), ASAM
+(``"asam"``) or :class:`~sam_fused.GSAM` (``"gsam"``). What a step does, with ``k =
+gradient_accumulation_steps`` micro-batches:
+
+1. the Trainer's forward and backward of each micro-batch at ``w`` (gradients accumulated as the
+   Trainer accumulates them; the logged loss is this one);
+2. after the last one, the perturbation along the accumulated gradient, then the forward and
+   backward of the same ``k`` micro-batches at ``w + e``, accumulated the same way (so a step costs
+   two forward/backward passes per micro-batch; the micro-batches of a step are kept until then);
+3. the Trainer's own gradient clipping (``max_grad_norm``), which now clips the second gradient;
+4. the Trainer's ``optimizer.step()``: the restore and the base update with the second gradient,
+   then its scheduler step.
+
+fp16 goes through the GradScaler flow (``first_step(grad_scaler=...)``; the scaler's step skips a
+step with an inf in either pass); bf16 needs nothing more. Under DDP (through accelerate) the
+replayed micro-batches but the last run under ``no_sync``, as the Trainer runs the first ones.
+LookSAM and the interval schedules need steps with one pass, which the Trainer's loop cannot
+express; they are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from transformers import Trainer
+
+from ..optim import GSAM, FusedSAM
+
+VARIANTS = {"sam": (FusedSAM, {}), "asam": (FusedSAM, {"adaptive": True}), "gsam": (GSAM, {})}
+
+
+class SAMTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with SAM (see the module docstring).
+
+    Args:
+        *args, **kwargs: as ``Trainer``; an ``optimizers=(opt, sched)`` given here must hold a
+            FusedSAM-family optimizer (or None to let the Trainer choose the base optimizer).
+        sam_rho: SAM's radius.
+        sam_variant: ``"sam"``, ``"asam"`` or ``"gsam"``.
+        sam_kwargs: more arguments of the SAM class (``eta`` for ASAM, ``alpha`` for GSAM,
+            ``backend``).
+    """
+
+    def __init__(self, *args, sam_rho: float = 0.05, sam_variant: str = "sam", sam_kwargs: dict | None = None,
+                 **kwargs) -> None:
+        if sam_variant not in VARIANTS:
+            raise ValueError(
+                f"sam_variant must be one of {sorted(VARIANTS)}, got {sam_variant!r} (LookSAM and interval SAM need "
+                "steps with a single pass, which the Trainer's loop does not have: use them through step(closure))")
+        self.sam_rho, self.sam_variant, self.sam_kwargs = sam_rho, sam_variant, dict(sam_kwargs or {})
+        self._sam_window: list[tuple] = []
+        super().__init__(*args, **kwargs)
+        given = self.optimizer
+        if given is not None and not isinstance(given, FusedSAM):
+            raise TypeError(f"SAMTrainer's optimizer must be a FusedSAM-family optimizer, got {type(given).__name__}; "
+                            "or pass none and let the Trainer choose the base optimizer (args.optim)")
+
+    # ------------------------------------------------------------------ the optimizer
+    def create_optimizer(self, model=None):
+        """The Trainer's base optimizer (``args.optim``, its decay / no-decay groups), wrapped in SAM."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = [
+            {"params": [p for n, p in opt_model.named_parameters() if n in decay and p.requires_grad],
+             "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in opt_model.named_parameters() if n not in decay and p.requires_grad],
+             "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if self.optimizer_cls_and_kwargs is not None:
+            cls, kwargs = self.optimizer_cls_and_kwargs
+        else:
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = dict(kwargs)
+        if not isinstance(cls, type) or any(k in kwargs for k in ("params", "model", "optimizer_dict")):
+            raise NotImplementedError(f"SAMTrainer wraps torch.optim optimizers; args.optim={self.args.optim!r} "
+                                      "builds its optimizer another way")
+        sam_cls, variant_kwargs = VARIANTS[self.sam_variant]
+        self.optimizer = sam_cls(groups, cls, rho=self.sam_rho, **variant_kwargs, **self.sam_kwargs, **kwargs)
+        return self.optimizer
+
+    def _sam(self) -> FusedSAM:
+        opt = self.optimizer
+        while not isinstance(opt, FusedSAM) and hasattr(opt, "optimizer"):  # accelerate's wrapper
+            opt = opt.optimizer
+        if not isinstance(opt, FusedSAM):
+            raise TypeError(f"SAMTrainer needs a FusedSAM-family optimizer, got {type(opt).__name__}")
+        return opt
+
+    # ------------------------------------------------------------------ a step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step at ``w``; after the last micro-batch of an optimizer step, the
+        perturbation and the same micro-batches again at ``w + e`` (module docstring)."""
+        self._sam_window.append((inputs, num_items_in_batch, self.current_gradient_accumulation_steps))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self.accelerator.gradient_state.sync_gradients:
+            return loss
+        window, self._sam_window = self._sam_window, []
+        opt = self._sam()
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+        else:
+            opt.first_step(zero_grad=True)
+        try:
+            for i, (batch, n_items, steps) in enumerate(window):
+                self.current_gradient_accumulation_steps = steps
+                last = i == len(window) - 1
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                with sync:
+                    super().training_step(model, batch, n_items)
+        except BaseException:
+            opt.restore()  # the weights go back to w exactly; the error propagates
+            raise
+        return loss
