@@ -90,11 +90,13 @@ def shapes(device: torch.device, sizes: list[int], mixes: list[str], transformer
 
 
 def _params(numels: list[int], device: torch.device, dtype: torch.dtype, seed: int) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(seed)
+    """Random parameters and gradients made on the device itself (1B values drawn on the host took
+    seconds each)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     params = []
     for n in numels:
-        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(device=device, dtype=dtype))
-        p.grad = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+        p = torch.nn.Parameter(torch.randn(n, generator=gen, device=device, dtype=dtype))
+        p.grad = torch.randn(n, generator=gen, device=device, dtype=dtype)
         params.append(p)
     return params
 
