@@ -19,7 +19,8 @@ PY
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
 day=$(date -u +%Y-%m-%d)
 python3 -m pytest -q -p no:cacheprovider tests/ 2>&1 | tee "$out/tests.log"
-for args in "" "--base adamw" "--model many-small --no-train" "--model transformer --transformer-params 2e8 --no-train" "--universal --model resnet"; do
+# the roofline (each pass alone, up to 1B parameters) once, in the first run
+for args in "" "--base adamw --no-roofline" "--model many-small --no-train --no-roofline" "--model transformer --transformer-params 2e8 --no-train --no-roofline" "--universal --model resnet --no-roofline"; do
   name=$(echo "bench $args" | tr -s ' -' '_' | sed 's/_$//')
   python3 -m sam_fused bench $args --json "$out/$name-$gpu-$day.json" 2>/dev/null | tee "$out/$name.txt"
 done

@@ -94,6 +94,7 @@ def add_parser(sub) -> None:
                    help="also time each pass of the fused step alone (norm, perturb, restore+update for SGD-momentum "
                         "and AdamW, the GSAM/LookSAM dots pass, the whole step) with torch's fused SGD and AdamW "
                         "beside, as GB/s and a fraction of the copy bandwidth (the default on a GPU)")
+    p.add_argument("--no-roofline", action="store_true", help="skip the roofline section on a GPU")
     p.add_argument("--roofline-sizes", default=None,
                    help="single-tensor sizes of the roofline, comma-separated parameter counts (default: "
                         "16e6,64e6,256e6,1e9 on a GPU, 1e6,4e6 on the CPU)")
@@ -513,7 +514,7 @@ def run(args) -> int:
     host_counts = [] if host_spec == "none" else [int(n) for n in host_spec.split(",")]
     host_backend = next((b for b in backends if b != "torch"), "torch")
     roof = None
-    if args.roofline or device.type == "cuda":
+    if args.roofline or (device.type == "cuda" and not args.no_roofline):
         try:
             roof = dict(sizes=roofline.parse_sizes(args.roofline_sizes) if args.roofline_sizes else
                         roofline.default_sizes(device),
