@@ -137,3 +137,15 @@ def test_sam_trainer_refuses_what_it_cannot_run(tmp_path):
         model = tiny_gpt2()
         SAMTrainer(model=model, args=args_for(tmp_path, 1), train_dataset=Tokens(),
                    optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+
+
+def test_the_trainer_example_learns():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import hf_trainer_sam
+    finally:
+        sys.path.pop(0)
+    assert hf_trainer_sam.main(["--steps", "30", "--variant", "gsam"]) < 0.5 * 4.159  # well below guessing
