@@ -38,8 +38,18 @@ def test_compare_writes_json_and_pngs(tmp_path, capsys):
     for figs in data["summary"].values():
         acc = figs["test_acc"]
         assert len(acc["values"]) == 2 and abs(acc["mean"] - sum(acc["values"]) / 2) < 1e-12 and acc["std"] >= 0
-    for name in ("landscape_1d.png", "landscape_2d.png", "spectrum.png"):
+    for name in ("landscape_1d.png", "landscape_2d.png", "spectrum.png", "family.png"):
         assert (tmp_path / name).stat().st_size > 5000
+    from sam_fused.tools.compare import family_points
+
+    points = family_points(data["summary"])
+    assert set(points) == {"sam", "asam"}
+    for name, pt in points.items():  # the picture's numbers are the paired ones of the JSON
+        s = data["summary"]
+        gains = [a - b for a, b in zip(s[name]["test_acc"]["values"], s["sgd"]["test_acc"]["values"])]
+        assert abs(pt["gain"] - sum(gains) / 2) < 1e-12
+        times = [a / b for a, b in zip(s["sgd"]["train_seconds"]["values"], s[name]["train_seconds"]["values"])]
+        assert (pt["speed_min"], pt["speed_max"]) == (min(times), max(times)) and pt["speed"] > 0
 
 
 def test_compare_is_deterministic_for_a_seed(tmp_path):

@@ -241,6 +241,11 @@ def _run(args) -> int:
     files.append(_plot_spectra(spectra, args.out / "spectrum.png"))
 
     summary = summarize(per_seed)
+    if "sgd" in summary and len(summary) > 1:
+        caption = (f"sam-fused compare --optimizer {' --optimizer '.join(names)} --rho {args.rho} "
+                   f"(seeds {seeds[0]}-{seeds[-1]}); {cpu_name()}, {torch.get_num_threads()} thread(s), "
+                   f"{_dt.date.today().isoformat()}")
+        files.append(plot_family(summary, args.out / "family.png", caption))
     print(_table(summary, args, seeds))
     print(_verdict(summary))
     payload = dict(
@@ -306,6 +311,52 @@ def _table(summary: dict, args, seeds: list[int]) -> str:
     out = [head, line, "-" * len(line)]
     out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(out)
+
+
+def family_points(summary: dict) -> dict:
+    """Per method other than SGD, seed by seed against SGD: the test-accuracy gain (mean, std and
+    :func:`verdict`) and the training throughput relative to SGD (SGD's training time over the
+    method's: median, min and max over the seeds), both measured in the same run."""
+    sgd_acc = np.array(summary["sgd"]["test_acc"]["values"])
+    sgd_time = np.array(summary["sgd"]["train_seconds"]["values"])
+    out = {}
+    for name, figs in summary.items():
+        if name == "sgd":
+            continue
+        gain = np.array(figs["test_acc"]["values"]) - sgd_acc
+        speed = sgd_time / np.array(figs["train_seconds"]["values"])
+        out[name] = dict(gain=float(gain.mean()), gain_std=float(gain.std(ddof=1)) if gain.size > 1 else 0.0,
+                         verdict=verdict(gain), speed=float(np.median(speed)), speed_min=float(speed.min()),
+                         speed_max=float(speed.max()))
+    return out
+
+
+def plot_family(summary: dict, path: Path, caption: str) -> Path:
+    """One point per method: accuracy gain over SGD (mean +- std over seeds) against training
+    throughput relative to SGD (median, bars from the slowest to the fastest seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = family_points(summary)
+    fig, ax = plt.subplots(figsize=(6.8, 4.8))
+    for name, pt in points.items():
+        ax.errorbar(pt["speed"], pt["gain"], yerr=pt["gain_std"],
+                    xerr=[[pt["speed"] - pt["speed_min"]], [pt["speed_max"] - pt["speed"]]], fmt="o", capsize=3,
+                    label=f"{name} ({pt['verdict']})")
+        ax.annotate(name, (pt["speed"], pt["gain"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("training throughput relative to SGD (SGD = 1)")
+    ax.set_ylabel("test accuracy - SGD's, paired by seed")
+    ax.set_title("Which SAM: accuracy gained against speed kept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.text(0.01, -0.02, caption, fontsize=7, ha="left", va="top", wrap=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _plot_spectra(spectra: dict, path: Path) -> Path:
