@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     add_bench(sub)
     add_compare(sub)
     args = parser.parse_args(argv)
+    args.command_line = "sam-fused " + " ".join(sys.argv[1:] if argv is None else argv)  # for captions
     return int(args.func(args) or 0)
 
 

@@ -242,8 +242,8 @@ def _run(args) -> int:
 
     summary = summarize(per_seed)
     if "sgd" in summary and len(summary) > 1:
-        caption = (f"sam-fused compare --optimizer {' --optimizer '.join(names)} --rho {args.rho} "
-                   f"(seeds {seeds[0]}-{seeds[-1]}); {cpu_name()}, {torch.get_num_threads()} thread(s), "
+        command = getattr(args, "command_line", None) or "sam-fused compare (called as a function)"
+        caption = (f"{command}\nseeds {seeds[0]}-{seeds[-1]}; {cpu_name()}, {torch.get_num_threads()} thread(s), "
                    f"{_dt.date.today().isoformat()}")
         files.append(plot_family(summary, args.out / "family.png", caption))
     print(_table(summary, args, seeds))
