@@ -131,3 +131,35 @@ def test_plain_step_with_a_prior_backward_calls_no_closure():
 def test_bad_schedules_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         setup(**kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_without_closure_in_a_loop_that_runs_its_own_backward(backend):
+    """What SAMTrainer relies on: with a schedule, step() after a backward is the plain step the
+    schedule makes; on a SAM step, first_step(), the second backward, then step() is the second step;
+    both count. step() on a SAM step without a first_step is refused, nothing written."""
+    model, opt = setup(backend, interval=2)
+    data = batches(4)
+    by_hand_model, by_hand = setup(backend, interval=2)
+    for i, (x, y) in enumerate(data[:3]):
+        for m, o, auto in ((model, opt, True), (by_hand_model, by_hand, False)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            if i % 2 == 0:
+                o.first_step(zero_grad=True)
+                F.cross_entropy(m(x), y).backward()
+                o.step() if auto else o.second_step()
+            else:
+                o.step() if auto else o.base_optimizer.step()
+    assert opt.param_groups[0]["sam_step"] == 3
+    for p, q in zip(model.parameters(), by_hand_model.parameters()):
+        assert torch.equal(p, q)
+    # step 3 is plain; then step 4 is a SAM step: step() alone is refused there
+    opt.zero_grad()
+    F.cross_entropy(model(data[3][0]), data[3][1]).backward()
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()
+    assert opt.param_groups[0]["sam_step"] == 4
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

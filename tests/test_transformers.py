@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sam_fused import GSAM, FusedSAM  # noqa: E402
+from sam_fused import GSAM, FusedSAM, LookSAM  # noqa: E402
 from sam_fused.integrations.transformers import SAMTrainer  # noqa: E402
 
 SEQ, VOCAB = 12, 50
@@ -68,22 +68,28 @@ def by_hand(model, trainer_args, seen, variant, rho):
     decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
     groups = [{"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": 0.01},
               {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0}]
-    cls, kw = {"sam": (FusedSAM, {}), "gsam": (GSAM, {})}[variant]
+    cls, kw = {"sam": (FusedSAM, {}), "gsam": (GSAM, {}), "looksam": (LookSAM, dict(k=2)),
+               "interval": (FusedSAM, dict(interval=2))}[variant]
     opt = cls(groups, torch.optim.AdamW, rho=rho, lr=0.05, betas=(0.9, 0.999), eps=1e-8, **kw)
     sched = transformers.get_linear_schedule_with_warmup(opt, 0, 3)
     model.train()
-    window = []
+    window, step_index = [], 0
     for batch, n_items, last in seen:
         window.append((batch, n_items))
         if not last:
             continue
-        for _ in range(2):
+        sam = opt.is_sam_step(step_index)
+        for _ in range(2 if sam else 1):
             for b, n in window:
                 model(**b, num_items_in_batch=n).loss.backward()
-            if opt._perturbed is None:
+            if sam and opt._perturbed is None:
                 opt.first_step(zero_grad=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        opt.second_step()
+        if sam:
+            opt.second_step()
+        else:
+            opt._plain_step()
+        step_index += 1
         sched.step()
         opt.zero_grad()
         window = []
@@ -109,6 +115,23 @@ def test_sam_trainer_equals_a_hand_written_loop(tmp_path, accumulation, variant)
     assert moved > 1e-3  # it trained
 
 
+@pytest.mark.parametrize("variant", ["looksam", "interval"])
+def test_scheduled_variants_take_plain_steps_through_the_trainer(tmp_path, variant):
+    """LookSAM (k = 2) and SAM every 2nd step: SAM steps 0 and 2 take two forwards per micro-batch,
+    step 1 one; the weights equal the hand-written loop (LookSAM's step in between uses g_v)."""
+    model = tiny_gpt2()
+    start = copy.deepcopy(model)
+    kwargs = dict(sam_variant="looksam", sam_kwargs=dict(k=2)) if variant == "looksam" else dict(
+        sam_variant="sam", sam_kwargs=dict(interval=2))
+    trainer = Recording(model=model, args=args_for(tmp_path, 2), train_dataset=Tokens(), sam_rho=0.5, **kwargs)
+    trainer.train()
+    assert trainer.forwards == 2 * 2 + 2 + 2 * 2  # micro-batches: 2 per step; steps 0 and 2 are SAM steps
+    assert trainer._sam().param_groups[0]["sam_step"] == 3
+    expected = by_hand(start, trainer.args, trainer.seen, variant, 0.5)
+    for (name, p), q in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_sam_changes_the_trainers_result(tmp_path):
     """rho matters: SAMTrainer with rho 0.5 ends elsewhere than with rho 0 (which is the base optimizer)."""
     ends = []
@@ -131,8 +154,8 @@ def test_a_plain_trainer_given_fusedsam_names_samtrainer(tmp_path):
 
 
 def test_sam_trainer_refuses_what_it_cannot_run(tmp_path):
-    with pytest.raises(ValueError, match="LookSAM"):
-        SAMTrainer(model=tiny_gpt2(), args=args_for(tmp_path, 1), train_dataset=Tokens(), sam_variant="looksam")
+    with pytest.raises(ValueError, match="sam_variant"):
+        SAMTrainer(model=tiny_gpt2(), args=args_for(tmp_path, 1), train_dataset=Tokens(), sam_variant="esam")
     with pytest.raises(TypeError, match="FusedSAM"):
         model = tiny_gpt2()
         SAMTrainer(model=model, args=args_for(tmp_path, 1), train_dataset=Tokens(),

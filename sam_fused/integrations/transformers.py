@@ -7,9 +7,10 @@ is a SAM step.
     trainer.train()
 
 The optimizer is the Trainer's own choice (``args.optim``, its weight-decay groups, its learning
-rate scheduler), wrapped in :class:`~sam_fused.FusedSAM` (``sam_variant="sam"``), ASAM
-(``"asam"``) or :class:`~sam_fused.GSAM` (``"gsam"``). What a step does, with ``k =
-gradient_accumulation_steps`` micro-batches:
+rate scheduler), wrapped in :class:`~sam_fused.FusedSAM` (``sam_variant="sam"``; interval or
+randomized SAM with ``sam_kwargs={"interval": 5}`` or ``{"sam_probability": 0.5}``), ASAM
+(``"asam"``), :class:`~sam_fused.GSAM` (``"gsam"``) or :class:`~sam_fused.LookSAM`
+(``"looksam"``). What a SAM step does, with ``k = gradient_accumulation_steps`` micro-batches:
 
 1. the Trainer's forward and backward of each micro-batch at ``w`` (gradients accumulated as the
    Trainer accumulates them; the logged loss is this one);
@@ -20,11 +21,12 @@ gradient_accumulation_steps`` micro-batches:
 4. the Trainer's ``optimizer.step()``: the restore and the base update with the second gradient,
    then its scheduler step.
 
-fp16 goes through the GradScaler flow (``first_step(grad_scaler=...)``; the scaler's step skips a
-step with an inf in either pass); bf16 needs nothing more. Under DDP (through accelerate) the
-replayed micro-batches but the last run under ``no_sync``, as the Trainer runs the first ones.
-LookSAM and the interval schedules need steps with one pass, which the Trainer's loop cannot
-express; they are refused.
+A step the schedule makes plain (interval and randomized SAM, LookSAM's steps in between) is the
+Trainer's own: one pass, then ``optimizer.step()``, which is then the plain step (LookSAM's uses
+its g_v). fp16 goes through the GradScaler flow (``first_step(grad_scaler=...)``; the scaler's step
+skips a step with an inf in either pass; LookSAM takes no scaler); bf16 needs nothing more. Under
+DDP (through accelerate) the replayed micro-batches but the last run under ``no_sync``, as the
+Trainer runs the first ones.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import contextlib
 
 from transformers import Trainer
 
-from ..optim import GSAM, FusedSAM
+from ..optim import GSAM, FusedSAM, LookSAM
 
-VARIANTS = {"sam": (FusedSAM, {}), "asam": (FusedSAM, {"adaptive": True}), "gsam": (GSAM, {})}
+VARIANTS = {"sam": (FusedSAM, {}), "asam": (FusedSAM, {"adaptive": True}), "gsam": (GSAM, {}),
+            "looksam": (LookSAM, {})}
 
 
 class SAMTrainer(Trainer):
@@ -45,17 +48,15 @@ class SAMTrainer(Trainer):
         *args, **kwargs: as ``Trainer``; an ``optimizers=(opt, sched)`` given here must hold a
             FusedSAM-family optimizer (or None to let the Trainer choose the base optimizer).
         sam_rho: SAM's radius.
-        sam_variant: ``"sam"``, ``"asam"`` or ``"gsam"``.
+        sam_variant: ``"sam"``, ``"asam"``, ``"gsam"`` or ``"looksam"``.
         sam_kwargs: more arguments of the SAM class (``eta`` for ASAM, ``alpha`` for GSAM,
-            ``backend``).
+            ``k`` and ``alpha`` for LookSAM, ``interval`` or ``sam_probability`` for SAM, ``backend``).
     """
 
     def __init__(self, *args, sam_rho: float = 0.05, sam_variant: str = "sam", sam_kwargs: dict | None = None,
                  **kwargs) -> None:
         if sam_variant not in VARIANTS:
-            raise ValueError(
-                f"sam_variant must be one of {sorted(VARIANTS)}, got {sam_variant!r} (LookSAM and interval SAM need "
-                "steps with a single pass, which the Trainer's loop does not have: use them through step(closure))")
+            raise ValueError(f"sam_variant must be one of {sorted(VARIANTS)}, got {sam_variant!r}")
         self.sam_rho, self.sam_variant, self.sam_kwargs = sam_rho, sam_variant, dict(sam_kwargs or {})
         self._sam_window: list[tuple] = []
         super().__init__(*args, **kwargs)
@@ -108,6 +109,8 @@ class SAMTrainer(Trainer):
             return loss
         window, self._sam_window = self._sam_window, []
         opt = self._sam()
+        if not opt.is_sam_step(opt.param_groups[0].get("sam_step", 0)):
+            return loss  # a plain step: the Trainer's optimizer.step() makes it with these gradients
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             opt.first_step(zero_grad=True, grad_scaler=scaler)

@@ -307,7 +307,9 @@ class FusedSAM(SAMOptimizer):
 
         Without a closure, between ``first_step()`` and ``second_step()``, it is the second step (what a
         training loop that calls ``optimizer.step()`` itself needs, as Hugging Face's Trainer in
-        ``SAMTrainer``). Called by ``scaler.step(opt)`` (``torch.amp.GradScaler``) after
+        ``SAMTrainer``); with a schedule (interval, randomized SAM, LookSAM) on a step the schedule
+        makes plain, it is that plain step with the gradients of the backward that ran. Both count
+        in ``"sam_step"``, as ``step(closure)`` does. Called by ``scaler.step(opt)`` (``torch.amp.GradScaler``) after
         ``first_step(grad_scaler=scaler)`` and the second backward, it is the second step: the gradients are unscaled in the update
         kernels, and an inf or NaN in either backward skips the update.
         """
@@ -316,8 +318,17 @@ class FusedSAM(SAMOptimizer):
         if closure is None:
             if self._perturbed is not None:  # between first_step() and second_step(): the second step
                 self.second_step()
+                self._count_step()
                 return None
-            if self._perturbed is None and _called_by_dcp_state_init():
+            if self._schedules() and not self.is_sam_step(self.param_groups[0].get("sam_step", 0)):
+                # a step the schedule makes plain, in a loop that runs its own backward (SAMTrainer)
+                self._check_groups()
+                self._plain_step()
+                self._end_step()
+                self._count_step()
+                self._opt_called = True
+                return None
+            if _called_by_dcp_state_init():
                 # torch.distributed.checkpoint creates the state of a fresh optimizer it loads into by a
                 # step with zero gradients and lr = 0: the base optimizer's own step does exactly that
                 self.base_optimizer.step()
@@ -349,10 +360,18 @@ class FusedSAM(SAMOptimizer):
                 raise
         # counted only once the step is made: a refused or failed step (a closure that raised, say
         # out of memory) leaves the schedule as it was, so the retry is the step that was due
-        for group in self.param_groups:
-            group["sam_step"] = step + 1
+        self._count_step()
         self._opt_called = True
         return loss
+
+    def _schedules(self) -> bool:
+        """Whether some steps are plain (interval or randomized SAM, LookSAM)."""
+        return self.interval is not None or self.sam_probability is not None
+
+    def _count_step(self) -> None:
+        step = self.param_groups[0].get("sam_step", 0)
+        for group in self.param_groups:
+            group["sam_step"] = step + 1
 
     def _plain_step(self) -> None:
         """The update of a step that is not a SAM step (interval or randomized SAM, LookSAM's steps
@@ -397,6 +416,7 @@ class FusedSAM(SAMOptimizer):
                 if tracked is None:
                     raise RuntimeError("the GradScaler checked no gradient on the parameters' device")
             self.second_step(grad_scale=grad_scale, found_inf=found_inf)
+            self._count_step()
             if tracked is not None:
                 tracked.add_(found_first.reshape(tracked.shape))
         except BaseException:
