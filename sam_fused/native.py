@@ -128,27 +128,43 @@ def load():
     return _MODULE
 
 
-def _load():
-    if _flag("SAM_FUSED_NATIVE") in ("0", "false", "no", "off"):
-        raise NativeUnavailable("disabled by SAM_FUSED_NATIVE=0")
+def _disabled() -> bool:
+    return _flag("SAM_FUSED_NATIVE") in ("0", "false", "no", "off")
+
+
+def _installed():
+    """``sam_fused._C`` when it was built at install time, else None."""
     try:
-        from . import _C  # built at install time
+        from . import _C
 
         return _C
     except ImportError:
-        pass
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
-    from torch.utils.cpp_extension import load as jit_load
+        return None
 
+
+def _jit_target(verbose: bool = False) -> tuple[bool, Path, str, Path]:
+    """(with CUDA, source folder, build name, build folder) of the just-in-time build."""
     from torch.utils.cpp_extension import _get_build_directory
 
     cuda = want_cuda()
     src = source_dir()
-    sources = [str(src / s) for s in SOURCES_CPU + (SOURCES_CUDA if cuda else ())]
     name = build_name(cuda, src)
+    return cuda, src, name, Path(_get_build_directory(name, verbose))
+
+
+def _load():
+    if _disabled():
+        raise NativeUnavailable("disabled by SAM_FUSED_NATIVE=0")
+    installed = _installed()
+    if installed is not None:
+        return installed
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise NativeUnavailable("no C++ compiler found (set CXX, or install g++)")
+    from torch.utils.cpp_extension import load as jit_load
+
     verbose = _flag("SAM_FUSED_VERBOSE") in ("1", "true")
-    build_dir = Path(_get_build_directory(name, verbose))
+    cuda, src, name, build_dir = _jit_target(verbose)
+    sources = [str(src / s) for s in SOURCES_CPU + (SOURCES_CUDA if cuda else ())]
     clear_stale_lock(build_dir)
     owner = build_dir / OWNER_FILE
     try:
@@ -218,20 +234,11 @@ def clear_stale_lock(build_dir: Path, wait: float | None = None) -> None:
 
 def build_pending() -> bool:
     """Whether the first use of the native backends will build them now (for an ETA)."""
-    if _MODULE is not None or _ERROR is not None or _flag("SAM_FUSED_NATIVE") in ("0", "false", "no", "off"):
+    if _MODULE is not None or _ERROR is not None or _disabled() or _installed() is not None:
         return False
     try:
-        from . import _C  # noqa: F401
-
-        return False
-    except ImportError:
-        pass
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        cuda = want_cuda()
-        name = build_name(cuda)
-        return not _built(Path(_get_build_directory(name, False)), name)
+        _, _, name, build_dir = _jit_target()
+        return not _built(build_dir, name)
     except Exception:  # no sources, no compiler settings: nothing will be built
         return False
 

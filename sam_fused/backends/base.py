@@ -4,10 +4,10 @@ A backend implements the passes of a SAM step over a :class:`~sam_fused.plan.Ste
 
 ``perturb(plan, reduce_sq, direction, inv_scale)``
     the sum of squares of the (ASAM-weighted) gradients, or of the ``direction`` buffers a SAM
-    variant supplies (a :class:`~sam_fused.plan.Buffers`), into a 0-dim fp32 device tensor (with
+    variant supplies (a :class:`~sam_fused.plan.Buffers`), into a 0-dim fp64 device tensor (with
     AMP's ``inv_scale``, a one-element fp32 device tensor, the gradients are unscaled as read);
     ``reduce_sq(sq)`` (optional) may change it in place (a distributed all-reduce); then the
-    norm = sqrt(sq) and, per parameter, ``backup = w; w += e``. Returns the norm tensor.
+    norm = sqrt(sq) (fp32) and, per parameter, ``backup = w; w += e``. Returns the norm tensor.
 ``restore(plan)``
     every parameter of the plan back to its backup, bit-identically.
 ``restore_and_update(perturbed, plan, amp, combo)``

@@ -28,7 +28,6 @@ def _uniform(seed: int, step: int) -> float:
     return (x >> 11) / float(2**53)
 
 
-
 class FusedSAM(SAMOptimizer):
     """Sharpness-Aware Minimization (Foret et al., ICLR 2021) around any base optimizer.
 
@@ -51,10 +50,11 @@ class FusedSAM(SAMOptimizer):
         seed: the seed of those choices.
         **base_kwargs: handed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
-    ``interval`` and ``sam_probability`` act through ``step(closure)`` only (``first_step`` /
-    ``second_step`` called by hand are a SAM step by definition); the count of ``step(closure)``
-    calls is kept as ``"sam_step"`` in every param group, so it is in ``state_dict()``; a call
-    counts once its step is made, so a refused step or a closure that raises leaves the schedule
+    ``interval`` and ``sam_probability`` act through ``step()`` only: ``step(closure)``, or
+    ``step()`` after a backward in a loop that runs its own (``first_step`` / ``second_step``
+    called by hand are a SAM step by definition); the count of steps made by ``step()`` is kept as
+    ``"sam_step"`` in every param group, so it is in ``state_dict()``; a call counts once its step
+    is made, so a refused step or a closure that raises leaves the schedule
     as it was (the retry is the step that was due).
 
     ``param_groups`` is the base optimizer's own list, so LR schedulers, ``add_param_group`` and
@@ -127,7 +127,7 @@ class FusedSAM(SAMOptimizer):
         _check_nonneg("rho", group["rho"])
         _check_nonneg("eta", group["eta"])
 
-    # A function called with the sum of squares of the (ASAM-weighted) gradients, a 0-dim fp32
+    # A function called with the sum of squares of the (ASAM-weighted) gradients, a 0-dim fp64
     # device tensor, before its square root becomes the norm; it may change it in place (a
     # distributed all-reduce goes here). None: no call.
     _reduce_sq: Callable[[Tensor], None] | None = None
