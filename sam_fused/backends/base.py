@@ -100,6 +100,24 @@ class Backend:
                            combo: Combo | None = None) -> None:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ Momentum-SAM (backends/msam.py)
+    def msam_update(self, launches, inv: Tensor, inv_next: Tensor, amp: Amp | None, extra: Tensor | None,
+                    device: torch.device) -> Tensor:
+        """Momentum-SAM's first pass over fused ``launches`` ((bucket, update, restore) triples; none
+        here: the reference ops did every parameter and summed ``extra``): returns the sum of squares
+        of the new first moments (fp64, 0-dim, on ``device``) and writes ``inv_next``."""
+        if launches:
+            raise NotImplementedError(f"backend {self.name!r} has no fused Momentum-SAM pass")
+        sq = extra if extra is not None else torch.zeros((), dtype=torch.float64, device=device)
+        from .msam import next_inv
+
+        next_inv(sq, inv, None if amp is None else amp[1], out=inv_next)
+        return sq
+
+    def msam_perturb(self, bucket, inv_next: Tensor, amp: Amp | None) -> None:
+        """Momentum-SAM's second pass over a fused launch's bucket: ``w -= rho * inv_next * m``."""
+        raise NotImplementedError
+
     def dots(self, plan: StepPlan, aux: Buffers, reduce=None, inv_scale: Tensor | None = None) -> Tensor:
         """``[sum g.g, sum g.aux, sum aux.aux]`` over the plan's parameters, then ``reduce`` (the
         FSDP2 all-reduce) in place; a 3-element fp32 device tensor."""

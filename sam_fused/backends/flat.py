@@ -76,6 +76,64 @@ class FlatBackend(Backend):
         """``out = [sum g.g, sum g.aux, sum aux.aux]`` over the buckets, a 3-element fp32 device tensor."""
         raise NotImplementedError
 
+    def launch_msam_update(self, bucket: Bucket, update: Update, restore: bool, inv: Tensor, amp: Amp | None,
+                           sq: Tensor, accumulate: bool) -> None:
+        """Momentum-SAM's first pass over the bucket (``backends/msam.py``): the restore (when
+        ``restore``), the update, and the sum of squares of the new first moments into ``sq`` (fp64;
+        added to it with ``accumulate``)."""
+        raise NotImplementedError
+
+    def launch_msam_perturb(self, bucket: Bucket, inv_next: Tensor, amp: Amp | None) -> None:
+        """``w -= rho * inv_next * m`` over the bucket (nothing when AMP found an inf)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ Momentum-SAM
+    def msam_prepare(self, kind: str, plan: StepPlan):
+        """Check every state tensor of the plan's buckets (raises before any write); returns a
+        callable that creates the missing state and returns the (bucket, update) launches, or None
+        when some state tensor cannot be walked flat with its parameter (the reference ops then
+        take every parameter)."""
+        state = self.opt.base_optimizer.state
+        fresh: list[Tensor] = []
+        for bucket in plan.buckets:
+            if not self._check_state(bucket, kind, state, fresh):
+                return None
+
+        def make() -> list[tuple[Bucket, Update]]:
+            from .msam import init_state
+
+            for p in fresh:
+                init_state(kind, state[p], p)
+            launches = []
+            for bucket in plan.buckets:
+                self._fill_state(bucket, kind, state)
+                if kind == "sgd":  # the buffers start at zero, as the authors start them: no first-step variant
+                    group = bucket.group
+                    launches.append((bucket, Update(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"],
+                                                    momentum=group["momentum"])))
+                else:
+                    launches += self._adam(bucket)
+            return launches
+
+        return make
+
+    def msam_update(self, launches, inv: Tensor, inv_next: Tensor, amp: Amp | None, extra: Tensor | None,
+                    device: torch.device) -> Tensor:
+        if not launches:
+            return super().msam_update(launches, inv, inv_next, amp, extra, device)
+        from .msam import next_inv
+
+        sq, _ = self._scalars(device)
+        for i, (bucket, update, restore) in enumerate(launches):
+            self.launch_msam_update(bucket, update, restore, inv, amp, sq, i > 0)
+        if extra is not None:
+            sq.add_(extra)
+        next_inv(sq, inv, None if amp is None else amp[1], out=inv_next)
+        return sq
+
+    def msam_perturb(self, bucket: Bucket, inv_next: Tensor, amp: Amp | None) -> None:
+        self.launch_msam_perturb(bucket, inv_next, amp)
+
     # ------------------------------------------------------------------ first step
     def _scalars(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._sq is None or self._sq.device != device:

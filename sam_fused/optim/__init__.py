@@ -2,7 +2,8 @@
 
 from .gsam import GSAM, RhoFollowsLR
 from .looksam import LookSAM
+from .msam import MSAM
 from .sam import FusedSAM
 from .universal import DetSAM, FrobSAM, TraceSAM, UniversalSAM
 
-__all__ = ["FusedSAM", "GSAM", "LookSAM", "RhoFollowsLR", "UniversalSAM", "FrobSAM", "TraceSAM", "DetSAM"]
+__all__ = ["FusedSAM", "GSAM", "LookSAM", "MSAM", "RhoFollowsLR", "UniversalSAM", "FrobSAM", "TraceSAM", "DetSAM"]

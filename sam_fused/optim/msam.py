@@ -1,0 +1,283 @@
+"""``MSAM``: Momentum-SAM (Becker et al., 2024), SAM at the cost of one forward/backward per step."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ..backends import BACKENDS
+from ..backends.base import FUSED_KINDS, check_amp
+from ..backends.msam import first_moment, perturb_, restore_, run_step
+from ..plan import StepPlan, local
+from .base import SAMOptimizer, _called_by_dcp_state_init, _check_nonneg, _eager, _unwrapping
+
+
+class MSAM(SAMOptimizer):
+    """Momentum-SAM: the weights are perturbed along the negative momentum instead of a fresh
+    gradient, so a step costs one forward/backward, like the base optimizer's.
+
+    Args:
+        params: parameters or param groups; a group may set its own ``rho`` and any base-optimizer
+            hyperparameter.
+        base_optimizer: ``torch.optim.SGD`` (with ``momentum > 0``, no dampening, no Nesterov),
+            ``torch.optim.AdamW`` or ``torch.optim.Adam`` (no amsgrad), the class.
+        rho: the radius (>= 0); the authors use 3 on every task of their paper (CIFAR-100 and ImageNet, SGD
+            and AdamW), far larger than SAM's, because the momentum direction is not the gradient's.
+        backend: as for :class:`~sam_fused.FusedSAM` (``"torch"`` is the reference).
+        **base_kwargs: handed to the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
+
+    The rules are the authors' (``optimizer/msam.py`` and ``optimizer/adamW_msam.py`` of their
+    code), per parameter with a gradient, ``m`` the momentum buffer (SGD) or ``exp_avg`` (Adam):
+
+    * the forward and backward run at the perturbed point ``w - r m``;
+    * ``step()``: back to ``w`` by ``+ r m`` (the old ``r`` and ``m``), the base update (SGD: weight
+      decay added to the gradient with the perturbed weights; AdamW: the decay after the Adam step),
+      then ``r = rho / (||m|| + 1e-12)`` over every parameter with a gradient and ``w - r m`` again.
+      The first step starts from a zero momentum and no perturbation.
+
+    Fused: the restore, the update and the sum of squares of the new momentum in one pass, the
+    perturbation in a second; the norm stays on the device (and is all-reduced under FSDP2). Bytes
+    per parameter (fp32): 32 with SGD (torch's fused SGD: 20), 40 with AdamW (28); no backup.
+
+    **What the model holds.** Outside :meth:`unperturbed`, the parameters (and so
+    ``model.state_dict()``) are the perturbed weights ``w - r m`` the next forward runs at, not
+    ``w``. To evaluate or export ``w``, use ``with opt.unperturbed(): ...``; on exit the weights
+    are put back where they were, bit for bit (unless the block wrote to them: then they are
+    perturbed again from what it wrote). To end training, :meth:`restore` puts them at ``w`` for
+    good (the authors' ``move_back_from_momentumAscent``). A checkpoint of the perturbed model
+    with ``opt.state_dict()`` (which holds ``r``'s norm and which parameters are perturbed)
+    resumes bit-identically.
+
+    AMP: ``scaler.step(opt)`` after ``scaler.scale(loss).backward()``; an inf or NaN leaves
+    weights, momentum and perturbation as they were. ``step(closure)`` calls the closure once.
+    """
+
+    _group_keys = ("rho",)
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Iterable, base_optimizer: type = torch.optim.SGD, rho: float = 3.0,
+                 backend: str | None = None, **base_kwargs) -> None:
+        _check_nonneg("rho", rho)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
+        kind = FUSED_KINDS.get(base_optimizer) if isinstance(base_optimizer, type) else None
+        if kind is None:
+            raise TypeError(
+                f"MSAM runs over torch.optim.SGD, torch.optim.Adam or torch.optim.AdamW (the class), got {base_optimizer!r}"
+            )
+        self._kind = kind
+        super().__init__(params, base_optimizer, dict(rho=rho), backend, base_kwargs)
+        for group in self.param_groups:
+            self._check_base(group)
+        self._inv: Tensor | None = None  # 1 / (||m|| + 1e-12) of the last step, fp32 on the device
+        self._inv_spare: Tensor | None = None
+        self._msam_perturbed: dict[int, Tensor] = {}  # id -> parameter, those at w - r m now
+        self._fast_plan: StepPlan | None = None  # the plan whose active parameters are exactly those
+        self._outside: list | None = None  # inside unperturbed(): what to put back on exit
+
+    def _check_group(self, group: dict) -> None:
+        _check_nonneg("rho", group["rho"])
+        if getattr(self, "base_optimizer", None) is not None:
+            self._check_base(group)
+
+    def _check_base(self, group: dict) -> None:
+        """The base optimizer's options that the authors' rules cover; a clear error for the rest."""
+        if self._kind == "sgd":
+            if not group["momentum"] or group["momentum"] < 0:
+                raise ValueError("MSAM over SGD perturbs along the momentum: momentum must be > 0")
+            if group.get("dampening", 0) or group.get("nesterov", False):
+                raise ValueError("MSAM over SGD follows the authors' rule: no dampening, no Nesterov")
+        elif group.get("amsgrad", False):
+            raise ValueError("MSAM over Adam/AdamW: amsgrad is not supported")
+        if group.get("maximize", False):
+            raise ValueError("MSAM: maximize is not supported")
+        if group.get("capturable", False) or group.get("differentiable", False):
+            raise ValueError("MSAM: capturable and differentiable base optimizers are not supported")
+        for key in ("lr", "weight_decay", "momentum", "betas", "eps"):
+            v = group.get(key)
+            if isinstance(v, Tensor) or (isinstance(v, tuple) and any(isinstance(x, Tensor) for x in v)):
+                raise ValueError(f"MSAM: a tensor {key} is not supported; use a float")
+
+    # ------------------------------------------------------------------ the step
+    @_unwrapping
+    @_eager
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One Momentum-SAM step with the gradients of the backward that ran at the perturbed weights
+        (``closure``, when given, runs forward and backward there first and its loss is returned).
+
+        Raises, with nothing written, on a bad gradient, hyperparameter or optimizer state, and
+        inside :meth:`unperturbed`."""
+        amp = self._scaler_amp()
+        if self._outside is not None:
+            raise RuntimeError("MSAM.step() inside unperturbed(): the weights are not where the gradient was taken")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if closure is None and amp is None and _called_by_dcp_state_init():
+            self.base_optimizer.step()  # torch.distributed.checkpoint creating a fresh optimizer's state
+            return None
+        self._check_groups()
+        plan = self._backend.plan()
+        try:
+            if not plan.active:
+                if not self.__dict__.get("_warned_no_grad", False):
+                    self._warned_no_grad = True
+                    warnings.warn("MSAM.step() found no gradient on any parameter: nothing was done (said once)",
+                                  stacklevel=2)
+                return loss
+            if amp is not None:
+                check_amp(plan, amp)
+            device = plan.locals[0].device
+            if self._inv is None or self._inv.device != device:
+                self._inv = torch.zeros((), dtype=torch.float32, device=device)
+            if self._inv_spare is None or self._inv_spare.device != device:
+                self._inv_spare = torch.empty((), dtype=torch.float32, device=device)
+            fast = plan is self._fast_plan
+            reduce = self._backend.plans.params.reduce_sq
+            made = run_step(self._backend, self, plan, self._kind, self._inv, self._inv_spare, amp,
+                            self._msam_perturbed, fast, reduce)
+        finally:
+            self._backend.plans.end_pass()
+        if made:
+            self._inv, self._inv_spare = self._inv_spare, self._inv
+            if not fast:
+                self._msam_perturbed = {id(p): p for p in plan.active}
+                self._fast_plan = plan
+        self._opt_called = True
+        return loss
+
+    def _scaler_amp(self):
+        """(inv_scale, found_inf) when called by ``GradScaler.step(opt)``, else None."""
+        if "found_inf" not in self.__dict__:
+            return None
+        found_inf = self.found_inf.reshape(1).to(torch.float32)
+        scale = self.__dict__.get("grad_scale")
+        if scale is None:  # scaler.unscale_(opt) ran: the gradients are unscaled already
+            inv_scale = torch.ones(1, dtype=torch.float32, device=found_inf.device)
+        else:
+            inv_scale = torch.reciprocal(scale.reshape(1).to(torch.float32))
+        return inv_scale, found_inf
+
+    # ------------------------------------------------------------------ the weights
+    def _perturbed_pairs(self) -> list[tuple[dict, Tensor, Tensor]]:
+        """(group, parameter, m) of every perturbed parameter, group order."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in self._msam_perturbed:
+                    out.append((group, p, local(first_moment(self._kind, self.state[p]))))
+        return out
+
+    @_unwrapping
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """Put every perturbed parameter at ``w`` for good (the end of training; the authors'
+        ``move_back_from_momentumAscent``); the next ``step()`` starts from there without a restore.
+        Returns whether anything was perturbed."""
+        if self._outside is not None:
+            raise RuntimeError("MSAM.restore() inside unperturbed()")
+        pairs = self._perturbed_pairs()
+        for group, p, m in pairs:
+            restore_(p, m, group["rho"], self._inv)
+        self._msam_perturbed = {}
+        self._fast_plan = None
+        return bool(pairs)
+
+    @contextlib.contextmanager
+    def unperturbed(self):
+        """Inside, the parameters are ``w`` (evaluate, save ``model.state_dict()``); on exit they are
+        perturbed again, bit-identical to before, unless the block wrote to one (then from its new
+        value). ``step()`` is refused inside."""
+        if self._outside is not None:
+            raise RuntimeError("unperturbed() is already active")
+        saved = []
+        with torch.no_grad():
+            for group, p, m in self._perturbed_pairs():
+                t = local(p).detach()
+                before = t.clone()
+                restore_(p, m, group["rho"], self._inv)
+                saved.append((group, p, m, before, t._version))
+        self._outside = saved
+        try:
+            yield self
+        finally:
+            self._outside = None
+            with torch.no_grad():
+                for group, p, m, before, version in saved:
+                    t = local(p).detach()
+                    if t._version == version:
+                        t.copy_(before)
+                    else:  # the block changed the weights: perturb what it wrote
+                        perturb_(p, m, group["rho"], self._inv)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict, plus ``"msam"``: the inverse norm of the last step and the
+        indices (as in ``"state"``) of the parameters perturbed now."""
+        sd = self.base_optimizer.state_dict()
+        index = {}
+        k = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index[id(p)] = k
+                k += 1
+        perturbed = sorted(index[i] for i in self._msam_perturbed)
+        inv = None if self._inv is None else self._inv.detach().clone()
+        sd["msam"] = {"inverse_norm": inv, "perturbed": perturbed}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._outside is not None:
+            raise RuntimeError("load_state_dict() inside unperturbed()")
+        extra = state_dict.get("msam")
+        if extra is None:
+            raise ValueError("this state dict has no 'msam' entry: it was not saved by MSAM.state_dict()")
+        params = [p for g in self.param_groups for p in g["params"]]
+        perturbed = list(extra.get("perturbed", []))
+        if any(not isinstance(i, int) or not 0 <= i < len(params) for i in perturbed):
+            raise ValueError(f"MSAM state: perturbed indices {perturbed} out of range for {len(params)} parameters")
+        inv = extra.get("inverse_norm")
+        if inv is not None and (not isinstance(inv, Tensor) or inv.numel() != 1 or not torch.isfinite(inv).all()
+                                or float(inv) < 0):
+            raise ValueError(f"MSAM state: inverse_norm must be a finite non-negative one-element tensor, got {inv!r}")
+        if perturbed and inv is None:
+            raise ValueError("MSAM state: perturbed parameters without an inverse_norm")
+        rest = {k: v for k, v in state_dict.items() if k != "msam"}
+        for i in perturbed:
+            st = rest.get("state", {}).get(i, {})
+            if ("momentum_buffer" if self._kind == "sgd" else "exp_avg") not in st:
+                raise ValueError(f"MSAM state: parameter {i} is perturbed but has no momentum in the state")
+        super().load_state_dict(rest)
+        for group in self.param_groups:
+            self._check_base(group)
+        if inv is None:
+            self._inv = None
+        else:
+            device = params[0].device if params else inv.device
+            self._inv = inv.detach().reshape(()).to(device=device, dtype=torch.float32).clone()
+        self._msam_perturbed = {id(params[i]): params[i] for i in perturbed}
+        self._fast_plan = None
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._fast_plan = None
+
+    def __getstate__(self) -> dict:
+        if self._outside is not None:
+            raise RuntimeError("an MSAM inside unperturbed() cannot be copied or pickled")
+        state = super().__getstate__()
+        state["_fast_plan"] = None
+        state["_msam_perturbed"] = list(self._msam_perturbed.values())  # ids do not survive a copy
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._fast_plan = None
+        self._outside = None
+        self._msam_perturbed = {id(p): p for p in self._msam_perturbed}
