@@ -148,6 +148,65 @@ void restore_update(const TensorList& params, const TensorList& grads, const Ten
   restore_update_cpu(params, grads, sources, state1, state2, aux, u);
 }
 
+void msam_update(at::Tensor out, const TensorList& params, const TensorList& grads, const TensorList& m,
+                 const TensorList& v, int64_t opt, std::vector<double> scalars, bool restore, double rho,
+                 const at::Tensor& inv, bool accumulate, const c10::optional<at::Tensor>& inv_scale,
+                 const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& partials) {
+  check_lists("msam_update_", params, {&grads, &m, &v});
+  TORCH_CHECK(opt == kOptSgd || opt == kOptAdam, "msam_update_: opt must be SGD or Adam, got ", opt);
+  TORCH_CHECK(grads.size() == params.size() && m.size() == params.size(),
+              "msam_update_: one grad and one first moment per parameter");
+  TORCH_CHECK(opt != kOptAdam || v.size() == params.size(), "msam_update_: Adam needs exp_avg_sq");
+  TORCH_CHECK(scalars.size() == kUpdateScalars, "msam_update_: expected ", kUpdateScalars, " scalars");
+  TORCH_CHECK(out.numel() == 1 && out.scalar_type() == at::kDouble && out.is_contiguous() &&
+                  (params.empty() || out.device() == params[0].device()),
+              "msam_update_: out must be a contiguous one-element float64 tensor on the parameters' device");
+  check_scalar("msam_update_", "inv", inv, params);
+  UpdateArgs u;
+  u.opt = opt;
+  u.has_momentum = true;
+  u.nesterov = false;
+  u.scalars = std::move(scalars);
+  TORCH_CHECK(inv_scale.has_value() == found_inf.has_value(), "msam_update_: inv_scale and found_inf go together");
+  if (inv_scale.has_value()) {
+    check_scalar("msam_update_", "inv_scale", *inv_scale, params);
+    check_scalar("msam_update_", "found_inf", *found_inf, params);
+    u.inv_scale = inv_scale->data_ptr<float>();
+    u.found_inf = found_inf->data_ptr<float>();
+  }
+  const at::Tensor* scratch = checked_partials("msam_update_", partials, params, at::kDouble);
+  if (params.empty()) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+#ifdef SAM_FUSED_WITH_CUDA
+  if (on_cuda(params)) return msam_update_cuda(out, params, grads, m, v, u, restore, rho, inv, accumulate, scratch);
+#else
+  on_cuda(params);
+  (void)scratch;
+#endif
+  msam_update_cpu(out, params, grads, m, v, u, restore, rho, inv, accumulate);
+}
+
+void msam_perturb(const TensorList& params, const TensorList& m, double rho, const at::Tensor& inv_next,
+                  const c10::optional<at::Tensor>& found_inf) {
+  check_lists("msam_perturb_", params, {&m});
+  TORCH_CHECK(m.size() == params.size(), "msam_perturb_: one first moment per parameter");
+  check_scalar("msam_perturb_", "inv_next", inv_next, params);
+  const float* found = nullptr;
+  if (found_inf.has_value()) {
+    check_scalar("msam_perturb_", "found_inf", *found_inf, params);
+    found = found_inf->data_ptr<float>();
+  }
+  if (params.empty()) return;
+#ifdef SAM_FUSED_WITH_CUDA
+  if (on_cuda(params)) return msam_perturb_cuda(params, m, rho, inv_next, found);
+#else
+  on_cuda(params);
+#endif
+  msam_perturb_cpu(params, m, rho, inv_next, found);
+}
+
 }  // namespace
 }  // namespace sam_fused
 
@@ -184,6 +243,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("aux") = TensorList{}, py::kw_only(), py::arg("opt"), py::arg("has_momentum"), py::arg("nesterov"),
       py::arg("scalars"), py::arg("inv_scale") = py::none(), py::arg("found_inf") = py::none(),
       py::arg("combine") = 0, py::arg("coef") = py::none());
+  m.def("msam_update_", &msam_update,
+        "Momentum-SAM's first pass: restore (w += rho * inv * m), SGD or Adam/AdamW update, out (+)= sum m^2",
+        py::arg("out"), py::arg("params"), py::arg("grads"), py::arg("m"), py::arg("v"), py::kw_only(),
+        py::arg("opt"), py::arg("scalars"), py::arg("restore"), py::arg("rho"), py::arg("inv"),
+        py::arg("accumulate") = false, py::arg("inv_scale") = py::none(), py::arg("found_inf") = py::none(),
+        py::arg("partials") = py::none());
+  m.def("msam_perturb_", &msam_perturb, "Momentum-SAM's second pass: w -= rho * inv_next * m", py::arg("params"),
+        py::arg("m"), py::kw_only(), py::arg("rho"), py::arg("inv_next"), py::arg("found_inf") = py::none());
   m.def("has_cuda", [] {
 #ifdef SAM_FUSED_WITH_CUDA
     return true;

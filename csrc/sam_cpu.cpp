@@ -273,4 +273,88 @@ void restore_update_cpu(const TensorList& params, const TensorList& grads, const
   });
 }
 
+namespace {
+
+template <typename scalar_t, bool ADAM, bool RESTORE>
+void msam_update_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads,
+                        const TensorList& ms, const TensorList& vs, const UpdateArgs& args, double rho, float inv,
+                        std::vector<double>& partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto u = update_scalars<acc_t>(args);
+  const acc_t r = acc_t(static_cast<acc_t>(rho) * acc_t(inv));
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      scalar_t* __restrict__ w = ptr<scalar_t>(params, ch.tensor);
+      const scalar_t* __restrict__ g = ptr<scalar_t>(grads, ch.tensor);
+      scalar_t* __restrict__ m = ptr<scalar_t>(ms, ch.tensor);
+      scalar_t* __restrict__ v = ADAM ? ptr<scalar_t>(vs, ch.tensor) : nullptr;
+      const UpdateScalars<acc_t> lu = u;  // a local copy: stays in registers (see update_chunks)
+      double lanes[kLanes] = {};
+      const auto element = [&](int64_t i, int k) {
+        acc_t mi = acc_t(m[i]), vi = ADAM ? acc_t(v[i]) : acc_t(0);
+        const acc_t out = msam_element<acc_t, ADAM, RESTORE>(lu, acc_t(w[i]), acc_t(g[i]), r, mi, vi);
+        const scalar_t stored = scalar_t(mi);
+        m[i] = stored;
+        if (ADAM) v[i] = scalar_t(vi);
+        w[i] = scalar_t(out);
+        lanes[k] += double(stored) * double(stored);
+      };
+      int64_t i = ch.begin;
+      for (; i + kLanes <= ch.end; i += kLanes)
+        for (int k = 0; k < kLanes; ++k) element(i + k, k);
+      for (; i < ch.end; ++i) element(i, 0);
+      double total = 0;
+      for (int k = 0; k < kLanes; ++k) total += lanes[k];
+      partial[c] = total;
+    }
+  });
+}
+
+}  // namespace
+
+void msam_update_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, const TensorList& m,
+                     const TensorList& v, const UpdateArgs& args, bool restore, double rho, const at::Tensor& inv,
+                     bool accumulate) {
+  if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;  // AMP: nothing written
+  UpdateArgs u = args;
+  u.grad_mul = u.inv_scale != nullptr ? static_cast<double>(*u.inv_scale) : 1.0;
+  const auto chunks = make_chunks(params);
+  std::vector<double> partial(chunks.size(), 0.0);
+  const float inv_v = *inv.data_ptr<float>();
+  if (!chunks.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "msam_update_cpu", [&] {
+      const bool adam = u.opt == kOptAdam;
+      if (adam && restore) msam_update_chunks<scalar_t, true, true>(chunks, params, grads, m, v, u, rho, inv_v, partial);
+      if (adam && !restore) msam_update_chunks<scalar_t, true, false>(chunks, params, grads, m, v, u, rho, inv_v, partial);
+      if (!adam && restore) msam_update_chunks<scalar_t, false, true>(chunks, params, grads, m, v, u, rho, inv_v, partial);
+      if (!adam && !restore) msam_update_chunks<scalar_t, false, false>(chunks, params, grads, m, v, u, rho, inv_v, partial);
+    });
+  }
+  double total = 0.0;  // fixed order
+  for (double x : partial) total += x;
+  double* dst = out.data_ptr<double>();
+  *dst = accumulate ? *dst + total : total;
+}
+
+void msam_perturb_cpu(const TensorList& params, const TensorList& m, double rho, const at::Tensor& inv_next,
+                      const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  const auto chunks = make_chunks(params);
+  if (chunks.empty()) return;
+  const float inv_v = *inv_next.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "msam_perturb_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t r = acc_t(static_cast<acc_t>(rho) * acc_t(inv_v));
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks[c];
+        scalar_t* __restrict__ w = ptr<scalar_t>(params, ch.tensor);
+        const scalar_t* __restrict__ mm = ptr<scalar_t>(m, ch.tensor);
+        for (int64_t i = ch.begin; i < ch.end; ++i) w[i] = scalar_t(acc_t(w[i]) - r * acc_t(mm[i]));
+      }
+    });
+  });
+}
+
 }  // namespace sam_fused

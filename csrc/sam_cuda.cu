@@ -263,6 +263,71 @@ struct UpdateFunctor {
   }
 };
 
+// Momentum-SAM's first pass (sam_math.h, msam_element): restore, update, and one fp64 partial of
+// the sum of the new m^2 (as stored) per block. AMP: found_inf set, nothing is written.
+template <typename scalar_t, bool ADAM, bool RESTORE>
+struct MsamUpdateFunctor {
+  __device__ void operator()(MetaTable<4>& meta, UpdateScalars<at::opmath_type<scalar_t>> u, float rho,
+                             const float* inv, const float* inv_scale, const float* found_inf, double* partials) {
+    using acc_t = at::opmath_type<scalar_t>;
+    bool skip = false;
+    if (inv_scale != nullptr) {
+      u.sign *= acc_t(*inv_scale);
+      skip = *found_inf != 0.f;
+    }
+    const acc_t r = acc_t(rho * *inv);
+    const auto [t, begin, end] = chunk_range(meta);
+    scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
+    const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
+    scalar_t* ms = slot<scalar_t>(meta.addresses[2][t]);
+    scalar_t* vs = slot<scalar_t>(meta.addresses[3][t]);
+    const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(ms) && vec_aligned(vs);
+    scalar_t wv[kVec], gv[kVec], mv[kVec], vv[kVec];
+    double acc = 0;
+    for (int64_t i = begin + kVec * threadIdx.x; i < end && !skip; i += kVec * blockDim.x) {
+      load_vec(w, i, end, vec, wv);
+      load_vec(g, i, end, vec, gv);
+      load_vec(ms, i, end, vec, mv);
+      if (ADAM) load_vec(vs, i, end, vec, vv);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        acc_t m = acc_t(mv[j]), v = ADAM ? acc_t(vv[j]) : acc_t(0);
+        wv[j] = scalar_t(msam_element<acc_t, ADAM, RESTORE>(u, acc_t(wv[j]), acc_t(gv[j]), r, m, v));
+        mv[j] = scalar_t(m);
+        if (ADAM) vv[j] = scalar_t(v);
+        if (i + j < end) acc += double(mv[j]) * double(mv[j]);
+      }
+      store_vec(ms, i, end, vec, mv);
+      if (ADAM) store_vec(vs, i, end, vec, vv);
+      store_vec(w, i, end, vec, wv);
+    }
+    acc = block_sum<double>(acc);
+    if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = acc;
+  }
+};
+
+// Momentum-SAM's second pass: w -= rho * inv_next * m (nothing when AMP found an inf).
+template <typename scalar_t>
+struct MsamPerturbFunctor {
+  __device__ void operator()(MetaTable<2>& meta, float rho, const float* inv_next, const float* found_inf) {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (found_inf != nullptr && *found_inf != 0.f) return;
+    const acc_t r = acc_t(rho * *inv_next);
+    const auto [t, begin, end] = chunk_range(meta);
+    scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
+    const scalar_t* ms = slot<scalar_t>(meta.addresses[1][t]);
+    const bool vec = vec_aligned(w) && vec_aligned(ms);
+    scalar_t wv[kVec], mv[kVec];
+    for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
+      load_vec(w, i, end, vec, wv);
+      load_vec(ms, i, end, vec, mv);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) wv[j] = scalar_t(acc_t(wv[j]) - r * acc_t(mv[j]));
+      store_vec(w, i, end, vec, wv);
+    }
+  }
+};
+
 }  // namespace
 
 namespace {
@@ -346,6 +411,45 @@ void restore_update_cuda(const TensorList& params, const TensorList& grads, cons
     } else {
       run(std::integral_constant<int64_t, kOptSgd>(), T(), F());
     }
+  });
+}
+
+void msam_update_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, const TensorList& m,
+                      const TensorList& v, const UpdateArgs& args, bool restore, double rho, const at::Tensor& inv,
+                      bool accumulate, const at::Tensor* scratch_in) {
+  TORCH_CHECK(inv.is_cuda(), "msam_update_: inv must be on the parameters' device");
+  const int64_t n = total_chunks(params);
+  auto partials = scratch(scratch_in, n, params[0], at::kDouble);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "msam_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto u = update_scalars<acc_t>(args);
+    const std::vector<const TensorList*> lists{&params, &grads, &m, &v};
+    const auto with = [&](auto adam, auto rest) {
+      multi_tensor_apply<4>(lists, MsamUpdateFunctor<scalar_t, decltype(adam)::value, decltype(rest)::value>(), u,
+                            static_cast<float>(rho), inv.data_ptr<float>(), args.inv_scale, args.found_inf,
+                            partials.data_ptr<double>());
+    };
+    using F = std::false_type;
+    using T = std::true_type;
+    const bool adam = args.opt == kOptAdam;
+    if (adam && restore) with(T(), T());
+    if (adam && !restore) with(T(), F());
+    if (!adam && restore) with(F(), T());
+    if (!adam && !restore) with(F(), F());
+  });
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  // with found_inf set the partials are zeros: out is not used then (inv_next keeps the old inv)
+  final_sum_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.data_ptr<double>(), n,
+                                                                        out.data_ptr<double>(), accumulate);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void msam_perturb_cuda(const TensorList& params, const TensorList& m, double rho, const at::Tensor& inv_next,
+                       const float* found_inf) {
+  TORCH_CHECK(inv_next.is_cuda(), "msam_perturb_: inv_next must be on the parameters' device");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "msam_perturb_cuda", [&] {
+    multi_tensor_apply<2>({&params, &m}, MsamPerturbFunctor<scalar_t>(), static_cast<float>(rho),
+                          inv_next.data_ptr<float>(), found_inf);
   });
 }
 

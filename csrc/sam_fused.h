@@ -14,6 +14,10 @@
 //                   alone (opt 0), with the scalars folded by the host (sam_fused/spec.py); state1 = momentum_buffer / exp_avg, state2 = exp_avg_sq. With AMP
 //                   tensors: g *= inv_scale as it is read; found_inf != 0 turns the pass into a restore.
 //   dots_           out[0..2] (+)= sum g^2, sum g * aux, sum aux^2 over the tensors (GSAM, LookSAM)
+//   msam_update_    Momentum-SAM's first pass: w += r * m (restore, r = rho * inv), the SGD or Adam/AdamW
+//                   update (sam_math.h, msam_element), and out (+)= sum of the new m^2 (fp64, as stored);
+//                   found_inf != 0: nothing written
+//   msam_perturb_   Momentum-SAM's second pass: w -= rho * inv_next * m (nothing when found_inf != 0)
 //
 // The SAM variants' extra columns ride in the same passes: perturb_ may save the (unscaled) first
 // gradient into ``save``; restore_update_ may combine the gradient with an ``aux`` buffer,
@@ -60,7 +64,20 @@ void restore_update_cpu(const TensorList& params, const TensorList& grads, const
                         const TensorList& state1, const TensorList& state2, const TensorList& aux,
                         const UpdateArgs& u);
 
+// Momentum-SAM (args: opt kOptSgd or kOptAdam, the folded scalars, AMP pointers; inv and inv_next are
+// one-element fp32 tensors on the parameters' device).
+void msam_update_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, const TensorList& m,
+                     const TensorList& v, const UpdateArgs& args, bool restore, double rho, const at::Tensor& inv,
+                     bool accumulate);
+void msam_perturb_cpu(const TensorList& params, const TensorList& m, double rho, const at::Tensor& inv_next,
+                      const float* found_inf);
+
 #ifdef SAM_FUSED_WITH_CUDA
+void msam_update_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, const TensorList& m,
+                      const TensorList& v, const UpdateArgs& args, bool restore, double rho, const at::Tensor& inv,
+                      bool accumulate, const at::Tensor* partials);
+void msam_perturb_cuda(const TensorList& params, const TensorList& m, double rho, const at::Tensor& inv_next,
+                       const float* found_inf);
 // partials: scratch of at least one float per 65536-element chunk (no allocation in the step),
 // or null (allocated here).
 void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,

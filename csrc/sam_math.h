@@ -80,4 +80,22 @@ SAM_HD acc_t adam_element(const UpdateScalars<acc_t>& u, acc_t w, acc_t d, acc_t
   return w - u.step_size * (m / (std::sqrt(v) / u.bias_correction2_sqrt + u.eps));
 }
 
+// Momentum-SAM's first pass on one element (sam_fused/backends/msam.py): d = g * sign + l2 * w at
+// the perturbed weights, the restore w + r * m with the old m (RESTORE), then SGD's m = m * keep +
+// coef * d, w -= lr * m, or Adam's step followed by AdamW's decay w *= decay (the authors' order).
+// Returns the new weight; updates m (and v for Adam).
+template <typename acc_t, bool ADAM, bool RESTORE>
+SAM_HD acc_t msam_element(const UpdateScalars<acc_t>& u, acc_t w, acc_t g, acc_t r, acc_t& m, acc_t& v) {
+  const acc_t d = g * u.sign + u.l2 * w;
+  if (RESTORE) w = w + r * m;
+  if (!ADAM) {
+    m = m * u.keep + u.coef * d;
+    return w - u.lr * m;
+  }
+  m = m + u.one_minus_beta1 * (d - m);
+  v = v * u.beta2 + u.one_minus_beta2 * d * d;
+  w = w - u.step_size * (m / (std::sqrt(v) / u.bias_correction2_sqrt + u.eps));
+  return w * u.decay;
+}
+
 }  // namespace sam_fused

@@ -78,6 +78,20 @@ class NativeBackend(FlatBackend):
             inv_scale=inv_scale, found_inf=found_inf, combine=combine, coef=coef,
         )
 
+    # ------------------------------------------------------------------ Momentum-SAM
+    def launch_msam_update(self, bucket: Bucket, u: Update, restore: bool, inv: Tensor, amp: Amp | None,
+                           sq: Tensor, accumulate: bool) -> None:
+        inv_scale, found_inf = amp if amp is not None else (None, None)
+        self._C.msam_update_(
+            sq, bucket.params, bucket.grads(), bucket.state1, bucket.state2 or [], opt=u.opt, scalars=u.scalars(),
+            restore=restore, rho=float(bucket.group["rho"]), inv=inv.reshape(1), accumulate=accumulate,
+            inv_scale=inv_scale, found_inf=found_inf, partials=self._scratch([bucket], 1, sq.device, torch.float64),
+        )
+
+    def launch_msam_perturb(self, bucket: Bucket, inv_next: Tensor, amp: Amp | None) -> None:
+        self._C.msam_perturb_(bucket.params, bucket.state1, rho=float(bucket.group["rho"]), inv_next=inv_next.reshape(1),
+                              found_inf=None if amp is None else amp[1])
+
 
 def _chunks(bucket: Bucket) -> int:
     """Blocks of the CUDA kernels over the bucket (65536 elements each), counted once per version."""
