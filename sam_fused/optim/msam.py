@@ -218,50 +218,55 @@ class MSAM(SAMOptimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """The base optimizer's state dict, plus ``"msam"``: the inverse norm of the last step and the
-        indices (as in ``"state"``) of the parameters perturbed now."""
+        """The base optimizer's state dict; each param group also carries ``msam_inverse_norm`` (the
+        last step's ``1 / (||m|| + 1e-12)``, fp32 as a float: one host read, at checkpoint time
+        only) and ``msam_perturbed`` (the positions in the group of the parameters perturbed now),
+        so the entries travel wherever param groups do (``torch.distributed.checkpoint`` included)."""
         sd = self.base_optimizer.state_dict()
-        index = {}
-        k = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                index[id(p)] = k
-                k += 1
-        perturbed = sorted(index[i] for i in self._msam_perturbed)
-        inv = None if self._inv is None else self._inv.detach().clone()
-        sd["msam"] = {"inverse_norm": inv, "perturbed": perturbed}
+        inv = 0.0 if self._inv is None else float(self._inv)
+        for saved, group in zip(sd["param_groups"], self.param_groups):
+            saved["msam_inverse_norm"] = inv
+            saved["msam_perturbed"] = [i for i, p in enumerate(group["params"]) if id(p) in self._msam_perturbed]
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of :meth:`state_dict`; refuses, with nothing changed, one without the
+        Momentum-SAM entries or whose entries do not fit the parameters."""
         if self._outside is not None:
             raise RuntimeError("load_state_dict() inside unperturbed()")
-        extra = state_dict.get("msam")
-        if extra is None:
-            raise ValueError("this state dict has no 'msam' entry: it was not saved by MSAM.state_dict()")
-        params = [p for g in self.param_groups for p in g["params"]]
-        perturbed = list(extra.get("perturbed", []))
-        if any(not isinstance(i, int) or not 0 <= i < len(params) for i in perturbed):
-            raise ValueError(f"MSAM state: perturbed indices {perturbed} out of range for {len(params)} parameters")
-        inv = extra.get("inverse_norm")
-        if inv is not None and (not isinstance(inv, Tensor) or inv.numel() != 1 or not torch.isfinite(inv).all()
-                                or float(inv) < 0):
-            raise ValueError(f"MSAM state: inverse_norm must be a finite non-negative one-element tensor, got {inv!r}")
-        if perturbed and inv is None:
-            raise ValueError("MSAM state: perturbed parameters without an inverse_norm")
-        rest = {k: v for k, v in state_dict.items() if k != "msam"}
-        for i in perturbed:
-            st = rest.get("state", {}).get(i, {})
-            if ("momentum_buffer" if self._kind == "sgd" else "exp_avg") not in st:
-                raise ValueError(f"MSAM state: parameter {i} is perturbed but has no momentum in the state")
-        super().load_state_dict(rest)
-        for group in self.param_groups:
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups) or any("msam_perturbed" not in g for g in groups):
+            raise ValueError("this state dict has no Momentum-SAM entries (msam_perturbed, msam_inverse_norm in "
+                             "each param group): it was not saved by MSAM.state_dict()")
+        invs = {g.get("msam_inverse_norm") for g in groups}
+        inv = next(iter(invs))
+        if len(invs) != 1 or not isinstance(inv, (int, float)) or not 0.0 <= inv < float("inf"):
+            raise ValueError(f"MSAM state: msam_inverse_norm must be one finite non-negative number, got {sorted(map(repr, invs))}")
+        key = "momentum_buffer" if self._kind == "sgd" else "exp_avg"
+        saved_state = state_dict.get("state", {})
+        chosen = []
+        for saved, group in zip(groups, self.param_groups):
+            idx = saved["msam_perturbed"]
+            ids = saved.get("params", [])
+            if any(not isinstance(i, int) or not 0 <= i < len(group["params"]) for i in idx):
+                raise ValueError(f"MSAM state: perturbed positions {idx} out of range for a group of "
+                                 f"{len(group['params'])} parameters")
+            for i in idx:
+                pid = ids[i] if i < len(ids) else None
+                if pid is not None and key not in saved_state.get(pid, {}):
+                    raise ValueError(f"MSAM state: a perturbed parameter has no {key} in the state")
+                chosen.append(group["params"][i])
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # the entries describe the checkpoint, not a hyperparameter
+            group.pop("msam_perturbed", None)
+            group.pop("msam_inverse_norm", None)
             self._check_base(group)
-        if inv is None:
-            self._inv = None
-        else:
-            device = params[0].device if params else inv.device
-            self._inv = inv.detach().reshape(()).to(device=device, dtype=torch.float32).clone()
-        self._msam_perturbed = {id(params[i]): params[i] for i in perturbed}
+        device = chosen[0].device if chosen else (self._inv.device if self._inv is not None else None)
+        if device is None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            device = params[0].device if params else torch.device("cpu")
+        self._inv = torch.tensor(float(inv), dtype=torch.float32, device=device)
+        self._msam_perturbed = {id(p): p for p in chosen}
         self._fast_plan = None
 
     def invalidate(self) -> None:
