@@ -132,9 +132,15 @@ def run_universal(rank, world, out: Path, backends):
                 torch.save(params, out / f"universal_{backend}_{measure}.pt")
 
 
-def make_efficient(model, name, backend):
-    from sam_fused import GSAM, LookSAM
+EFFICIENT = ("gsam", "looksam", "msam_sgd", "msam_adamw")
 
+
+def make_efficient(model, name, backend):
+    from sam_fused import GSAM, MSAM, LookSAM
+
+    if name.startswith("msam"):
+        cls, kw = OPTIMIZERS[name.split("_")[1]]
+        return MSAM(model.parameters(), cls, rho=0.5, backend=backend, **kw)
     cls, kw = OPTIMIZERS["sgd"]
     if name == "gsam":
         return GSAM(model.parameters(), cls, rho=0.1, alpha=0.4, backend=backend, **kw)
@@ -142,13 +148,13 @@ def make_efficient(model, name, backend):
 
 
 def run_efficient(rank, world, out: Path, backends):
-    """GSAM and LookSAM (k 2: SAM steps and steps in between) on FSDP2, through step(closure):
-    their sums are all-reduced over the shards like the norm."""
+    """GSAM and LookSAM (k 2: SAM steps and steps in between) and Momentum-SAM on FSDP2, through
+    step(closure): their sums are all-reduced over the shards like the norm."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
     for backend in backends:
-        for name in ("gsam", "looksam"):
+        for name in EFFICIENT:
             model = fsdp_model(mesh)
             universal_steps(model, make_efficient(model, name, backend), data(4), rank, world)
             params = [full(p).detach().clone() for p in model.parameters()]
@@ -158,7 +164,7 @@ def run_efficient(rank, world, out: Path, backends):
 
 def run_dcp(rank, world, out: Path, backend):
     """Train 2 steps, save model and optimizer with DCP, load into fresh ones, train 2 more; and
-    the same 4 steps without interruption."""
+    the same 4 steps without interruption: FusedSAM (AdamW) and Momentum-SAM (SGD)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -166,28 +172,36 @@ def run_dcp(rank, world, out: Path, backend):
 
     mesh = init_device_mesh("cpu", (world,))
     batches = data(4)
-    cls, kw = OPTIMIZERS["adamw"]
-    results = []
-    for resume in (False, True):
-        model = fsdp_model(mesh)
-        opt = FusedSAM(model.parameters(), cls, rho=0.1, backend=backend, **kw)
-        if not resume:
-            sam_steps(model, opt, batches, rank, world)
-        else:
-            sam_steps(model, opt, batches[:2], rank, world)
-            path = str(out / f"ckpt_{backend}")
-            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                     checkpoint_id=path)
+
+    def sam():
+        cls, kw = OPTIMIZERS["adamw"]
+        return lambda model: FusedSAM(model.parameters(), cls, rho=0.1, backend=backend, **kw), sam_steps
+
+    def msam():
+        return lambda model: make_efficient(model, "msam_sgd", backend), universal_steps
+
+    for name, (make, steps) in (("", sam()), ("msam_", msam())):
+        results = []
+        for resume in (False, True):
             model = fsdp_model(mesh)
-            opt = FusedSAM(model.parameters(), cls, rho=0.1, backend=backend, **kw)
-            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-            dcp.load(state, checkpoint_id=path)
-            set_model_state_dict(model, state["model"])
-            set_optimizer_state_dict(model, opt, state["optim"])
-            sam_steps(model, opt, batches[2:], rank, world)
-        results.append(snapshot(model, opt))
-    if rank == 0:
-        torch.save(results, out / f"dcp_{backend}.pt")
+            opt = make(model)
+            if not resume:
+                steps(model, opt, batches, rank, world)
+            else:
+                steps(model, opt, batches[:2], rank, world)
+                path = str(out / f"ckpt_{name}{backend}")
+                dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                         checkpoint_id=path)
+                model = fsdp_model(mesh)
+                opt = make(model)
+                state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+                dcp.load(state, checkpoint_id=path)
+                set_model_state_dict(model, state["model"])
+                set_optimizer_state_dict(model, opt, state["optim"])
+                steps(model, opt, batches[2:], rank, world)
+            results.append(snapshot(model, opt))
+        if rank == 0:
+            torch.save(results, out / f"dcp_{name}{backend}.pt")
 
 
 def main(rank: int, world: int, port: int, out: str, backends: list[str], universal_backends: list[str]) -> None:

@@ -51,7 +51,7 @@ def first_moment(kind: str, st: dict) -> Tensor:
 
 def init_state(kind: str, st: dict, p: Tensor) -> None:
     """The state the authors start from: a zero momentum (SGD), torch.optim.Adam's fresh state."""
-    t = local(p)
+    t = p.detach()  # a DTensor under FSDP2 (sharded like its parameter), as torch.optim keeps it
     if kind == "sgd":
         st["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
     else:
