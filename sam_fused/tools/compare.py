@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import GSAM, FusedSAM, LookSAM, UniversalSAM, __version__
+from .. import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from .cli import cpu_name, plain
 
-OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "gsam", "looksam", "frob", "trace", "det")
+OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "gsam", "looksam", "msam", "frob", "trace", "det")
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
 
 
@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS,
                    help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
                         "interval: SAM every 5th step; rst: SAM with probability 0.5; gsam: GSAM (--gsam-alpha); "
-                        "looksam: LookSAM (--looksam-k, --looksam-alpha); all with --rho; "
+                        "looksam: LookSAM (--looksam-k, --looksam-alpha); all with --rho; msam: Momentum-SAM "
+                        "(--msam-rho; evaluated at the unperturbed weights); "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
     p.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
@@ -54,6 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gsam-alpha", type=float, default=0.4, help="GSAM's alpha (default: 0.4)")
     p.add_argument("--looksam-alpha", type=float, default=0.7, help="LookSAM's alpha (default: 0.7)")
     p.add_argument("--looksam-k", type=int, default=5, help="LookSAM's k: a SAM step every k steps (default: 5)")
+    p.add_argument("--msam-rho", type=float, default=3.0,
+                   help="Momentum-SAM's rho (default: 3.0, the authors' value on every task of their paper)")
     p.add_argument("--lam", type=float, default=None,
                    help="lam of frob/trace/det (default: each class's default, e.g. Frob-SAM 0.005)")
     p.add_argument("--width", type=int, default=128, help="hidden width of the MLP (default: 128)")
@@ -113,6 +116,8 @@ def make_optimizer(name: str, params, args, seed: int | None = None):
     if name == "looksam":
         return LookSAM(params, torch.optim.SGD, rho=args.rho, k=getattr(args, "looksam_k", 5),
                        alpha=getattr(args, "looksam_alpha", 0.7), **base)
+    if name == "msam":
+        return MSAM(params, torch.optim.SGD, rho=getattr(args, "msam_rho", 3.0), **base)
     if name == "asam":
         return FusedSAM(params, torch.optim.SGD, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
     if name in ("frob", "trace", "det"):
@@ -168,6 +173,8 @@ def run_seed(names, args, seed: int, verbose_prefix: str = ""):
         t0 = time.perf_counter()
         train(model, opt, x_tr, y_tr, args.epochs, args.batch_size, seed)
         wall = time.perf_counter() - t0
+        if isinstance(opt, MSAM):
+            opt.restore()  # the end of training: evaluate w, not the perturbed point
         tr_loss, tr_acc = evaluate(model, x_tr, y_tr)
         _, tr_clean_acc = evaluate(model, x_tr, y_clean)
         te_loss, te_acc = evaluate(model, x_te, y_te)

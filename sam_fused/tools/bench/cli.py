@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ... import GSAM, FusedSAM, LookSAM, UniversalSAM, __version__
+from ... import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from ...backends import available_backends, triton_interpreting
 from ..cli import cpu_name, plain
 from .baseline import PerParameterSAM
@@ -84,7 +84,7 @@ def add_parser(sub) -> None:
                         "with their cost relative to SGD and to SAM)")
     p.add_argument("--efficient", action="store_true",
                    help="also train with interval SAM (SAM every 5th step), randomized SAM (RST, p = 0.5), GSAM "
-                        "(alpha 0.4) and LookSAM (k = 5, alpha 0.7): "
+                        "(alpha 0.4), LookSAM (k = 5, alpha 0.7) and Momentum-SAM (rho 3): "
                         "training table only, their throughput relative to SGD and to SAM, per step averaged "
                         "over whole cycles")
     p.add_argument("--host-tensors", default=None,
@@ -212,6 +212,7 @@ EFFICIENT = {
     "esam-rst0.5": (FusedSAM, dict(sam_probability=0.5), 10),
     "esam-gsam": (GSAM, dict(alpha=0.4), 1),
     "esam-looksam5": (LookSAM, dict(k=5, alpha=0.7), 5),
+    "esam-msam": (MSAM, dict(rho=3.0), 1),  # the authors' rho; one forward/backward per step
 }
 
 
@@ -223,7 +224,7 @@ def _sam(variant: str, params, base: str):
     cls, kw, _ = BASES[base]
     if variant in EFFICIENT:
         sam_cls, sam_kw, _ = EFFICIENT[variant]
-        return sam_cls(params, cls, rho=0.05, **sam_kw, **kw)
+        return sam_cls(params, cls, **dict(dict(rho=0.05), **sam_kw), **kw)
     if variant.startswith("usam-"):
         return UniversalSAM(params, cls, measure=variant[len("usam-"):], n_samples=2, seed=0, **kw)
     if variant == "sam-baseline":
@@ -387,7 +388,8 @@ def legend(names) -> list[str]:
         "sam-fast": "sam-cpu, sam-cuda, sam-triton: FusedSAM's fused backends (native C++ on the CPU or CUDA, "
                     "Triton kernels over device pointer tables)",
         "esam": "esam-*: the efficient family in training (interval5: SAM every 5th step; rst0.5: randomized SAM, "
-                "p = 0.5; gsam; looksam5: LookSAM, k = 5), per step over whole cycles",
+                "p = 0.5; gsam; looksam5: LookSAM, k = 5; msam: Momentum-SAM, one forward/backward per step), per step "
+                "over whole cycles",
         "usam": "usam-*: the universal class (Frob-, Trace-, Det-SAM, n = 2 samples)",
     }
     keys = set()
