@@ -9,6 +9,9 @@ Passes (bytes per parameter, element size s; fp32: s = 4):
     dots                 R g, aux (GSAM's and LookSAM's sums)      2 s
     sam step sgd         first_step + second_step, as a user calls them (norm + perturb + update)
                                                                    10 s
+    msam step sgd        Momentum-SAM's step(): R w, g, m; W w, m, then R w, m; W w
+                                                                   8 s
+    msam step adamw      the same with Adam's second moment        10 s
 
 and beside them torch's own fused optimizers on the same tensors: ``SGD(fused=True)`` (5 s) and
 ``AdamW(fused=True)`` (7 s), the floor a fused SAM step is measured against. Achieved GB/s is
@@ -34,14 +37,15 @@ import math
 
 import torch
 
-from ...optim import FusedSAM
+from ...optim import MSAM, FusedSAM
 from ...plan import ZeroBuffers
 from .measure import median, quartiles, sync, time_ms
 
 MIXES = ("transformer", "resnet50", "llm")
 # pass name -> bytes per parameter in elements of the parameter's dtype
 PASS_ELEMENTS = {"norm": 1, "perturb": 4, "restore+update sgd": 5, "restore+update adamw": 7, "dots": 2,
-                 "sam step sgd": 10, "torch fused sgd": 5, "torch fused adamw": 7}
+                 "sam step sgd": 10, "msam step sgd": 8, "msam step adamw": 10, "torch fused sgd": 5,
+                 "torch fused adamw": 7}
 
 
 def resnet50_numels() -> list[int]:
@@ -148,6 +152,22 @@ def _sam_passes(numels, device, dtype, backend: str, warmup: int, reps: int) -> 
     return times
 
 
+def _msam_passes(numels, device, dtype, backend: str, warmup: int, reps: int) -> dict[str, list[float]]:
+    """Times (ms) of Momentum-SAM's whole step (its two passes) over SGD-momentum and AdamW."""
+    times: dict[str, list[float]] = {}
+    for base, cls, kw in (("sgd", torch.optim.SGD, dict(momentum=0.9)),
+                          ("adamw", torch.optim.AdamW, dict(weight_decay=0.01))):
+        params = _params(numels, device, dtype, seed=3)
+        opt = MSAM(params, cls, rho=1e-6, lr=1e-6, backend=backend, **kw)
+        for _ in range(2):  # state created, the plan and its tables cached
+            opt.step()
+        if opt._backend.plan().slow:
+            raise RuntimeError(f"the {backend} backend takes the reference ops for these tensors: nothing fused to time")
+        times.update(time_ms({f"msam step {base}": opt.step}, device, warmup, reps))
+        opt = params = None
+    return times
+
+
 def _torch_fused(numels, device, dtype, warmup: int, reps: int) -> dict[str, list[float]]:
     times = {}
     for name, cls, kw in (("torch fused sgd", torch.optim.SGD, dict(momentum=0.9)),
@@ -171,7 +191,8 @@ def roofline(device: torch.device, backends: list[str], sizes: list[int], mixes:
         n = sum(numels)
         for dtype in dtypes:
             elem = torch.tensor([], dtype=dtype).element_size()
-            measured = [(b, _sam_passes(numels, device, dtype, b, warmup, reps)) for b in backends]
+            measured = [(b, {**_sam_passes(numels, device, dtype, b, warmup, reps),
+                             **_msam_passes(numels, device, dtype, b, warmup, reps)}) for b in backends]
             measured.append(("torch", _torch_fused(numels, device, dtype, warmup, reps)))
             for backend, times in measured:
                 for name, ts in times.items():
