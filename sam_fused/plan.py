@@ -226,10 +226,10 @@ class StepPlan:
         self.buckets: list[Bucket] = []
         self.slow: list[tuple[dict, Tensor, Tensor]] = []
         self.cache: dict = {}  # the backend's, e.g. the update's partition of the buckets
-        self._build(owner.params, owner.dtypes, owner.backups, grads)
+        self._build(owner.params, owner.dtypes, owner.backups if owner.keep_backups else None, grads)
         self._sign = _grad_signature(grads)  # no reference: a replaced gradient's memory is freed as usual
 
-    def _build(self, ps: "ParamSet", dtypes, backups: Buffers, grads: list[Tensor | None]) -> None:
+    def _build(self, ps: "ParamSet", dtypes, backups: Buffers | None, grads: list[Tensor | None]) -> None:
         k = 0
         for gi, group in enumerate(ps.groups):
             lists: dict[torch.dtype, tuple[list, list, list]] = {}
@@ -241,7 +241,7 @@ class StepPlan:
                     check_param(t)  # it may have been replaced since the ParamSet was made
                     self.active.append(p)
                     self.locals.append(t)
-                    b = backups.get(p)
+                    b = t if backups is None else backups.get(p)  # no backups: the parameter is its own source
                     if t.dtype in dtypes and is_dense(t) and g.stride() == t.stride():
                         cols = lists.setdefault(t.dtype, ([], [], [], []))
                         cols[0].append(t)
@@ -374,8 +374,9 @@ class ParamSet:
 class PlanCache:
     """The plans of one optimizer, keyed by which parameters have a grad."""
 
-    def __init__(self, dtypes: tuple[torch.dtype, ...]) -> None:
+    def __init__(self, dtypes: tuple[torch.dtype, ...], keep_backups: bool = True) -> None:
         self.dtypes = dtypes
+        self.keep_backups = keep_backups  # False: an algorithm that undoes its perturbation by arithmetic (MSAM)
         self.backups = Buffers()
         self.params: ParamSet | None = None
         self._plans: OrderedDict[tuple, StepPlan] = OrderedDict()

@@ -52,6 +52,8 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     # GSAM: the backup and the saved gradient; LookSAM: backup, g_v and the saved gradient (fp32)
     assert train["esam-gsam"]["extra_bytes_per_param"] == 8.0
     assert train["esam-looksam5"]["extra_bytes_per_param"] == 12.0
+    # Momentum-SAM: nothing beyond SGD's momentum buffer (its restore is arithmetic)
+    assert train["esam-msam"]["extra_bytes_per_param"] == 0.0
     host = data["host_cost"]
     assert [(r["tensors"], r["grads"]) for r in host] == [(n, g) for n in (10, 30) for g in ("in place", "new", "backward")]
     for r in host:
@@ -154,7 +156,8 @@ def test_roofline_section_writes_a_row_per_pass(tmp_path, capsys):
     assert rc == 0
     assert "Roofline: each pass alone" in capsys.readouterr().out
     rows = json.loads(out.read_text())["passes"]
-    fused = {"norm", "perturb", "dots", "restore+update sgd", "restore+update adamw", "sam step sgd"}
+    fused = {"norm", "perturb", "dots", "restore+update sgd", "restore+update adamw", "sam step sgd", "msam step sgd",
+             "msam step adamw"}
     for shape, tensors in (("1 tensor", 1), ("resnet50", 161)):
         for dtype, elem in (("float32", 4), ("bfloat16", 2)):
             rs = [r for r in rows if r["shape"] == shape and r["dtype"] == dtype]

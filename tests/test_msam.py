@@ -479,3 +479,4 @@ def test_steady_state_reuses_the_plan(backend):
     set_grads(params, coefs)
     opt.step()
     assert opt._fast_plan is plan and plan is not None
+    assert len(opt._backend.backups) == 0  # no parameter-sized buffer besides the base optimizer's state

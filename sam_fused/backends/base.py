@@ -22,6 +22,12 @@ also writes the (unscaled) gradient into the ``save`` buffers, and ``dots(plan, 
 inv_scale)`` sums ``g.g, g.aux, aux.aux`` over every parameter with a gradient into a 3-element
 fp32 device tensor (``reduce`` may change it in place: the FSDP2 all-reduce).
 
+Momentum-SAM (``backends/msam.py`` holds its reference ops and the order of its step):
+``msam_update(launches, inv, inv_next, amp, extra, device)`` runs its first pass over fused
+(bucket, update, restore) launches and returns the sum of squares of the new first moments, and
+``msam_perturb(bucket, inv_next, amp)`` its second; the reference backend has no launches (every
+parameter takes the reference ops).
+
 Every check happens before the first write; no pass synchronizes with the device unless stated.
 """
 
@@ -69,7 +75,7 @@ class Backend:
 
     def __init__(self, optimizer) -> None:
         self.opt = optimizer
-        self.plans = PlanCache(self.dtypes)
+        self.plans = PlanCache(self.dtypes, getattr(optimizer, "_keeps_backups", True))
 
     @property
     def backups(self) -> Buffers:

@@ -58,6 +58,7 @@ class MSAM(SAMOptimizer):
 
     _group_keys = ("rho",)
     _step_supports_amp_scaling = True
+    _keeps_backups = False  # the restore is arithmetic: no parameter-sized backup
 
     def __init__(self, params: Iterable, base_optimizer: type = torch.optim.SGD, rho: float = 3.0,
                  backend: str | None = None, **base_kwargs) -> None:
