@@ -128,7 +128,9 @@ def test_sam_with_grad_scaler_and_the_scheduler():
 
 def test_msam_under_timms_native_scaler():
     """Momentum-SAM takes one backward: timm's NativeScaler drives it as any optimizer, and its
-    weights at the end are those of a hand-written GradScaler loop."""
+    weights at the end are those of a hand-written GradScaler loop. (On the CPU NativeScaler turns
+    its CUDA scaler off and calls step() directly; the hand-written loop's GradScaler("cpu") is on:
+    with its power-of-two scale the two agree bit for bit.)"""
     from timm.utils import NativeScaler
 
     from sam_fused.integrations.timm import create_optimizer
@@ -152,3 +154,22 @@ def test_msam_under_timms_native_scaler():
             results.append(copy.deepcopy([p.detach() for p in model.parameters()]))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("opt, rho", [("sam_sgd", "0.05"), ("msam_sgd", "0.5")])
+def test_example_script_learns(opt, rho):
+    """The example in fp32 (bf16 autocast on the CPU takes 7x as long; the GradScaler flows are
+    the tests above)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    import os
+
+    root = pathlib.Path(__file__).parent.parent
+    script = root / "examples" / "timm_sam.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(script), "--opt", opt, "--steps", "12", "--backend", BACKEND,
+                          "--lr", "0.02", "--rho", rho, "--amp", "off"], capture_output=True, text=True, timeout=300, check=True, env=env).stdout
+    first, last = (float(v) for v in out.strip().rsplit(" ", 3)[-3::2])
+    assert last < first, out
