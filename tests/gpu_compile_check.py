@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sam_fused.kernels import dots, norm, perturb, universal, update
+from sam_fused.kernels import dots, momentum, norm, perturb, universal, update
 from sam_fused.kernels.table import NUM_WARPS
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -53,6 +53,10 @@ def variants():
                 COMMON, DTYPE=DTYPES[dt], AMP=amp, ALIGNED=al)
     yield ("finalize",), norm._finalize_kernel, dict(partials="*fp64", n="i32", sq="*fp64", norm="*fp32"), dict(
         PBLOCK=1024)
+    for amp in (False, True):
+        yield ("msam_finalize", amp), momentum._finalize_kernel, dict(
+            partials="*fp64", n="i32", sq="*fp64", inv_ptr="*fp32", inv_next_ptr="*fp32", found_inf_ptr="*fp32"), dict(
+            AMP=amp, PBLOCK=1024)
     yield ("finalize_dots",), dots._finalize_dots_kernel, dict(partials="*fp32", n="i32", out="*fp32"), dict(
         PBLOCK=1024)
     floats = "sign lr l2 decay momentum keep coef one_minus_beta1 beta2 one_minus_beta2 eps step_size".split()
@@ -69,6 +73,18 @@ def variants():
                 c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, HAS_MOMENTUM=bool(mom), NESTEROV=bool(nest),
                          AMP=bool(amp), COMBINE=comb, ALIGNED=al)
                 yield ("update", dt, opt, mom, nest, amp, comb, al), update._restore_update_kernel, utypes, c
+        mtypes = dict(chunks="*i64", tensors="*i64", partials="*fp64", n_chunks="i32", inv_ptr="*fp32",
+                      inv_scale_ptr="*fp32", found_inf_ptr="*fp32", rho=f32,
+                      **{f: f32 for f in floats if f != "momentum"})
+        for opt, restore, amp, al in itertools.product((1, 2), (False, True), (False, True), (False, True)):
+            if amp and not al:
+                continue
+            c = dict(COMMON, DTYPE=DTYPES[dt], OPT=opt, RESTORE=restore, AMP=amp, ALIGNED=al)
+            yield ("msam_update", dt, opt, restore, amp, al), momentum._update_kernel, mtypes, c
+        for amp, al in ((False, False), (False, True), (True, True)):
+            yield ("msam_perturb", dt, amp, al), momentum._perturb_kernel, dict(
+                chunks="*i64", tensors="*i64", inv_next_ptr="*fp32", found_inf_ptr="*fp32", rho=f32), dict(
+                COMMON, DTYPE=DTYPES[dt], AMP=amp, ALIGNED=al)
         for start, uni, expl in itertools.product((False, True), repeat=3):
             c = dict(COMMON, DTYPE=DTYPES[dt], START=start, UNIFORM=uni, EXPLICIT=expl, ALIGNED=not expl)
             yield ("usam_perturb", dt, start, uni, expl), universal._usam_perturb_kernel, dict(

@@ -120,7 +120,7 @@ class MSAM(SAMOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if closure is None and amp is None and _called_by_dcp_state_init():
+        if closure is None and amp is None and not self.state and _called_by_dcp_state_init():
             self.base_optimizer.step()  # torch.distributed.checkpoint creating a fresh optimizer's state
             return None
         self._check_groups()
