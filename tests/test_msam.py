@@ -198,7 +198,9 @@ def test_fast_matches_reference_fp32(backend, opt_name):
                 harness.assert_close(v, r[k], atol, rtol, k)
 
 
-@pytest.mark.quick_subset("triton", [dict(dtype=torch.bfloat16, opt_name="adamw")])
+# interpreted Triton in low precision only in `make test-full` (7 s a case): the fp32 cases run
+# both kernel kinds, and its bf16 rounding is the shared to_dtype of every Triton family
+@pytest.mark.quick_subset("triton", [])
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -320,7 +322,7 @@ def _resume(backend, opt_name, cut, total):
     return (_bits(fresh), _state_bits(opt2), float(opt2._inv)), (_bits(straight), _state_bits(opt_s), float(opt_s._inv))
 
 
-@pytest.mark.quick_subset("triton", [dict(opt_name="adamw", cut=4)])
+@pytest.mark.quick_subset("triton", [dict(opt_name="sgd_momentum_wd", cut=4)])
 @pytest.mark.parametrize("cut", [2, 4])  # 4: the step before had a missing gradient
 @pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "adamw"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -480,3 +482,20 @@ def test_steady_state_reuses_the_plan(backend):
     opt.step()
     assert opt._fast_plan is plan and plan is not None
     assert len(opt._backend.backups) == 0  # no parameter-sized buffer besides the base optimizer's state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_gradient_does_not_reach_every_weight(backend):
+    """Without AMP a NaN gradient makes the base update NaN where it is (as SGD's would); the norm
+    is then NaN, and Momentum-SAM perturbs nothing (inv 0) rather than every weight by NaN; the
+    next steps restore nothing and go on."""
+    params, _, opt = run(backend, torch.float32, "sgd_momentum_wd", steps=2)
+    _, coefs = problem(0)
+    set_grads(params, coefs)
+    params[1].grad[3] = float("nan")
+    opt.step()
+    assert float(opt._inv) == 0.0
+    assert not torch.isfinite(params[1]).all()
+    for i, p in enumerate(params):
+        if i != 1:
+            assert torch.isfinite(p).all(), harness.SHAPES[i]

@@ -16,8 +16,8 @@ gradient, in fp32 (fp64 for fp64 parameters), with the base optimizer's folded s
            w = w * (1 - lr * weight_decay)       (AdamW: the decay after the step, as the authors)
     sq += m^2                     (of m as stored, summed in fp64)
 
-then ``inv = 1 / (sqrt(sq) + 1e-12)`` (fp32; all-reduced first under FSDP2) and, per parameter,
-``w = w - rho * inv * m``. With AMP, an inf or NaN found leaves weights, momentum, perturbation
+then ``inv = 1 / (sqrt(sq) + 1e-12)`` (fp32; all-reduced first under FSDP2; 0 when the norm is not
+finite) and, per parameter, ``w = w - rho * inv * m``. With AMP, an inf or NaN found leaves weights, momentum, perturbation
 and ``inv`` as they were. A parameter perturbed at the last step that has no gradient now is put
 back (``w + r m``) and stays there until it has one.
 """
@@ -119,9 +119,12 @@ def update_(kind: str, u: Update, p: Tensor, st: dict, restore: bool, rho: float
 
 
 def next_inv(sq: Tensor, inv: Tensor, found_inf: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """``1 / (sqrt(sq) + 1e-12)`` in fp32 (``sq`` fp64), or ``inv`` itself when AMP found an inf."""
+    """``1 / (sqrt(sq) + 1e-12)`` in fp32 (``sq`` fp64); 0 when the norm is not finite (an inf or
+    NaN gradient without AMP: no parameter is perturbed, so the non-finite values stay where the
+    base optimizer put them instead of reaching every weight through the norm); ``inv`` itself
+    when AMP found an inf."""
     norm = sq.sqrt().to(torch.float32)
-    new = torch.reciprocal(norm + NORM_EPS)
+    new = torch.where(torch.isfinite(norm), torch.reciprocal(norm + NORM_EPS), torch.zeros_like(norm))
     if found_inf is not None:
         new = torch.where(found_inf.reshape(()) != 0, inv.reshape(()), new)
     if out is None:

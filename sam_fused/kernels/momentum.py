@@ -5,7 +5,7 @@ k, k + G, ...): per element, the restore ``w + r m`` with the old first moment, 
 (SGD with momentum, or Adam/AdamW with the AdamW decay after the step), and the sum of squares of
 the new first moment as stored (fp64), one partial per program. Then one program sums the partials
 of every bucket in a fixed order into ``sq`` and writes ``inv_next = 1 / (sqrt(sq) + 1e-12)`` (or
-the old inv when AMP found an inf).
+the old inv when AMP found an inf; 0 when the norm is not finite: nothing is perturbed).
 Pass 2 (one launch per bucket, a program per chunk): ``w -= rho * inv_next * m``.
 
 Bytes per element, fp32: SGD pass 1 reads w, g, m and writes w, m (20 B), pass 2 reads w, m and
@@ -98,7 +98,8 @@ def _finalize_kernel(partials, n, sq, inv_ptr, inv_next_ptr, found_inf_ptr, AMP:
     offs = tl.arange(0, PBLOCK)
     total = tl.sum(tl.load(partials + offs, mask=offs < n, other=0.0), axis=0)
     tl.store(sq, total)
-    new = 1.0 / (tl.sqrt(total).to(tl.float32) + NORM_EPS)
+    norm = tl.sqrt(total).to(tl.float32)
+    new = tl.where(norm < float("inf"), 1.0 / (norm + NORM_EPS), 0.0)  # inf and NaN: no perturbation
     if AMP:
         new = tl.where(tl.load(found_inf_ptr) != 0.0, tl.load(inv_ptr), new)
     tl.store(inv_next_ptr, new)
