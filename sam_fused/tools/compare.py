@@ -1,18 +1,21 @@
-"""``sam-fused compare``: SGD, SAM and ASAM trained alike on real data, with sharpness measured.
+"""``sam-fused compare``: SGD and the SAM family trained alike, with sharpness measured, on four
+tasks (``--task``): scikit-learn's handwritten digits with noisy labels and an MLP (the default),
+and, as in the study this project follows, a Wide ResNet on images, a transformer encoder on
+heartbeat-like time series and a GCN on molecule-like graphs (data sets made in the package:
+``sam_fused.tools.tasks``). Each task has its base optimizer (SGD with momentum, or Adam for the
+graphs) and the study's rho as SAM's default; ``--rho 0.05,0.5,1,2`` sweeps SAM's radius.
 
-The data set is scikit-learn's handwritten digits (1797 8x8 images, shipped with the package),
-standardized and split into train and test sets; a fraction of the training labels (default 20%)
-is flipped to another class at random, the setting where SAM's robustness shows. The same MLP,
-from the same initialization, is trained by each optimizer through the public ``FusedSAM`` API.
-
-Every figure is measured over several seeds (default 5: the split, the label noise, the
+Every figure is measured over several seeds (default 5: the data, the label noise, the
 initialization and the batch order all change with the seed) and reported as the mean and the
-standard deviation over the seeds: train/test loss and accuracy (train accuracy on the noisy
-labels it was given), the generalization gap, the top Hessian eigenvalue lambda_1 and
-lambda_1/lambda_5, the Hessian trace (training loss, full batch), and the wall time. A run is
-deterministic for a given seed and thread count. For the first seed it saves 1-D and 2-D loss
-landscapes along filter-normalized directions and the Hessian spectral densities; the JSON holds
-every figure of every seed.
+standard deviation over the seeds: train/test loss and accuracy (train accuracy on the labels it
+was given), the generalization gap, the Hessian of the training loss at both ends of its spectrum
+(``lambda_max``, ``lambda_min`` and ``|lambda_max / lambda_min|`` by Lanczos; ``lambda_1`` and
+``lambda_1 / lambda_5`` by ARPACK on digits, from the same Lanczos run on the other tasks), its
+trace (Hutchinson), and the wall time; the Hessian figures use a fixed subset of the training set
+for the larger tasks. A run is deterministic for a given
+seed and thread count. For the first seed it saves 1-D and 2-D loss landscapes along
+filter-normalized directions and the Hessian spectral densities; the JSON holds every figure of
+every seed.
 """
 
 from __future__ import annotations
@@ -32,25 +35,33 @@ import torch.nn.functional as F
 
 from .. import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from .cli import cpu_name, plain
+from .tasks import TASKS, digits_data
 
 OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "gsam", "looksam", "msam", "frob", "trace", "det")
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="train SGD, SAM and ASAM on digits with noisy labels; measure sharpness",
+    p = sub.add_parser("compare", help="train SGD and the SAM family on a task (digits, images, time series, graphs); "
+                                       "measure sharpness",
                        description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="digits",
+                   help="digits (MLP, default), images (Wide ResNet), timeseries (transformer encoder), graphs (GCN)")
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS,
                    help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
+                        "sgd is the task's base (SGD-momentum, or Adam for graphs), the others wrap it; "
                         "interval: SAM every 5th step; rst: SAM with probability 0.5; gsam: GSAM (--gsam-alpha); "
                         "looksam: LookSAM (--looksam-k, --looksam-alpha); all with --rho; msam: Momentum-SAM "
                         "(--msam-rho; evaluated at the unperturbed weights); "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
-    p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
-    p.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the SGD-momentum base (default: 0.05)")
-    p.add_argument("--rho", type=float, default=0.05, help="SAM's rho (default: 0.05)")
+    p.add_argument("--noise", type=float, default=0.2, help="digits: fraction of training labels flipped (default: 0.2)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the task's; digits 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the task's, 64)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the base (default: the task's; digits 0.05)")
+    p.add_argument("--rho", type=_rhos, default=None,
+                   help="SAM's rho, or several comma-separated (a sweep: each value is its own run of every "
+                        "optimizer that takes --rho, named e.g. sam@0.5) (default: the study's best for the task: "
+                        "digits 0.05, images 2, timeseries 1, graphs 0.05)")
     p.add_argument("--asam-rho", type=float, default=0.5, help="ASAM's rho (default: 0.5)")
     p.add_argument("--gsam-alpha", type=float, default=0.4, help="GSAM's alpha (default: 0.4)")
     p.add_argument("--looksam-alpha", type=float, default=0.7, help="LookSAM's alpha (default: 0.7)")
@@ -59,70 +70,107 @@ def add_parser(sub) -> None:
                    help="Momentum-SAM's rho (default: 3.0, the authors' value on every task of their paper)")
     p.add_argument("--lam", type=float, default=None,
                    help="lam of frob/trace/det (default: each class's default, e.g. Frob-SAM 0.005)")
-    p.add_argument("--width", type=int, default=128, help="hidden width of the MLP (default: 128)")
-    p.add_argument("--probes", type=int, default=50, help="Hutchinson probes for the trace (default: 50)")
+    p.add_argument("--width", type=int, default=128, help="digits: hidden width of the MLP (default: 128)")
+    p.add_argument("--train-size", type=int, default=None, help="training examples (default: the task's)")
+    p.add_argument("--test-size", type=int, default=None, help="test examples (default: the task's)")
+    p.add_argument("--hessian-samples", type=int, default=None,
+                   help="training examples the Hessian figures and landscapes use (default: the task's; digits: all)")
+    p.add_argument("--lanczos-steps", type=int, default=40,
+                   help="Lanczos steps for lambda_max and lambda_min (default: 40)")
+    p.add_argument("--probes", type=int, default=None,
+                   help="Hutchinson probes for the trace (default: 50 on digits, 10 on the other tasks)")
     p.add_argument("--landscape-steps", type=int, default=31, help="points per landscape axis (default: 31)")
     p.add_argument("--seeds", type=int, default=5,
                    help="number of seeds, each a run of every optimizer (default: 5); figures are mean and "
                         "standard deviation over them")
     p.add_argument("--seed", type=int, default=0,
-                   help="first seed of the split, the noise, the init and the batch order (default: 0)")
+                   help="first seed of the data, the noise, the init and the batch order (default: 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default: 1: the figures then depend on the seed only)")
     p.add_argument("--out", type=Path, default=Path("sam-compare"), help="folder for the PNGs and JSON")
     p.set_defaults(func=run)
 
 
+def _rhos(text: str) -> list[float]:
+    values = []
+    for part in str(text).split(","):
+        value = float(part)
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"a rho must be a finite non-negative number, got {part!r}")
+        values.append(value)
+    return values
+
+
+# the optimizers whose radius is --rho (a sweep runs each once per value)
+RHO_SWEPT = ("sam", "interval", "rst", "gsam", "looksam")
+
+
 def load_digits_split(noise: float, seed: int, test_fraction: float = 0.4):
     """Standardized digits; (x_train, y_train_noisy, y_train_clean, x_test, y_test)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise SystemExit("sam-fused compare needs scikit-learn: pip install 'sam_fused[sharpness]'") from exc
-    x, y = load_digits(return_X_y=True)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    n_test = int(len(x) * test_fraction)
-    test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
-    x = (x - mean) / std
-    y_clean = y[train].copy()
-    y_noisy = y_clean.copy()
-    flip = rng.random(len(train)) < noise
-    y_noisy[flip] = (y_clean[flip] + rng.integers(1, 10, flip.sum())) % 10  # always another class
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
-    return as_x(x[train]), as_y(y_noisy), as_y(y_clean), as_x(x[test]), as_y(y[test])
+    return digits_data(seed, noise=noise)
 
 
 def mlp(width: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    from .tasks import mlp as make
+
+    return make(seed, width)
 
 
-def make_optimizer(name: str, params, args, seed: int | None = None):
-    base = dict(lr=args.lr, momentum=0.9, weight_decay=5e-4)
+def resolve(args) -> None:
+    """Fill the options left to the task (``None``) from it, in place."""
+    task = TASKS[getattr(args, "task", "digits")]
+    for key, value in (("epochs", task.epochs), ("batch_size", task.batch_size), ("lr", task.lr),
+                       ("rho", [task.rho]), ("train_size", task.train_size), ("test_size", task.test_size),
+                       ("hessian_samples", task.hessian_samples), ("probes", 50 if task.name == "digits" else 10)):
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if isinstance(args.rho, (int, float)):
+        args.rho = [float(args.rho)]
+
+
+def runs_of(names: list[str], rhos: list[float]) -> list[tuple[str, str, float | None]]:
+    """(label, optimizer, rho) of every run: one per optimizer, and per rho for those that take --rho
+    when several are given (labelled ``name@rho``)."""
+    out = []
+    for name in names:
+        if name in RHO_SWEPT:
+            for rho in rhos:
+                out.append((f"{name}@{rho:g}" if len(rhos) > 1 else name, name, rho))
+        else:
+            out.append((name, name, None))
+    return out
+
+
+def make_optimizer(name: str, params, args, seed: int | None = None, rho: float | None = None):
+    """The optimizer ``name`` over the task's base (SGD with momentum 0.9, or Adam; weight decay
+    5e-4 either way); ``rho``: the radius of the optimizers that take --rho (default: its first value)."""
+    task = TASKS[getattr(args, "task", "digits")]
+    if task.base == "adam":
+        cls, base = torch.optim.Adam, dict(lr=args.lr, weight_decay=5e-4)
+    else:
+        cls, base = torch.optim.SGD, dict(lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    if rho is None:
+        rho = args.rho[0] if isinstance(args.rho, list) else args.rho
     if name == "sgd":
-        return torch.optim.SGD(params, **base)
+        return cls(params, **base)
     if name == "sam":
-        return FusedSAM(params, torch.optim.SGD, rho=args.rho, **base)
+        return FusedSAM(params, cls, rho=rho, **base)
     if name == "interval":
-        return FusedSAM(params, torch.optim.SGD, rho=args.rho, interval=5, **base)
+        return FusedSAM(params, cls, rho=rho, interval=5, **base)
     if name == "rst":
-        return FusedSAM(params, torch.optim.SGD, rho=args.rho, sam_probability=0.5,
-                        seed=args.seed if seed is None else seed, **base)
+        return FusedSAM(params, cls, rho=rho, sam_probability=0.5, seed=args.seed if seed is None else seed, **base)
     if name == "gsam":
-        return GSAM(params, torch.optim.SGD, rho=args.rho, alpha=getattr(args, "gsam_alpha", 0.4), **base)
+        return GSAM(params, cls, rho=rho, alpha=getattr(args, "gsam_alpha", 0.4), **base)
     if name == "looksam":
-        return LookSAM(params, torch.optim.SGD, rho=args.rho, k=getattr(args, "looksam_k", 5),
-                       alpha=getattr(args, "looksam_alpha", 0.7), **base)
+        return LookSAM(params, cls, rho=rho, k=getattr(args, "looksam_k", 5), alpha=getattr(args, "looksam_alpha", 0.7),
+                       **base)
     if name == "msam":
-        return MSAM(params, torch.optim.SGD, rho=getattr(args, "msam_rho", 3.0), **base)
+        return MSAM(params, cls, rho=getattr(args, "msam_rho", 3.0), **base)
     if name == "asam":
-        return FusedSAM(params, torch.optim.SGD, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
+        return FusedSAM(params, cls, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
     if name in ("frob", "trace", "det"):
         lam = {} if getattr(args, "lam", None) is None else dict(lam=args.lam)
-        return UniversalSAM(params, torch.optim.SGD, measure=name, seed=args.seed if seed is None else seed, **lam, **base)
+        return UniversalSAM(params, cls, measure=name, seed=args.seed if seed is None else seed, **lam, **base)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -156,20 +204,41 @@ def evaluate(model, x, y) -> tuple[float, float]:
 
 
 FIGURES = ("train_loss", "train_acc", "train_acc_clean_labels", "test_loss", "test_acc", "gap_acc", "gap_loss",
-           "lambda_1", "lambda_1_over_5", "trace", "train_seconds")
+           "lambda_max", "lambda_min", "lambda_max_over_min", "lambda_1", "lambda_1_over_5", "trace", "train_seconds")
+
+
+def _model(args, seed: int) -> nn.Module:
+    task = TASKS[getattr(args, "task", "digits")]
+    return mlp(args.width, seed) if task.name == "digits" else task.model(seed)
+
+
+def _data(args, seed: int):
+    task = TASKS[getattr(args, "task", "digits")]
+    if task.name == "digits":
+        return digits_data(seed, args.train_size, args.test_size, noise=args.noise)
+    return task.data(seed, args.train_size, args.test_size)
+
+
+def hessian_batches(x, y, samples: int, batch: int = 256) -> list[tuple]:
+    """The first ``samples`` training examples (all with 0) as the batches of the Hessian figures."""
+    if samples:
+        x, y = x[:samples], y[:samples]
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
 
 
 def run_seed(names, args, seed: int, verbose_prefix: str = ""):
-    """Train every optimizer with one seed; (figures per optimizer, trained models)."""
-    from .sharpness import hessian_eigenvalues, hessian_trace
+    """Train every run (optimizer, and rho in a sweep) with one seed; (figures per run, trained
+    models, the Hessian's batches)."""
+    from .sharpness import hessian_eigenvalues, hessian_extremes, hessian_trace
 
-    x_tr, y_tr, y_clean, x_te, y_te = load_digits_split(args.noise, seed)
-    train_data = [(x_tr, y_tr)]
+    resolve(args)
+    x_tr, y_tr, y_clean, x_te, y_te = _data(args, seed)
+    train_data = hessian_batches(x_tr, y_tr, args.hessian_samples)
     results, models = {}, {}
-    for name in names:
-        print(f"{verbose_prefix}training {name} for {args.epochs} epochs ...", file=sys.stderr)
-        model = mlp(args.width, seed)
-        opt = make_optimizer(name, model.parameters(), args, seed)
+    for label, name, rho in runs_of(names, args.rho):
+        print(f"{verbose_prefix}training {label} for {args.epochs} epochs ...", file=sys.stderr)
+        model = _model(args, seed)
+        opt = make_optimizer(name, model.parameters(), args, seed, rho)
         t0 = time.perf_counter()
         train(model, opt, x_tr, y_tr, args.epochs, args.batch_size, seed)
         wall = time.perf_counter() - t0
@@ -178,15 +247,20 @@ def run_seed(names, args, seed: int, verbose_prefix: str = ""):
         tr_loss, tr_acc = evaluate(model, x_tr, y_tr)
         _, tr_clean_acc = evaluate(model, x_tr, y_clean)
         te_loss, te_acc = evaluate(model, x_te, y_te)
-        top = hessian_eigenvalues(model, F.cross_entropy, train_data, k=5, tol=1e-4, seed=seed)
+        ends = hessian_extremes(model, F.cross_entropy, train_data, steps=args.lanczos_steps, seed=seed)
+        if args.task == "digits":  # ARPACK to tol 1e-4, as the digits figures have always been taken
+            top = hessian_eigenvalues(model, F.cross_entropy, train_data, k=5, tol=1e-4, seed=seed).eigenvalues
+        else:  # the larger models: the five largest Ritz values of the same Lanczos run
+            top = sorted(ends.ritz, reverse=True)[:5]
         trace = hessian_trace(model, F.cross_entropy, train_data, num_probes=args.probes, seed=seed)
-        results[name] = dict(
+        results[label] = dict(
             train_loss=tr_loss, train_acc=tr_acc, train_acc_clean_labels=tr_clean_acc, test_loss=te_loss,
             test_acc=te_acc, gap_acc=tr_acc - te_acc, gap_loss=te_loss - tr_loss,
-            lambda_1=top.eigenvalues[0], lambda_1_over_5=top.ratio, eigenvalues=top.eigenvalues,
-            trace=trace.value, trace_stderr=trace.stderr, train_seconds=wall,
+            lambda_max=ends.lambda_max, lambda_min=ends.lambda_min, lambda_max_over_min=ends.ratio,
+            lambda_1=top[0], lambda_1_over_5=top[0] / top[-1], eigenvalues=top,
+            trace=trace.value, trace_stderr=trace.stderr, train_seconds=wall, rho=rho,
         )
-        models[name] = model
+        models[label] = model
     return results, models, train_data
 
 
@@ -218,6 +292,7 @@ def _run(args) -> int:
 
     from .. import native
 
+    resolve(args)
     names = args.optimizer or list(DEFAULT_OPTIMIZERS)
     seeds = list(range(args.seed, args.seed + args.seeds))
     if native.build_pending():  # build first (it says so), so that the first seed's time, and the ETA, exclude it
@@ -305,13 +380,18 @@ def _verdict(summary: dict) -> str:
 
 def _table(summary: dict, args, seeds: list[int]) -> str:
     cols = [("train loss", "train_loss", 4), ("train acc", "train_acc", 3), ("test loss", "test_loss", 4),
-            ("test acc", "test_acc", 3), ("gap (acc)", "gap_acc", 3), ("lambda_1", "lambda_1", 2),
-            ("l1/l5", "lambda_1_over_5", 2), ("trace", "trace", 1), ("time s", "train_seconds", 1)]
+            ("test acc", "test_acc", 3), ("gap (acc)", "gap_acc", 3), ("lambda_max", "lambda_max", 2),
+            ("lambda_min", "lambda_min", 3), ("|max/min|", "lambda_max_over_min", 1), ("l1/l5", "lambda_1_over_5", 2),
+            ("trace", "trace", 1), ("time s", "train_seconds", 1)]
     cell = lambda f, d: f"{f['mean']:.{d}f} +- {f['std']:.{d}f}"  # noqa: E731
     rows = [[name] + [cell(figs[key], d) for _, key, d in cols] for name, figs in summary.items()]
     headers = ["optimizer"] + [c[0] for c in cols]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    head = (f"digits, {args.noise:.0%} of training labels flipped, MLP width {args.width}, {args.epochs} epochs, "
+    task = TASKS[getattr(args, "task", "digits")]
+    what = (f"digits, {args.noise:.0%} of training labels flipped, MLP width {args.width}" if task.name == "digits"
+            else f"{task.name}: {task.describe} ({args.train_size} / {args.test_size} examples)")
+    hess = f"Hessian on {args.hessian_samples} training examples" if args.hessian_samples else "Hessian on the training set"
+    head = (f"{what}, {task.base} base, {args.epochs} epochs, {hess}, "
             f"seeds {seeds[0]}..{seeds[-1]} (mean +- standard deviation over {len(seeds)} seeds), "
             f"{torch.get_num_threads()} thread(s)")
     line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))

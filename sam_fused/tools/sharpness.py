@@ -223,6 +223,33 @@ def _lanczos(matvec: Callable[[Tensor], Tensor], v: Tensor, steps: int) -> tuple
     return np.array(alphas), np.array(betas)
 
 
+@dataclass
+class Extremes:
+    lambda_max: float  # the largest Ritz value: the largest eigenvalue, from below
+    lambda_min: float  # the smallest Ritz value: the smallest (most negative) eigenvalue, from above
+    ritz: list[float] = field(repr=False)
+
+    @property
+    def ratio(self) -> float:
+        """|lambda_max / lambda_min| (inf when lambda_min is 0)."""
+        return abs(self.lambda_max / self.lambda_min) if self.lambda_min != 0 else float("inf")
+
+
+def hessian_extremes(model: nn.Module, loss_fn: LossFn, data: Iterable, steps: int = 40, seed: int = 0,
+                     train: bool = False) -> Extremes:
+    """Both ends of the Hessian's spectrum by one Lanczos run with full reorthogonalization from a
+    random start (``steps`` Hessian-vector products): the extreme Ritz values converge first, from
+    inside the spectrum, so they bound the true extremes and approach them as ``steps`` grows."""
+    gen = torch.Generator().manual_seed(seed)
+    with _evaluating(model, train):
+        op = HessianOperator(model, loss_fn, _batches(data))
+        alpha, beta = _lanczos(op.matvec, torch.randn(op.size, generator=gen, dtype=torch.float64),
+                               min(steps, op.size))
+    tri = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+    theta = np.linalg.eigvalsh(tri)
+    return Extremes(float(theta[-1]), float(theta[0]), theta.tolist())
+
+
 def hessian_spectrum(
     model: nn.Module, loss_fn: LossFn, data: Iterable, num_probes: int = 4, lanczos_steps: int = 60,
     num_points: int = 512, sigma: float | None = None, seed: int = 0, train: bool = False,
