@@ -73,8 +73,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line(
         "markers",
-        "quick_subset(backend, combos): for that backend, `make test` runs only the parametrizations "
-        "matching one of the combos (dicts of parameter values); `make test-full` runs them all")
+        "quick_subset(backend, combos): for that backend (None: any), `make test` runs only the "
+        "parametrizations matching one of the combos (dicts of parameter values); `make test-full` runs them all")
 
 
 def full_matrix(config) -> bool:
@@ -95,7 +95,7 @@ def pytest_collection_modifyitems(config, items):
             continue
         backend, combos = subset.args
         params = item.callspec.params
-        if params.get("backend") != backend:
+        if backend is not None and params.get("backend") != backend:  # None: whatever the backend
             continue
         if not any(all(params.get(k) == v for k, v in combo.items()) for combo in combos):
             item.add_marker(skip_full)
@@ -106,7 +106,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = terminalreporter.stats.get("skipped", [])
     n = sum(1 for r in skipped if "full matrix only" in str(r.longrepr))
     if n:
-        terminalreporter.write_line(f"{n} combinations of the interpreted Triton matrices left to `make test-full`")
+        terminalreporter.write_line(f"{n} combinations (interpreted Triton matrices, the larger compare tasks) left to "
+                                    "`make test-full`")
 
 
 @pytest.fixture

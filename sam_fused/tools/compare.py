@@ -76,7 +76,7 @@ def add_parser(sub) -> None:
     p.add_argument("--hessian-samples", type=int, default=None,
                    help="training examples the Hessian figures and landscapes use (default: the task's; digits: all)")
     p.add_argument("--lanczos-steps", type=int, default=40,
-                   help="Lanczos steps for lambda_max and lambda_min (default: 40)")
+                   help="Lanczos steps for lambda_max and lambda_min, and per probe of the spectral density (default: 40)")
     p.add_argument("--probes", type=int, default=None,
                    help="Hutchinson probes for the trace (default: 50 on digits, 10 on the other tasks)")
     p.add_argument("--landscape-steps", type=int, default=31, help="points per landscape axis (default: 31)")
@@ -318,7 +318,8 @@ def _run(args) -> int:
     two = {n: loss_landscape(m, F.cross_entropy, first_data, dims=2, steps=max(steps // 2 + 1, 5), span=1.0,
                              seed=seeds[0]) for n, m in first_models.items()}
     files = [plot_landscapes(one, args.out / "landscape_1d.png"), plot_landscapes(two, args.out / "landscape_2d.png")]
-    spectra = {n: hessian_spectrum(m, F.cross_entropy, first_data, num_probes=2, lanczos_steps=40, seed=seeds[0])
+    spectra = {n: hessian_spectrum(m, F.cross_entropy, first_data, num_probes=2, lanczos_steps=args.lanczos_steps,
+                                   seed=seeds[0])
                for n, m in first_models.items()}
     files.append(_plot_spectra(spectra, args.out / "spectrum.png"))
 

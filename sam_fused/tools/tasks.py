@@ -4,27 +4,29 @@ model and the base optimizer, one per architecture of the study it follows.
 ===========  ==============================================  =========================  ======
 task         data (seeded; train / test)                     model                      base
 ===========  ==============================================  =========================  ======
-digits       scikit-learn's 8x8 digits, 20% of the training  MLP, 2 hidden layers       SGD
-             labels flipped (1078 / 719)
-images       10 classes of 3x16x16 images: two smooth        Wide ResNet WRN-16-k       SGD
-             prototypes per class, shifted, flipped, scaled  (k = 2: 0.69M parameters)
-             and under noise (1000 / 1000)
+digits       scikit-learn's 8x8 digits, 20% of the training  MLP, 2 hidden layers of    SGD
+             labels flipped (1078 / 719)                     128 (26K parameters)
+images       10 classes of 3x16x16 images: two smooth        Wide ResNet WRN-16-1       SGD
+             prototypes per class, shifted, flipped, scaled  (0.18M parameters)
+             and under noise of 2.5x their scale (600 / 1000)
 timeseries   5 classes of 128-sample heartbeat-like series   transformer encoder (patch SGD
              (P, QRS, T waves; classes differ in QRS width,  8, d 32, 2 layers, 4 heads;
-             prematurity, T inversion, amplitude), time      25K parameters)
+             prematurity, T inversion, amplitude), time      18K parameters)
              jitter, baseline wander and noise; class mix
-             55/20/12/8/5% (1500 / 1500)
+             55/20/12/8/5% (600 / 1500)
 graphs       molecule-like graphs of 10-24 atoms of 5 types  GCN (3 graph convolutions  Adam
-             (a random tree and a few ring bonds); label 1   of width 64, mean and max
-             when an N atom has two O neighbours (a nitro-   pooling; 13K parameters)
+             (a random tree and a few ring bonds); label 1   of width 128, mean and max
+             when an N atom has two O neighbours (a nitro-   pooling; 34K parameters)
              like group, planted in half the graphs), 10% of
-             the training labels flipped (1200 / 1200)
+             the training labels flipped (600 / 1200)
 ===========  ==============================================  =========================  ======
 
-Sizes: one optimizer and one seed of a task trains in under a minute on 2 CPU cores (SAM doubles
-it), and the Hessian figures are taken on a fixed subset of the training set
-(``hessian_samples``), so a 5-seed run with a rho sweep stays within tens of minutes. The noise
-levels make SGD fit the training set while the test accuracy stays well between chance and 1.
+Sizes: one optimizer and one seed of a task trains in 9-17 s on 2 CPU cores (SGD, measured;
+SAM doubles it), and the Hessian figures are taken on a fixed subset of the training set
+(``hessian_samples``: 128 images, 600 series, 600 graphs), so a 5-seed run with a four-value rho
+sweep takes 15-25 minutes. With these sizes and noise levels the base optimizer fits the training
+set (train accuracy 1.0 images, 0.995 series, 0.93 graphs on noisy labels, seed 0) while the test
+accuracy stays between chance and 1 (0.57, 0.83, 0.89).
 
 A graph is one row of a dense tensor ``[max_nodes, features + max_nodes + 1]``: the one-hot atom
 types, the symmetrically normalized adjacency with self-loops, and the node mask; a batch of
@@ -231,8 +233,13 @@ class SeriesTransformer(nn.Module):
         self.head = nn.Linear(d, classes)
 
     def forward(self, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         tokens = x.reshape(x.shape[0], -1, self.patch)
-        h = self.encoder(self.embed(tokens) + self.pos)
+        # the math kernel: the Hessian's double backward has no derivative through the fused CPU
+        # attention kernels (and at 16 tokens the math one costs nothing)
+        with sdpa_kernel([SDPBackend.MATH]):
+            h = self.encoder(self.embed(tokens) + self.pos)
         return self.head(self.norm(h.mean(dim=1)))
 
 
