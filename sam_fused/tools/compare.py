@@ -175,6 +175,13 @@ def make_optimizer(name: str, params, args, seed: int | None = None, rho: float 
 
 
 def train(model, opt, x, y, epochs: int, batch_size: int, seed: int) -> None:
+    """``epochs`` passes over (x, y) in a seeded order. A closure called again within one step (SAM's
+    second forward at w + e, Frob-SAM's samples) runs with BatchNorm's running statistics frozen
+    (``sam_fused.nn.frozen_running_stats``): only the forward at w updates them."""
+    import contextlib
+
+    from ..nn import frozen_running_stats
+
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -182,9 +189,13 @@ def train(model, opt, x, y, epochs: int, batch_size: int, seed: int) -> None:
         for start in range(0, len(x), batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x[idx], y[idx]
+            calls = [0]
 
             def closure():
-                loss = F.cross_entropy(model(xb), yb)
+                frozen = frozen_running_stats(model) if calls[0] else contextlib.nullcontext()
+                calls[0] += 1
+                with frozen:
+                    loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
                 return loss
 
