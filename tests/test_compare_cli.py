@@ -26,7 +26,7 @@ def test_compare_writes_json_and_pngs(tmp_path, capsys):
     assert rc == 0
     assert torch.get_num_threads() == threads  # the thread count is given back
     out = capsys.readouterr().out
-    assert "lambda_1" in out and "sgd" in out and "asam" in out and "+-" in out and "seeds 0..1" in out
+    assert "lambda_max" in out and "lambda_min" in out and "sgd" in out and "asam" in out and "+-" in out and "seeds 0..1" in out
     assert "sam - sgd, test accuracy per seed" in out
     data = json.loads((tmp_path / "compare.json").read_text())
     assert data["seeds"] == [0, 1] and data["machine"]

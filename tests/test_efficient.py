@@ -169,17 +169,20 @@ def test_low_precision(backend, dtype, algo):
 @pytest.mark.parametrize("backend", ["torch"] + FAST)
 def test_generic_base_optimizer(backend):
     """A base optimizer without a fused kernel (RMSprop; its own ``alpha`` cannot be passed, GSAM's
-    and LookSAM's take the name): the combination rewrites the gradients, then its own step runs;
-    equal to the reference."""
+    and LookSAM's take the name): the combination rewrites the gradients, then its own step runs.
+    RMSprop divides by sqrt(square_avg), which turns a rounding difference into a large one where a
+    gradient is near zero (a fixed 1e-5 failed on one element of 278011 at 1.1e-5 in a CI run), so
+    the rule is test_parity's for RMSprop: the error against the float64 run is at most
+    LOWP_FACTOR times the fp32 reference's, plus FP32_FLOOR (tolerances.py)."""
+    from tolerances import FP32_FLOOR
+
     spec = (torch.optim.RMSprop, dict(momentum=0.5))
-    params, states, _ = run_backend(backend, torch.float32, DEVICE, spec, sam_cls=GSAM, alpha=ALPHA, steps=4)
-    ref, ref_states, _ = run_backend("torch", torch.float32, DEVICE, spec, sam_cls=GSAM, alpha=ALPHA, steps=4)
-    for p, r in zip(params, ref):
-        torch.testing.assert_close(p, r, atol=1e-5, rtol=1e-5)
-    look, _, _ = run_backend(backend, torch.float32, DEVICE, spec, sam_cls=LookSAM, closure=True, k=K, steps=5)
-    look_ref, _, _ = run_backend("torch", torch.float32, DEVICE, spec, sam_cls=LookSAM, closure=True, k=K, steps=5)
-    for p, r in zip(look, look_ref):
-        torch.testing.assert_close(p, r, atol=1e-5, rtol=1e-5)
+    for cls, kw, steps in ((GSAM, dict(alpha=ALPHA), 4), (LookSAM, dict(closure=True, k=K), 5)):
+        runs = [run_backend(b, dt, DEVICE, spec, sam_cls=cls, steps=steps, **kw)[0]
+                for b, dt in ((backend, torch.float32), ("torch", torch.float32), ("torch", torch.float64))]
+        for fast, ref, exact in zip(*runs):
+            bound = LOWP_FACTOR * max_err(ref, exact) + FP32_FLOOR
+            assert max_err(fast, exact) <= bound, f"{cls.__name__}: {max_err(fast, exact):.3g} > {bound:.3g}"
 
 
 # ---------------------------------------------------------------------- exact reductions
