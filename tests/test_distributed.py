@@ -155,18 +155,8 @@ def test_torchrun_examples(example, args, expect):
     import sys
     from pathlib import Path
 
+    from launch import torchrun
+
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(root / "examples" / example), *args]
-    # its own session: on a timeout the whole group (torchrun and its ranks) is killed, none left behind
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    stdout = torchrun(root / "examples" / example, *args, pythonpath=[root])
     assert expect in stdout, stdout[-2000:]

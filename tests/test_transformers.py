@@ -179,27 +179,15 @@ def test_ddp_through_accelerate_equals_one_process(tmp_path):
     equals one process with micro-batches of 8 on the same sequences in order (SGD, accumulation 2,
     clipping, 4 steps): the perturbation uses the gradient averaged over the ranks, as SAM on the
     global batch does (measured 4e-9 apart; GSAM in place of SAM moves the weights by 4e-3)."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     import trainer_ddp_worker as worker
+    from launch import torchrun
     from tolerances import FP32
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("trainer_ddp_worker.py")), str(tmp_path / "ddp.pt"), "4", "sam"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    torchrun(Path(__file__).with_name("trainer_ddp_worker.py"), tmp_path / "ddp.pt", 4, "sam",
+             pythonpath=[root, root / "tests"], timeout=180)
     worker.main(str(tmp_path / "one.pt"), 8, "sam")
     atol, rtol = FP32["distributed_vs_single"]
     for a, b in zip(torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "one.pt")):

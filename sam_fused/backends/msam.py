@@ -134,14 +134,13 @@ def next_inv(sq: Tensor, inv: Tensor, found_inf: Tensor | None, out: Tensor | No
 
 
 class MomentumPass:
-    """What one Momentum-SAM step does, decided before the first write.
+    """What one Momentum-SAM step does, decided before the first write: ``ref``, the (group, param)
+    pairs the reference ops take (every pair on the torch backend); ``stale``, (group, param) of
+    parameters perturbed at the last step without a gradient now (put back, not updated);
+    ``skip_on_device``, whether AMP's found_inf is left to the kernels."""
 
-    ``fused``: (bucket, update, restore) launches of a fused backend; ``ref``: (group, param)
-    pairs the reference ops take (every pair on the torch backend); ``stale``: (group, param) of
-    parameters perturbed at the last step without a gradient now (put back, not updated)."""
-
-    def __init__(self, fused, ref, stale, skip_on_device: bool) -> None:
-        self.fused, self.ref, self.stale, self.skip_on_device = fused, ref, stale, skip_on_device
+    def __init__(self, ref, stale, skip_on_device: bool) -> None:
+        self.ref, self.stale, self.skip_on_device = ref, stale, skip_on_device
 
 
 def plan_pass(backend, opt, plan: StepPlan, kind: str, perturbed: dict, fast: bool, amp: Amp | None):
@@ -170,7 +169,7 @@ def plan_pass(backend, opt, plan: StepPlan, kind: str, perturbed: dict, fast: bo
                 raise RuntimeError("a perturbed parameter lost its optimizer state: its perturbation cannot be undone")
             check_state(kind, local(p), _local_state(st), state_keys(kind, group))
     skip_on_device = amp is not None and kind == "sgd" and fast and not ref and make is not None
-    return make, MomentumPass(None, ref, stale, skip_on_device)
+    return make, MomentumPass(ref, stale, skip_on_device)
 
 
 def _local_state(st: dict) -> dict:
@@ -200,7 +199,7 @@ def run_step(backend, opt, plan: StepPlan, kind: str, inv: Tensor, inv_next: Ten
     inv_scale = None if amp is None else amp[0]
     for group, p in work.ref:
         st = state[p]
-        if not st or first_moment_missing(kind, st):
+        if st.get("momentum_buffer" if kind == "sgd" else "exp_avg") is None:
             init_state(kind, st, p)
         step = 1.0
         if kind == "adam":
@@ -218,10 +217,6 @@ def run_step(backend, opt, plan: StepPlan, kind: str, inv: Tensor, inv_next: Ten
     for group, p in work.ref:  # never with a device-side skip (skip_on_device excludes them)
         perturb_(p, local(first_moment(kind, state[p])), group["rho"], inv_next)
     return True
-
-
-def first_moment_missing(kind: str, st: dict) -> bool:
-    return ("momentum_buffer" if kind == "sgd" else "exp_avg") not in st or st.get("momentum_buffer", 0) is None
 
 
 def _split_restore(launches, perturbed: dict):
