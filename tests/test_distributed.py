@@ -150,9 +150,6 @@ def test_first_pass_refuses_m_sharpness_without_ddp():
     ("fsdp2_sam.py", ["--steps", "4", "--backend", "torch"], "resumed run identical: True"),
 ])
 def test_torchrun_examples(example, args, expect):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from launch import torchrun
