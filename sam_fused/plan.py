@@ -270,13 +270,13 @@ class StepPlan:
         return list(map(Tensor.data_ptr, act)) == self.ptrs and list(map(Tensor.numel, act)) == self.numels
 
     def same_grads(self, ids: list[int], grads: list[Tensor | None]) -> bool:
-        """The kernels would see the same gradients: same objects (``ids``), addresses and strides."""
-        old_ids, ptrs, strides = self._sign
-        if ids != old_ids:
+        """The kernels would see the same gradients: same objects (``ids``), addresses, strides,
+        sizes and dtypes (``p.grad.data = x`` swaps all of these under the same object, past the
+        ``.grad`` setter's checks)."""
+        if ids != self._sign[0]:
             return False
-        live = [g for g in grads if g is not None]
         try:
-            return list(map(Tensor.data_ptr, live)) == ptrs and list(map(Tensor.stride, live)) == strides
+            return _grad_signature(grads, ids)[1:] == self._sign[1:]
         except RuntimeError:  # a sparse gradient: no address or strides
             return False
 
@@ -284,15 +284,14 @@ class StepPlan:
         """Take new grad tensors with the same present/missing pattern; False when a new grad is not
         laid out like its parameter (the plan is then rebuilt, and a bad grad refused there).
 
-        The ``.grad`` setter and autograd already guarantee that a gradient has its parameter's
-        shape, dtype and device when it is attached, and ``still_valid`` that the parameter has not
-        changed since; what a new gradient may still differ in is its strides (or sparsity)."""
-        strides = self._sign[2]
+        A new gradient must have the strides, sizes and dtypes the plan was built and checked with
+        (the ``.grad`` setter checks shape and dtype, but ``p.grad.data = x`` does not); only its
+        address may differ. ``still_valid`` covers the parameters."""
         try:
             new = _grad_signature(grads, ids)
         except RuntimeError:  # a sparse gradient has no address or strides
             return False
-        if new[2] != strides:
+        if new[2:] != self._sign[2:]:
             return False
         self._sign = new
         for bucket in self.buckets:  # their tables hold the old addresses
@@ -318,12 +317,16 @@ def check_param(p: Tensor) -> None:
         )
 
 
-def _grad_signature(grads: list[Tensor | None], ids: list[int] | None = None) -> tuple[list, list, list]:
-    """What the kernels depend on: which tensors (ids; None for a missing grad), their addresses and
-    strides. A new tensor at a reused id with the same address and strides is, to the kernels,
-    the same gradient (the ``.grad`` setter guarantees shape, dtype and device)."""
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _grad_signature(grads: list[Tensor | None], ids: list[int] | None = None) -> tuple:
+    """What the kernels depend on: which tensors (ids; None for a missing grad), their addresses,
+    strides, element counts and dtypes. A new tensor at a reused id that agrees in all of them is,
+    to the kernels, the same gradient (its device cannot change under an unchanged address)."""
     live = [g for g in grads if g is not None]
-    return ids or list(map(id, grads)), list(map(Tensor.data_ptr, live)), list(map(Tensor.stride, live))
+    return (ids or list(map(id, grads)), list(map(Tensor.data_ptr, live)), list(map(Tensor.stride, live)),
+            list(map(Tensor.numel, live)), list(map(_DTYPE, live)))
 
 
 def check_grad(p: Tensor, g: Tensor) -> None:
