@@ -142,6 +142,22 @@ class Backend:
         return out
 
 
+def unhooked_step(base: torch.optim.Optimizer) -> None:
+    """``base.step()`` without torch.optim's global step hooks: they saw this step when it entered
+    the SAM optimizer's own ``step()`` (or ``second_step()``), and to them one step is one step,
+    however many optimizers it runs inside. Hooks registered on ``base`` itself still run."""
+    step = type(base).step
+    inner = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+    if inner is None:
+        base.step()
+        return
+    for hook in list(base._optimizer_step_pre_hooks.values()):
+        hook(base, (), {})
+    inner(base)
+    for hook in list(base._optimizer_step_post_hooks.values()):
+        hook(base, (), {})
+
+
 def base_step(opt, plan: StepPlan, amp: Amp | None, combo: Combo | None = None) -> None:
     """The base optimizer's own ``step()``; with ``amp``, on unscaled gradients, skipped when
     found_inf is set (one host read of found_inf: this path is not capturable). With ``combo``,
@@ -158,7 +174,7 @@ def base_step(opt, plan: StepPlan, amp: Amp | None, combo: Combo | None = None) 
         grads = [p.grad for p in plan.active]
         if grads:
             torch._foreach_mul_(grads, inv_scale.reshape(()))
-    opt.base_optimizer.step()
+    unhooked_step(opt.base_optimizer)
 
 
 def combine_grads(opt, plan: StepPlan, combo: Combo, inv_scale: Tensor | None = None) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from itertools import chain
 from typing import Iterable
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends import make_backend
@@ -37,6 +39,57 @@ def _unwrapping(method):
         return method(self, *args, **kwargs)
 
     return run
+
+
+def _with_torch_hooks(name: str, method):
+    """``method`` (``state_dict``, ``load_state_dict`` or ``second_step``) with the hooks torch.optim
+    runs around it, on its outermost call only (an override that calls ``super()`` runs them once).
+    ``second_step`` runs the step hooks (global and the optimizer's own) when the user calls it:
+    called from ``step()``, whose hooks torch.optim's wrapper ran already, it runs none."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        active = self.__dict__.setdefault("_hooks_active", set())
+        if name in active or (name == "second_step" and self.__dict__.get("_in_step")):
+            return method(self, *args, **kwargs)
+        active.add(name)
+        try:
+            if name == "state_dict":
+                for hook in list(self._optimizer_state_dict_pre_hooks.values()):
+                    hook(self)
+                out = method(self, *args, **kwargs)
+                for hook in list(self._optimizer_state_dict_post_hooks.values()):
+                    result = hook(self, out)
+                    out = out if result is None else result
+                return out
+            if name == "load_state_dict":
+                (state_dict,) = args
+                state_dict = dict(state_dict)
+                for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+                    result = hook(self, state_dict)
+                    state_dict = state_dict if result is None else result
+                out = method(self, state_dict, **kwargs)
+                for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+                    hook(self)
+                return out
+            for hook in list(chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values())):
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(f"a step pre-hook must return None or (args, kwargs), got {result!r}")
+                    args, kwargs = result
+            out = method(self, *args, **kwargs)
+            for hook in list(chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values())):
+                hook(self, args, kwargs)
+            return out
+        finally:
+            active.discard(name)
+
+    run._torch_hooks = True
+    return run
+
+
+_HOOKED_METHODS = ("state_dict", "load_state_dict", "second_step")
 
 
 def _called_by_dcp_state_init() -> bool:
@@ -139,6 +192,13 @@ class SAMOptimizer(torch.optim.Optimizer):
     _group_keys: tuple[str, ...] = ()
     _backend_factory = staticmethod(make_backend)
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _HOOKED_METHODS:  # torch.optim's hooks around every override, as around its own
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_torch_hooks", False):
+                setattr(cls, name, _with_torch_hooks(name, method))
+
     def __init__(self, params: Iterable, base_optimizer: type, defaults: dict, backend, base_kwargs: dict) -> None:
         if not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(
@@ -173,7 +233,17 @@ class SAMOptimizer(torch.optim.Optimizer):
                     group.setdefault(key, self.defaults[key])
             self._check_group(group)
 
+    def _refuse_complex(self, param_group: dict) -> None:
+        params = param_group["params"]
+        for p in [params] if isinstance(params, Tensor) else params:
+            if isinstance(p, Tensor) and p.is_complex():
+                raise ValueError(
+                    f"{type(self).__name__} does not support complex parameters (got one of shape {tuple(p.shape)}, "
+                    f"{p.dtype}): keep the real and imaginary parts as a real parameter (torch.view_as_real) and "
+                    "form the complex tensor from it in the forward (torch.view_as_complex)")
+
     def add_param_group(self, param_group: dict) -> None:
+        self._refuse_complex(param_group)
         base = getattr(self, "base_optimizer", None)
         if base is None:  # during Optimizer.__init__, before the base optimizer exists
             super().add_param_group(param_group)
@@ -192,7 +262,17 @@ class SAMOptimizer(torch.optim.Optimizer):
         self._backend.invalidate()
 
     def state_dict(self) -> dict:
-        """The base optimizer's state dict; SAM's scratch buffers are never saved."""
+        """The base optimizer's state dict; SAM's scratch buffers are never saved.
+
+        Refused between ``first_step()`` and ``second_step()``: the model's weights are then
+        ``w + e``, and a checkpoint of them would resume from the wrong point with nothing to tell
+        (a handler that saves at any moment, on preemption say, calls ``restore()`` first: it
+        does nothing when no step is under way)."""
+        if self._perturbed is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.state_dict() between first_step() and second_step(): the parameters are "
+                "perturbed (w + e), so a checkpoint of the model now would hold the wrong weights. Save after "
+                "second_step(), or call restore() first (a no-op when no step is under way)")
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -268,6 +348,8 @@ class SAMOptimizer(torch.optim.Optimizer):
             )
         state = dict(self.__dict__)
         state["_backend"] = self._backend.name
+        state.pop("_hooks_active", None)
+        state.pop("_in_step", None)
         state.pop("_watch", None)  # hooks on the parameters: a copy registers its own when it needs them
         return state
 
@@ -279,3 +361,5 @@ class SAMOptimizer(torch.optim.Optimizer):
             self._watch = BackwardWatch()
 
 
+for _name in ("state_dict", "load_state_dict"):
+    setattr(SAMOptimizer, _name, _with_torch_hooks(_name, SAMOptimizer.__dict__[_name]))

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from ..backends import BACKENDS
-from ..backends.base import Combo, check_amp
+from ..backends.base import Combo, check_amp, unhooked_step
 from ..plan import Buffers, StepPlan
 from .base import BackwardWatch, SAMOptimizer, _called_by_dcp_state_init, _check_nonneg, _eager, _unwrapping
 
@@ -313,6 +313,13 @@ class FusedSAM(SAMOptimizer):
         ``first_step(grad_scaler=scaler)`` and the second backward, it is the second step: the gradients are unscaled in the update
         kernels, and an inf or NaN in either backward skips the update.
         """
+        self.__dict__["_in_step"] = True  # second_step() inside runs no step hooks: torch.optim's wrapper ran them
+        try:
+            return self._step(closure)
+        finally:
+            self.__dict__["_in_step"] = False
+
+    def _step(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
         if hasattr(self, "found_inf"):  # set by GradScaler.step around this call
             return self._scaler_second_step(closure)
         if closure is None:
@@ -331,7 +338,7 @@ class FusedSAM(SAMOptimizer):
             if _called_by_dcp_state_init():
                 # torch.distributed.checkpoint creates the state of a fresh optimizer it loads into by a
                 # step with zero gradients and lr = 0: the base optimizer's own step does exactly that
-                self.base_optimizer.step()
+                unhooked_step(self.base_optimizer)
                 return None
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that runs forward and backward and returns the loss; "
@@ -376,7 +383,7 @@ class FusedSAM(SAMOptimizer):
     def _plain_step(self) -> None:
         """The update of a step that is not a SAM step (interval or randomized SAM, LookSAM's steps
         in between): the base optimizer's own step with the gradients as they are."""
-        self.base_optimizer.step()
+        unhooked_step(self.base_optimizer)
 
     def is_sam_step(self, step: int) -> bool:
         """Whether ``step(closure)`` number ``step`` (counted from 0) is a SAM step."""
@@ -416,7 +423,11 @@ class FusedSAM(SAMOptimizer):
                 if tracked is None:
                     raise RuntimeError("the GradScaler checked no gradient on the parameters' device")
             self.second_step(grad_scale=grad_scale, found_inf=found_inf)
-            self._count_step()
+            # a step the scaler skips (an inf in either backward) leaves the schedule as it was: one
+            # host read of found_inf per step, the price of a schedule counted on the host
+            skipped = found_inf if found_first is None else found_inf + found_first.reshape(found_inf.shape)
+            if not float(skipped.sum()):
+                self._count_step()
             if tracked is not None:
                 tracked.add_(found_first.reshape(tracked.shape))
         except BaseException:

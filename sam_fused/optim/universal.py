@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..backends import ALGORITHMS, make_backend
 from ..backends.universal_reference import MEASURES, loss_tensor
-from ..backends.base import GroupWork
+from ..backends.base import GroupWork, unhooked_step
 from ..plan import local, mesh_mean
 from .base import SAMOptimizer, _check_nonneg, _check_positive, _eager
 
@@ -149,7 +149,7 @@ class UniversalSAM(SAMOptimizer):
                     local(p).detach().copy_(backup)
                 raise
             backend.finish(work)
-            self.base_optimizer.step()
+            unhooked_step(self.base_optimizer)
             for group in self.param_groups:
                 group["usam_step"] = step + 1
         self._opt_called = True
