@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The install a user makes into their own project: build the wheel, install it into a fresh virtual
-# environment without the dev extras (torch 2.13.0 first, as the Makefile does, so the package's
-# range installs nothing more), and run one CPU training step from outside the checkout.
+# environment without extras (torch 2.13.0 first, as the Makefile does, so the package's range
+# installs nothing more), check that it pulled no triton (torch's CUDA wheels bring their own; a CPU
+# torch does not), and run CPU training steps from outside the checkout: backend=None (the native
+# kernels, built from the wheel's sources into a throwaway extension folder) and backend="triton"
+# refused with its cause.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-.venv/bin/python}"
@@ -12,10 +15,21 @@ python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 "$tmp/venv/bin/python" -m pip install -q "$tmp"/dist/sam_fused-*.whl 2>&1 | grep -v "^WARNING: Location" || true
 cd "$tmp"
-"$tmp/venv/bin/python" - <<'PY'
-import pathlib, sys, torch
+TORCH_EXTENSIONS_DIR="$tmp/torch_extensions" "$tmp/venv/bin/python" - <<'PY'
+import importlib.metadata as md
+import importlib.util
+import pathlib, re, sys, torch
+
+def name(req):
+    return re.split(r"[\s<>=!~;\[(]", req, maxsplit=1)[0].lower()
+
+torch_brings_triton = any(name(r) == "triton" for r in md.requires("torch") or [])
+for req in md.requires("sam_fused") or []:
+    assert name(req) != "triton" or "extra ==" in req, f"sam_fused requires {req!r} without an extra"
+if not torch_brings_triton:
+    assert importlib.util.find_spec("triton") is None, "the install without extras pulled triton"
 import sam_fused
-from sam_fused import FusedSAM, available_backends
+from sam_fused import BackendUnavailable, FusedSAM, available_backends
 assert "site-packages" in sam_fused.__file__, sam_fused.__file__
 assert (pathlib.Path(sam_fused.__file__).parent / "_csrc" / "sam_cpu.cpp").exists(), "the wheel lacks the C++ sources"
 torch.manual_seed(0)
@@ -33,6 +47,14 @@ for _ in range(5):
     opt.step(closure)
 after = loss().item()
 assert after < before, (before, after)
+if importlib.util.find_spec("triton") is None:
+    try:
+        FusedSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, backend="triton")
+        raise AssertionError("backend='triton' without triton did not raise")
+    except BackendUnavailable as exc:
+        assert "triton" in str(exc.__cause__), exc
+triton = "none" if importlib.util.find_spec("triton") is None else md.version("triton")
 print(f"wheel check: sam_fused {sam_fused.__version__} from {sam_fused.__file__}, backend {opt.backend!r} "
-      f"(available: {available_backends('cpu')}), loss {before:.4f} -> {after:.4f}, torch {torch.__version__}")
+      f"(available: {available_backends('cpu')}), loss {before:.4f} -> {after:.4f}, torch {torch.__version__}, "
+      f"triton {triton}")
 PY

@@ -3,10 +3,13 @@
 Order: a copy built at install time (``SAM_FUSED_BUILD_EXT=1 pip install --no-build-isolation .``),
 else a just-in-time build with ninja through ``torch.utils.cpp_extension.load``, cached under
 ``$TORCH_EXTENSIONS_DIR`` (torch's default: ``~/.cache/torch_extensions``) and reused afterwards.
-The build's name carries a key of everything the binary depends on (the C++ sources and headers,
-the compile flags, the torch build and the Python version), so two checkouts or two virtual
-environments that differ in any of them build side by side instead of rebuilding over each other,
-and those that agree share one build. A build says on stderr when it starts and how long it took.
+The build's name carries a key of everything the binary and torch's build.ninja depend on (the
+C++ sources and headers, their absolute folder, the compile flags, the torch install (version and
+path), Python's version, ABI and include folder, the compiler), so two checkouts or two virtual
+environments build side by side, each once, instead of rebuilding over each other at every switch
+(build.ninja holds absolute paths: one folder shared by two checkouts was rebuilt by ninja each time
+the other one had built last). A compile says on stderr when it starts and how long it took; a
+build folder whose library ninja finds out of date (``ninja -n``) counts as one.
 The CPU kernels build with the system C++ compiler; the CUDA kernels are added only where torch
 is a CUDA build, a GPU is visible and nvcc is found.
 
@@ -28,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import warnings
@@ -89,22 +94,73 @@ def compile_flags(cuda: bool) -> dict:
     return flags
 
 
+def _jit_arguments(cuda: bool, src: Path) -> dict:
+    """The arguments of ``torch.utils.cpp_extension.load`` but the name: the absolute paths of the
+    sources and the include folder, as torch writes them into build.ninja, and the flags."""
+    sources = [os.path.abspath(src / s) for s in SOURCES_CPU + (SOURCES_CUDA if cuda else ())]
+    return dict(sources=sources, extra_include_paths=[os.path.abspath(src)], **compile_flags(cuda))
+
+
+def _build_inputs(cuda: bool, src: Path) -> dict:
+    """Everything the build's build.ninja and binary depend on, besides the sources' contents:
+    torch puts the source and include paths, the torch install's include and library folders,
+    Python's include folder and the compiler into build.ninja, so a build shared by two checkouts
+    or two environments that differ in any of them would be rebuilt by ninja on every switch."""
+    inputs = dict(
+        jit=_jit_arguments(cuda, src),
+        torch=(torch.__version__, torch.version.cuda, os.path.dirname(os.path.abspath(torch.__file__))),
+        python=(sys.version_info[:2], sys.implementation.cache_tag, sysconfig.get_config_var("SOABI"),
+                sysconfig.get_paths()["include"]),
+        cxx=os.environ.get("CXX", "c++"),
+    )
+    if cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if arch is None:  # torch then compiles for the GPUs it sees
+            arch = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        inputs["cuda"] = (CUDA_HOME, arch, os.environ.get("CC"))
+    return inputs
+
+
 def build_name(cuda: bool, src: Path | None = None) -> str:
-    """``sam_fused_C_{cpu,cuda}_<key>``: the key is a hash of the sources and headers in ``src``, the
-    compile flags, torch's version and CUDA version, and the Python version and ABI tag."""
+    """``sam_fused_C_{cpu,cuda}_<key>``: the key is a hash of the sources and headers in ``src``
+    and of everything build.ninja holds (``_build_inputs``: the absolute source folder, the compile
+    flags, the torch install's version, CUDA version and path, Python's version, ABI and include
+    folder, the compiler), so a build folder is only ever reused by a build that ninja finds up
+    to date."""
     src = source_dir() if src is None else src
     h = hashlib.sha256()
     for path in sorted(src.iterdir()):
         if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
             h.update(path.name.encode())
             h.update(path.read_bytes())
-    h.update(repr(sorted(compile_flags(cuda).items())).encode())
-    h.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version_info[:2]}|{sys.implementation.cache_tag}".encode())
+    h.update(repr(sorted(_build_inputs(cuda, src).items())).encode())
     return f"sam_fused_C_{'cuda' if cuda else 'cpu'}_{h.hexdigest()[:12]}"
 
 
+def _library(build_dir: Path, name: str) -> Path | None:
+    for suffix in (".so", ".pyd"):
+        if (build_dir / f"{name}{suffix}").exists():
+            return build_dir / f"{name}{suffix}"
+    return None
+
+
 def _built(build_dir: Path, name: str) -> bool:
-    return any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd"))
+    return _library(build_dir, name) is not None
+
+
+def will_compile(build_dir: Path, name: str) -> bool:
+    """Whether loading the build ``name`` from ``build_dir`` compiles: no library yet, no
+    build.ninja beside it, or ninja has work to do there (a source or header newer than its
+    object, a changed command line: asked with a dry run, ``ninja -n``)."""
+    if not _built(build_dir, name) or not (build_dir / "build.ninja").exists():
+        return True
+    try:
+        dry = subprocess.run(["ninja", "-n", "-C", str(build_dir)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):  # no ninja: torch's load will say so
+        return True
+    return dry.returncode != 0 or "no work to do" not in dry.stdout
 
 
 def load():
@@ -164,23 +220,29 @@ def _load():
 
     verbose = _flag("SAM_FUSED_VERBOSE") in ("1", "true")
     cuda, src, name, build_dir = _jit_target(verbose)
-    sources = [str(src / s) for s in SOURCES_CPU + (SOURCES_CUDA if cuda else ())]
     clear_stale_lock(build_dir)
     owner = build_dir / OWNER_FILE
     try:
         owner.write_text(str(os.getpid()))
     except OSError:
         owner = None
-    fresh = not _built(build_dir, name)
-    if fresh:
-        print(f"sam_fused: building the native kernels ({'CPU and CUDA' if cuda else 'CPU'}) in {build_dir}, "
+    library = _library(build_dir, name)
+    before = library.stat().st_mtime_ns if library is not None else None
+    announced = will_compile(build_dir, name)
+    what = "CPU and CUDA" if cuda else "CPU"
+    if announced:
+        print(f"sam_fused: building the native kernels ({what}) in {build_dir}, "
               "once for these sources, torch and Python: 1-4 minutes", file=sys.stderr, flush=True)
     start = time.monotonic()
     try:
-        module = jit_load(name=name, sources=sources, verbose=verbose, extra_include_paths=[str(src)],
-                          **compile_flags(cuda))
-        if fresh:
+        module = jit_load(name=name, verbose=verbose, **_jit_arguments(cuda, src))
+        library = _library(build_dir, name)
+        after = library.stat().st_mtime_ns if library is not None else None
+        if announced:
             print(f"sam_fused: native kernels built in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        elif after != before:  # ninja found work that the dry run did not foresee
+            print(f"sam_fused: native kernels ({what}) rebuilt in {build_dir} in {time.monotonic() - start:.0f} s",
+                  file=sys.stderr, flush=True)
         return module
     finally:
         if owner is not None and owner.exists() and owner.read_text().strip() == str(os.getpid()):
@@ -238,7 +300,7 @@ def build_pending() -> bool:
         return False
     try:
         _, _, name, build_dir = _jit_target()
-        return not _built(build_dir, name)
+        return will_compile(build_dir, name)
     except Exception:  # no sources, no compiler settings: nothing will be built
         return False
 

@@ -22,6 +22,7 @@ Nothing here reads a value back from the device.
 from __future__ import annotations
 
 import operator
+import sys
 from collections import OrderedDict
 
 import torch
@@ -30,10 +31,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .layout import is_dense
 
-try:  # torch.distributed may be absent from a build
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover
-    DTensor = Shard = None
+
+
+def _dtensor_type():
+    """``torch.distributed.tensor.DTensor`` when that module is loaded, else None. It is never
+    imported here (a third of a second, with sympy): a DTensor parameter exists only once the
+    program has imported it (FSDP2's ``fully_shard`` does)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_PLANS = 8
@@ -41,7 +46,7 @@ MAX_PLANS = 8
 
 def local(t: Tensor | None) -> Tensor | None:
     """The tensor the kernels work on: a DTensor's local shard (FSDP2), any other tensor itself."""
-    if DTensor is not None and type(t) is DTensor:
+    if type(t).__name__ == "DTensor" and type(t) is _dtensor_type():
         return t._local_tensor
     return t
 
@@ -49,7 +54,7 @@ def local(t: Tensor | None) -> Tensor | None:
 def shard_slices(p: Tensor) -> tuple[slice, ...] | None:
     """Where a DTensor's local shard sits in the global tensor (one slice per dimension); None for
     any other tensor."""
-    if DTensor is None or type(p) is not DTensor:
+    if type(p).__name__ != "DTensor" or type(p) is not _dtensor_type():
         return None
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -86,8 +91,11 @@ def sharded_reduce(params: list[Tensor]):
     the process groups of the mesh dimensions they are sharded on, in place, on the device, with
     no host synchronization, so that a sum of local squares becomes the global one, or None). Refuses a mix of DTensor and plain parameters, or of meshes and
     placements: the sum would count some squares once and others once per rank."""
+    DTensor = _dtensor_type()
     if DTensor is None or not params:
         return False, None
+    from torch.distributed.tensor import Shard
+
     kinds = {type(p) is DTensor for p in params}
     if kinds != {True}:
         if True in kinds:

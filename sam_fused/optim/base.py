@@ -19,10 +19,33 @@ from ..backends import make_backend
 from ..backends.base import FUSED_KINDS
 from ..plan import StepPlan
 
-# Inside a function compiled with torch.compile, the steps run eagerly (a graph break): traced,
-# the reference backend's backup copy was reordered after the perturbation (the weights were
-# never restored) and the native and Triton launches cannot be traced at all.
-_eager = torch.compiler.disable
+_UNMADE: list = []  # the _eager wrappers whose torch.compiler.disable is not made yet
+
+
+def _eager(method):
+    """``torch.compiler.disable(method)``, made when the first optimizer is built (``_make_eager``).
+    Inside a function compiled with torch.compile, the steps run eagerly (a graph break): traced,
+    the reference backend's backup copy was reordered after the perturbation (the weights were
+    never restored) and the native and Triton launches cannot be traced at all. Made at import,
+    the wrapper would import ``torch._dynamo`` (a third of a second, with sympy) into every
+    ``import sam_fused``; torch's ``Optimizer.__init__`` imports it anyway. Every instance is
+    built by ``SAMOptimizer.__init__`` or unpickled by its ``__setstate__``, which make them."""
+    target = [method]
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        return target[0](*args, **kwargs)
+
+    def make():
+        target[0] = torch.compiler.disable(method)
+
+    _UNMADE.append(make)
+    return run
+
+
+def _make_eager() -> None:
+    while _UNMADE:
+        _UNMADE.pop()()
 
 
 def _unwrapping(method):
@@ -206,6 +229,7 @@ class SAMOptimizer(torch.optim.Optimizer):
                 f"got {base_optimizer!r}"
             )
         super().__init__(params, dict(defaults, **base_kwargs))
+        _make_eager()
         for group in self.param_groups:
             self._check_group(group)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -355,6 +379,7 @@ class SAMOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         torch.optim.Optimizer.__setstate__(self, state)
+        _make_eager()  # unpickled in a process that built none
         self._backend = self._backend_factory(state["_backend"], self)
         self._perturbed = None
         if "_amp_first" in state:

@@ -27,8 +27,8 @@ Example::
     print(tr.value, "+-", tr.stderr)
     land = loss_landscape(model, F.cross_entropy, batches, dims=2, save="landscape.png")
 
-scipy is needed for the eigenvalues and matplotlib for the pictures (``pip install
-sam_fused[sharpness]``).
+scipy is needed for the eigenvalues and matplotlib for the pictures (the ``[sharpness]`` extra:
+``pip install "/path/to/sam_fused[sharpness]"`` from a clone, or ``pip install scipy matplotlib``).
 
 The Lanczos and Hutchinson estimators are written here on top of scipy rather than taken from
 curvlinops-for-pytorch: that library's requirements (backpack-for-pytorch, which requires

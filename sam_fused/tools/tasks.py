@@ -85,7 +85,8 @@ def digits_data(seed: int, train_size: int = 0, test_size: int = 0, noise: float
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise SystemExit("sam-fused compare needs scikit-learn: pip install 'sam_fused[sharpness]'") from exc
+        raise SystemExit("sam-fused compare needs scikit-learn: pip install scikit-learn (or the clone's "
+                         "[sharpness] extra: pip install '/path/to/sam_fused[sharpness]')") from exc
     x, y = load_digits(return_X_y=True)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
