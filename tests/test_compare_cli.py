@@ -184,8 +184,9 @@ def test_compare_json_of_another_task_leaves_digits_options_out(tmp_path):
     from sam_fused.tools.compare import config_used
 
     args = Namespace(task="graphs", noise=0.2, width=128, epochs=1, batch_size=64, lr=0.01, rho=[0.05], asam_rho=0.5,
-                     msam_rho=3.0, lam=None, train_size=1, test_size=1, hessian_samples=0, lanczos_steps=5, probes=1,
-                     landscape_steps=3, seeds=1, seed=0, threads=1, out=tmp_path)
+                     msam_rho=3.0, lam=None, gsam_alpha=0.4, looksam_k=5, looksam_alpha=0.7, train_size=1, test_size=1,
+                     hessian_samples=0, lanczos_steps=5, probes=1, landscape_steps=3, seeds=1, seed=0, threads=1,
+                     out=tmp_path)
     config = config_used(args, ["sgd", "msam"])
     assert "noise" not in config and "width" not in config and "rho" not in config and config["msam_rho"] == 3.0
     assert config["out"] == str(tmp_path)

@@ -80,6 +80,10 @@ def probability(text: str) -> float:
     return value
 
 
+def _got(text: str, part: str) -> str:
+    return f"got {text!r}" if str(text).strip() == part else f"got {text!r} ({part!r})"
+
+
 def _parts(text: str, what: str) -> list[str]:
     parts = [p.strip() for p in str(text).split(",")]
     if not parts or any(not p for p in parts):
@@ -96,7 +100,7 @@ def float_list(item: Callable[[str], float], what: str) -> Callable[[str], list[
             try:
                 out.append(item(part))
             except argparse.ArgumentTypeError:
-                raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} ({part!r})") from None
+                raise argparse.ArgumentTypeError(f"expected {what}, {_got(text, part)}") from None
         return out
 
     parse.__name__ = "list"
@@ -117,7 +121,7 @@ def count_list(what: str, none: bool = False) -> Callable[[str], list[int]]:
             except ValueError:
                 value = float("nan")
             if not (math.isfinite(value) and value >= 1 and value == int(value)):
-                raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} ({part!r})")
+                raise argparse.ArgumentTypeError(f"expected {what}, {_got(text, part)}")
             out.append(int(value))
         return out
 
@@ -136,7 +140,7 @@ def choice_list(choices: Iterable[str], none: bool = False) -> Callable[[str], l
         parts = _parts(text, what)
         bad = [p for p in parts if p not in choices]
         if bad:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} ({bad[0]!r})")
+            raise argparse.ArgumentTypeError(f"expected {what}, {_got(text, bad[0])}")
         return parts
 
     parse.__name__ = "list"

@@ -57,7 +57,8 @@ def add_parser(sub) -> None:
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
     p.add_argument("--noise", type=checks.probability, default=0.2,
                    help="digits: fraction of training labels flipped, in [0, 1) (default: 0.2)")
-    p.add_argument("--epochs", type=checks.positive_int, default=None, help="training epochs (default: the task's; digits 100)")
+    p.add_argument("--epochs", type=checks.positive_int, default=None,
+                   help="training epochs (default: the task's; digits 100)")
     p.add_argument("--batch-size", type=checks.positive_int, default=None, help="batch size (default: the task's, 64)")
     p.add_argument("--lr", type=checks.finite_positive_float, default=None,
                    help="learning rate of the base (default: the task's; digits 0.05)")
@@ -66,7 +67,8 @@ def add_parser(sub) -> None:
                         "optimizer that takes --rho, named e.g. sam@0.5) (default: the study's best for the task: "
                         "digits 0.05, images 2, timeseries 1, graphs 0.05)")
     p.add_argument("--asam-rho", type=checks.finite_non_negative_float, default=0.5, help="ASAM's rho (default: 0.5)")
-    p.add_argument("--gsam-alpha", type=checks.finite_non_negative_float, default=0.4, help="GSAM's alpha (default: 0.4)")
+    p.add_argument("--gsam-alpha", type=checks.finite_non_negative_float, default=0.4,
+                   help="GSAM's alpha (default: 0.4)")
     p.add_argument("--looksam-alpha", type=checks.finite_non_negative_float, default=0.7,
                    help="LookSAM's alpha (default: 0.7)")
     p.add_argument("--looksam-k", type=checks.positive_int, default=5,
@@ -75,8 +77,10 @@ def add_parser(sub) -> None:
                    help="Momentum-SAM's rho (default: 3.0, the authors' value on every task of their paper)")
     p.add_argument("--lam", type=checks.finite_non_negative_float, default=None,
                    help="lam of frob/trace/det (default: each class's default, e.g. Frob-SAM 0.005)")
-    p.add_argument("--width", type=checks.positive_int, default=128, help="digits: hidden width of the MLP (default: 128)")
-    p.add_argument("--train-size", type=checks.positive_int, default=None, help="training examples (default: the task's)")
+    p.add_argument("--width", type=checks.positive_int, default=128,
+                   help="digits: hidden width of the MLP (default: 128)")
+    p.add_argument("--train-size", type=checks.positive_int, default=None,
+                   help="training examples (default: the task's)")
     p.add_argument("--test-size", type=checks.positive_int, default=None, help="test examples (default: the task's)")
     p.add_argument("--hessian-samples", type=checks.non_negative_int, default=None,
                    help="training examples the Hessian figures and landscapes use, 0 for all (default: the task's; "

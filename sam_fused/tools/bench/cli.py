@@ -13,7 +13,9 @@ baseline and SGD (bandwidth as a fraction of a copy), and one SAM/SGD training-t
 ``--full`` adds the ResNet, the optimizer-heavy batch size and 10000 tensors (the default on a
 GPU). The bench warns when the machine is busy (load above its cores) or a figure's spread is
 wide; on a busy CPU it times with one thread unless ``--threads`` says otherwise, since OpenMP's
-threads then wait on each other far more than they compute.
+threads then wait on each other far more than they compute; a busy run's tables are marked.
+The run ends with a bottom line in words: FusedSAM's step against the per-parameter loop, and the
+training throughput relative to SGD of both.
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ def add_parser(sub) -> None:
                         "(alpha 0.4), LookSAM (k = 5, alpha 0.7) and Momentum-SAM (rho 3): "
                         "training table only, their throughput relative to SGD and to SAM, per step averaged "
                         "over whole cycles")
-    p.add_argument("--host-tensors", type=checks.count_list("comma-separated positive tensor counts, or 'none'", none=True),
-                   default=None,
+    p.add_argument("--host-tensors", default=None,
+                   type=checks.count_list("comma-separated positive tensor counts, or 'none'", none=True),
                    help="tensor counts of the host-cost table, comma-separated; 'none' skips it "
                         "(default: 100,1000; with --full or on a GPU, 100,1000,10000)")
     p.add_argument("--roofline", action="store_true",
@@ -99,7 +101,8 @@ def add_parser(sub) -> None:
                         "and AdamW, the GSAM/LookSAM dots pass, the whole step) with torch's fused SGD and AdamW "
                         "beside, as GB/s and a fraction of the copy bandwidth (the default on a GPU)")
     p.add_argument("--no-roofline", action="store_true", help="skip the roofline section on a GPU")
-    p.add_argument("--roofline-sizes", type=checks.count_list("comma-separated positive parameter counts"), default=None,
+    p.add_argument("--roofline-sizes", default=None,
+                   type=checks.count_list("comma-separated positive parameter counts"),
                    help="single-tensor sizes of the roofline, comma-separated parameter counts (default: "
                         "16e6,64e6,256e6,1e9 on a GPU, 1e6,4e6 on the CPU)")
     p.add_argument("--roofline-mixes", type=checks.choice_list(roofline.MIXES, none=True),
@@ -114,22 +117,26 @@ def add_parser(sub) -> None:
 
 
 def check(args, parser) -> None:
-    """What argparse's types cannot see alone: the backends against the device, the roofline's need
-    of a fused backend, the --json path. Creates nothing; a problem is argparse's error (exit 2)."""
+    """What argparse's types cannot see alone: the --json path, the backends against the device, the
+    roofline's need of a fused backend. Creates nothing; a problem is argparse's error (exit 2). The
+    path comes first: knowing the backends may mean loading (on a first run, building) the native
+    extension."""
+    if args.json is not None:
+        problem = checks.output_file_problem(args.json)
+        if problem:
+            parser.error(f"argument --json: {problem}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    roof = args.roofline or (device.type == "cuda" and not args.no_roofline)
+    if not (args.backend or roof):
+        return
     available = available_backends(device)
     unknown = [b for b in args.backend or () if b not in available]
     if unknown:
         parser.error(f"argument --backend: {', '.join(unknown)} cannot run on {device}; available here: "
                      f"{', '.join(available)}")
-    if args.roofline or (device.type == "cuda" and not args.no_roofline):
-        if not [b for b in args.backend or [b for b in available if b != "torch"] if b != "torch"]:
-            parser.error("argument --roofline: it times the fused backends' passes, and none is measured "
-                         f"(--backend {', '.join(args.backend or ['torch'])}; available here: {', '.join(available)})")
-    if args.json is not None:
-        problem = checks.output_file_problem(args.json)
-        if problem:
-            parser.error(f"argument --json: {problem}")
+    if roof and not [b for b in args.backend or available if b != "torch"]:
+        parser.error("argument --roofline: it times the fused backends' passes, and none is measured "
+                     f"(--backend {', '.join(args.backend or ['torch'])}; available here: {', '.join(available)})")
 
 
 class Progress:
