@@ -45,7 +45,7 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     # universal SAM: backup, g0 and sums (fp32): Frob-SAM 4 buffers, Trace- and Det-SAM 3
     assert train["usam-frob"]["extra_bytes_per_param"] == 16.0
     assert train["usam-det"]["extra_bytes_per_param"] == 12.0
-    assert "vs SAM" in text and "usam-trace" not in {r["variant"] for r in data["optimizer_step"]}
+    assert "throughput / sam-torch's" in text and "usam-trace" not in {r["variant"] for r in data["optimizer_step"]}
     # interval and randomized SAM: training rows only, no extra memory beyond SAM's backup
     assert {"esam-interval5", "esam-rst0.5"} <= set(train) and "esam-rst0.5" not in variants
     assert train["esam-interval5"]["extra_bytes_per_param"] == 4.0
@@ -82,6 +82,9 @@ def test_default_run_plan_and_busy_warning(monkeypatch, capsys):
     assert "timing with 1 thread" in captured.err and "s left" in captured.err
     text = captured.out
     assert "WARNING: the machine was busy: load average 99.0" in text
+    assert "THE MACHINE WAS BUSY" in text.splitlines()[1]
+    titles = [line for line in text.splitlines() if line.startswith(("Optimizer step alone", "Training:", "Bottom line"))]
+    assert len(titles) == 3 and all("BUSY MACHINE: timings doubtful" in line for line in titles)
     assert "Training: transformer, compute-heavy" in text and "optimizer-heavy" not in text and "resnet" not in text
 
 
@@ -106,9 +109,10 @@ def test_bench_help_runs_as_module():
     assert res.returncode == 0 and "--backend" in res.stdout and "--json" in res.stdout
 
 
-def test_unavailable_backend_is_refused(capsys):
-    assert main(["bench", "--device", "cpu", "--backend", "no-such", "--no-train"]) == 2
-    assert "cannot run" in capsys.readouterr().err
+def test_unavailable_backend_is_refused(tmp_path, capsys, monkeypatch):
+    line = refused(["bench", "--device", "cpu", "--backend", "no-such", "--no-train"], tmp_path, capsys, monkeypatch,
+                   "--backend")
+    assert "no-such cannot run on cpu" in line
 
 
 def test_bytes_formula():
@@ -186,3 +190,110 @@ def test_the_tables_have_a_legend():
     text = "\n".join(lines)
     assert "oracle" in text and "not to be fast" in text and "Python loop" in text and "fused=True" in text
     assert len(lines) == 6 and legend(["sgd"]) == legend(["adamw"])
+
+
+# --- the command line refuses bad input before any work -------------------------------------------
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.is_dir()) for p in root.rglob("*"))
+
+
+def tiny(tmp_path):
+    return ["bench", "--device", "cpu", "--no-train", "--host-tensors", "none", "--model", "transformer",
+            "--transformer-params", "1e5", "--steps", "2", "--warmup", "0", "--backend", "torch",
+            "--json", str(tmp_path / "out" / "bench.json")]
+
+
+def refused(argv, root, capsys, monkeypatch, option):
+    """``main(argv)`` exits with argparse's code 2 and one error line naming ``option``, no
+    traceback, and nothing under ``root`` (the working folder too) changes."""
+    monkeypatch.chdir(root)
+    before = _tree(root)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: sam-fused bench")
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"sam-fused bench: error: argument {option}"), err
+    assert _tree(root) == before
+    return errors[0]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--steps", "-1"), ("--steps", "0"), ("--host-tensors", "abc"), ("--device", "foo"), ("--warmup", "-1"),
+    ("--transformer-params", "-5"), ("--threads", "0"), ("--batch-size", "0"), ("--host-tensors", "10,0"),
+    ("--roofline-sizes", "1e6,-4"), ("--roofline-mixes", "transformer,bert"), ("--roofline-dtypes", "int8"),
+    ("--transformer-params", "nan"), ("--device", "mps"),
+])
+def test_bench_refuses_a_bad_value(tmp_path, capsys, monkeypatch, option, value):
+    line = refused([*tiny(tmp_path), option, value], tmp_path, capsys, monkeypatch, option)
+    assert repr(value) in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_bench_refuses_cuda_where_there_is_none(tmp_path, capsys, monkeypatch):
+    assert "no CUDA device" in refused([*tiny(tmp_path), "--device", "cuda"], tmp_path, capsys, monkeypatch, "--device")
+
+
+def test_bench_refuses_a_json_path_that_is_a_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "out").mkdir()
+    args = [*tiny(tmp_path)[:-1], str(tmp_path / "out")]
+    assert "is a folder" in refused(args, tmp_path, capsys, monkeypatch, "--json")
+
+
+def test_bench_refuses_a_json_path_under_a_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file.txt").write_text("not a folder")
+    args = [*tiny(tmp_path)[:-1], str(tmp_path / "file.txt" / "bench.json")]
+    assert "is a file, not a folder" in refused(args, tmp_path, capsys, monkeypatch, "--json")
+
+
+def test_bench_refuses_a_roofline_without_a_fused_backend(tmp_path, capsys, monkeypatch):
+    refused([*tiny(tmp_path), "--roofline"], tmp_path, capsys, monkeypatch, "--roofline")
+
+
+def test_the_entry_point_line_buffers_stdout(monkeypatch):
+    """Piped (``| tee``, a log), each line leaves when printed, not when the process ends."""
+    import io
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    assert not stream.line_buffering
+    monkeypatch.setattr(sys, "stdout", stream)
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert stream.line_buffering
+
+
+def test_bottom_line_says_the_json_figures_in_words(tmp_path, capsys):
+    """The bench ends with its answer in words; each number of it is one of the JSON's rows'. The
+    JSON's config holds the options this run used, the roofline's not among them."""
+    import re
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--host-tensors", "none", "--model", "transformer", "--transformer-params",
+                 "1e5", "--steps", "2", "--warmup", "0", "--backend", "torch", "--batch-size", "2",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    tail = text[text.index("Bottom line"):]
+    (entry,) = data["bottom_line"]
+    step = {r["variant"]: r for r in data["optimizer_step"]}
+    train = {r["variant"]: r for r in data["training"]}
+    assert entry["sam"] == "sam-torch" and entry["model"] == "transformer"
+    speedup = step["sam-torch"]["speedup_vs_baseline"]
+    assert entry["step_speedup_vs_baseline"] == speedup
+    (t,) = entry["training"]
+    assert (t["sam_vs_sgd"], t["baseline_vs_sgd"]) == (train["sam-torch"]["ratio_vs_sgd"],
+                                                         train["sam-baseline"]["ratio_vs_sgd"])
+    said = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    assert f"(sam-torch) is {said} than the common per-parameter SAM loop (sam-baseline)" in tail
+    assert (f"runs at {t['sam_vs_sgd']:.2f}x SGD's throughput against {t['baseline_vs_sgd']:.2f}x for the common loop"
+            in tail)
+    assert entry["text"] in tail and len(re.findall(r"\d+\.\d\dx", entry["text"])) == 3
+    # the headers say which way is better
+    assert "speedup over sam-baseline [quartiles]" in text and "throughput / SGD's [quartiles]" in text
+    assert "higher is better" in text
+    config = data["config"]
+    assert config["steps"] == 2 and config["warmup"] == 0 and config["backend"] == ["torch"]
+    assert config["batch_size"] == {"transformer": {"custom": 2}} and config["transformer_params"] == 1e5
+    assert config["host_tensors"] == [] and not [k for k in config if k.startswith("roofline")]

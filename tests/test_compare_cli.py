@@ -96,3 +96,99 @@ def test_one_verdict_rule_for_differences_over_seeds():
     assert verdict([0.5]) == "within the seed spread"  # one seed proves nothing
     bound = 2.7764451051977987 * 0.01 / 5 ** 0.5  # t(0.975, 4) * std / sqrt(5)
     assert verdict(seeds(bound * 1.01, 0.01)) == "above" and verdict(seeds(bound * 0.99, 0.01)) == "within the seed spread"
+
+
+# --- the command line refuses bad input before any work -------------------------------------------
+
+ONE_SEED = [a if a != "2" or i != SMALL.index("--seeds") + 1 else "1" for i, a in enumerate(SMALL)] + [
+    "--landscape-steps", "3", "--optimizer", "sgd"]
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.is_dir()) for p in root.rglob("*"))
+
+
+def refused(argv, root, capsys, monkeypatch, option, command="compare"):
+    """``main(argv)`` exits with argparse's code 2 and one error line naming ``option``, no
+    traceback, and nothing under ``root`` (the working folder too) changes."""
+    monkeypatch.chdir(root)
+    before = _tree(root)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"sam-fused {command}: error: argument {option}"), err
+    assert err.startswith("usage: sam-fused " + command)
+    assert _tree(root) == before
+    return errors[0]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--threads", "0"), ("--msam-rho", "-1"), ("--looksam-k", "0"), ("--gsam-alpha", "nan"), ("--batch-size", "0"),
+    ("--noise", "1.5"), ("--epochs", "0"), ("--epochs", "-1"), ("--rho", "0.05,abc"), ("--lr", "inf"),
+    ("--seeds", "0"), ("--seed", "-1"), ("--width", "0"), ("--train-size", "0"), ("--hessian-samples", "-1"),
+    ("--lanczos-steps", "1"), ("--probes", "0"), ("--landscape-steps", "1"), ("--lam", "-0.1"), ("--asam-rho", "x"),
+    ("--looksam-alpha", "-1"), ("--test-size", "-3"),
+])
+def test_compare_refuses_a_bad_value(tmp_path, capsys, monkeypatch, option, value):
+    line = refused(["compare", *ONE_SEED, "--out", str(tmp_path / "out"), option, value], tmp_path, capsys,
+                   monkeypatch, option)
+    assert "expected" in line and repr(value) in line
+
+
+def test_compare_refuses_an_out_folder_under_a_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file.txt").write_text("not a folder")
+    line = refused(["compare", *ONE_SEED, "--out", str(tmp_path / "file.txt" / "out")], tmp_path, capsys, monkeypatch,
+                   "--out")
+    assert "file.txt is a file, not a folder" in line
+
+
+def test_compare_refuses_an_out_file_that_is_a_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "out" / "compare.json").mkdir(parents=True)
+    line = refused(["compare", *ONE_SEED, "--out", str(tmp_path / "out")], tmp_path, capsys, monkeypatch, "--out")
+    assert "compare.json is a folder" in line
+
+
+def test_compare_json_records_the_options_it_uses_and_a_busy_machine(tmp_path, capsys, monkeypatch):
+    """The config holds the task's and the chosen optimizers' options only; a load above the cores
+    marks the table, the JSON and the throughput picture."""
+    import sam_fused.tools.compare as compare
+
+    monkeypatch.setattr(compare, "load", lambda: 99.0)
+    seen = {}
+    plot = compare.plot_family
+
+    def spy(summary, path, caption, busy=None):
+        seen["busy"] = busy
+        return plot(summary, path, caption, busy)
+
+    monkeypatch.setattr(compare, "plot_family", spy)
+    small = [a for a in ONE_SEED if a != "sgd" and a != "--optimizer"]
+    assert main(["compare", *small, "--optimizer", "sgd", "--optimizer", "gsam", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    config = json.loads((tmp_path / "compare.json").read_text())["config"]
+    assert config["optimizer"] == ["sgd", "gsam"] and config["task"] == "digits"
+    assert {"gsam_alpha", "rho", "noise", "width", "epochs", "seeds", "threads"} <= set(config)
+    assert not {"asam_rho", "msam_rho", "looksam_k", "looksam_alpha", "lam", "func", "check"} & set(config)
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data["busy"] and "99.0" in data["busy"] and data["load_start"] == 99.0
+    assert "time s (!)" in out and "(!) machine busy (load average up to 99.0" in out
+    assert seen["busy"] == data["busy"]
+
+
+def test_compare_json_of_another_task_leaves_digits_options_out(tmp_path):
+    from argparse import Namespace
+
+    from sam_fused.tools.compare import config_used
+
+    args = Namespace(task="graphs", noise=0.2, width=128, epochs=1, batch_size=64, lr=0.01, rho=[0.05], asam_rho=0.5,
+                     msam_rho=3.0, lam=None, gsam_alpha=0.4, looksam_k=5, looksam_alpha=0.7, train_size=1, test_size=1,
+                     hessian_samples=0, lanczos_steps=5, probes=1, landscape_steps=3, seeds=1, seed=0, threads=1,
+                     out=tmp_path)
+    config = config_used(args, ["sgd", "msam"])
+    assert "noise" not in config and "width" not in config and "rho" not in config and config["msam_rho"] == 3.0
+    assert config["out"] == str(tmp_path)
+    config = config_used(args, ["gsam", "looksam"])
+    assert {"rho", "gsam_alpha", "looksam_k", "looksam_alpha"} <= set(config) and "msam_rho" not in config

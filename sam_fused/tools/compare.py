@@ -34,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
-from .cli import cpu_name, plain
+from . import args as checks
+from .cli import busy_note, cpu_count, cpu_name, load, plain
 from .tasks import TASKS, digits_data
 
 OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "gsam", "looksam", "msam", "frob", "trace", "det")
@@ -54,51 +55,66 @@ def add_parser(sub) -> None:
                         "looksam: LookSAM (--looksam-k, --looksam-alpha); all with --rho; msam: Momentum-SAM "
                         "(--msam-rho; evaluated at the unperturbed weights); "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
-    p.add_argument("--noise", type=float, default=0.2, help="digits: fraction of training labels flipped (default: 0.2)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the task's; digits 100)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the task's, 64)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the base (default: the task's; digits 0.05)")
+    p.add_argument("--noise", type=checks.probability, default=0.2,
+                   help="digits: fraction of training labels flipped, in [0, 1) (default: 0.2)")
+    p.add_argument("--epochs", type=checks.positive_int, default=None,
+                   help="training epochs (default: the task's; digits 100)")
+    p.add_argument("--batch-size", type=checks.positive_int, default=None, help="batch size (default: the task's, 64)")
+    p.add_argument("--lr", type=checks.finite_positive_float, default=None,
+                   help="learning rate of the base (default: the task's; digits 0.05)")
     p.add_argument("--rho", type=_rhos, default=None,
                    help="SAM's rho, or several comma-separated (a sweep: each value is its own run of every "
                         "optimizer that takes --rho, named e.g. sam@0.5) (default: the study's best for the task: "
                         "digits 0.05, images 2, timeseries 1, graphs 0.05)")
-    p.add_argument("--asam-rho", type=float, default=0.5, help="ASAM's rho (default: 0.5)")
-    p.add_argument("--gsam-alpha", type=float, default=0.4, help="GSAM's alpha (default: 0.4)")
-    p.add_argument("--looksam-alpha", type=float, default=0.7, help="LookSAM's alpha (default: 0.7)")
-    p.add_argument("--looksam-k", type=int, default=5, help="LookSAM's k: a SAM step every k steps (default: 5)")
-    p.add_argument("--msam-rho", type=float, default=3.0,
+    p.add_argument("--asam-rho", type=checks.finite_non_negative_float, default=0.5, help="ASAM's rho (default: 0.5)")
+    p.add_argument("--gsam-alpha", type=checks.finite_non_negative_float, default=0.4,
+                   help="GSAM's alpha (default: 0.4)")
+    p.add_argument("--looksam-alpha", type=checks.finite_non_negative_float, default=0.7,
+                   help="LookSAM's alpha (default: 0.7)")
+    p.add_argument("--looksam-k", type=checks.positive_int, default=5,
+                   help="LookSAM's k: a SAM step every k steps (default: 5)")
+    p.add_argument("--msam-rho", type=checks.finite_non_negative_float, default=3.0,
                    help="Momentum-SAM's rho (default: 3.0, the authors' value on every task of their paper)")
-    p.add_argument("--lam", type=float, default=None,
+    p.add_argument("--lam", type=checks.finite_non_negative_float, default=None,
                    help="lam of frob/trace/det (default: each class's default, e.g. Frob-SAM 0.005)")
-    p.add_argument("--width", type=int, default=128, help="digits: hidden width of the MLP (default: 128)")
-    p.add_argument("--train-size", type=int, default=None, help="training examples (default: the task's)")
-    p.add_argument("--test-size", type=int, default=None, help="test examples (default: the task's)")
-    p.add_argument("--hessian-samples", type=int, default=None,
-                   help="training examples the Hessian figures and landscapes use (default: the task's; digits: all)")
-    p.add_argument("--lanczos-steps", type=int, default=40,
-                   help="Lanczos steps for lambda_max and lambda_min, and per probe of the spectral density (default: 40)")
-    p.add_argument("--probes", type=int, default=None,
+    p.add_argument("--width", type=checks.positive_int, default=128,
+                   help="digits: hidden width of the MLP (default: 128)")
+    p.add_argument("--train-size", type=checks.positive_int, default=None,
+                   help="training examples (default: the task's)")
+    p.add_argument("--test-size", type=checks.positive_int, default=None, help="test examples (default: the task's)")
+    p.add_argument("--hessian-samples", type=checks.non_negative_int, default=None,
+                   help="training examples the Hessian figures and landscapes use, 0 for all (default: the task's; "
+                        "digits: all)")
+    p.add_argument("--lanczos-steps", type=checks.int_at_least(5), default=40,
+                   help="Lanczos steps for lambda_max and lambda_min, and per probe of the spectral density, at "
+                        "least 5 (default: 40)")
+    p.add_argument("--probes", type=checks.positive_int, default=None,
                    help="Hutchinson probes for the trace (default: 50 on digits, 10 on the other tasks)")
-    p.add_argument("--landscape-steps", type=int, default=31, help="points per landscape axis (default: 31)")
-    p.add_argument("--seeds", type=int, default=5,
+    p.add_argument("--landscape-steps", type=checks.int_at_least(2), default=31,
+                   help="points per landscape axis, at least 2 (default: 31)")
+    p.add_argument("--seeds", type=checks.positive_int, default=5,
                    help="number of seeds, each a run of every optimizer (default: 5); figures are mean and "
                         "standard deviation over them")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=checks.non_negative_int, default=0,
                    help="first seed of the data, the noise, the init and the batch order (default: 0)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=checks.positive_int, default=1,
                    help="CPU threads (default: 1: the figures then depend on the seed only)")
     p.add_argument("--out", type=Path, default=Path("sam-compare"), help="folder for the PNGs and JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
 
 
-def _rhos(text: str) -> list[float]:
-    values = []
-    for part in str(text).split(","):
-        value = float(part)
-        if not (math.isfinite(value) and value >= 0):
-            raise argparse.ArgumentTypeError(f"a rho must be a finite non-negative number, got {part!r}")
-        values.append(value)
-    return values
+_rhos = checks.float_list(checks.finite_non_negative_float,
+                          f"comma-separated finite non-negative numbers (at most {checks.LARGEST:g})")
+
+# what a run writes into --out
+OUTPUTS = ("landscape_1d.png", "landscape_2d.png", "spectrum.png", "family.png", "compare.json")
+
+
+def check(args, parser) -> None:
+    """The output folder can take every file a run writes (it creates nothing): else argparse's error."""
+    problem = checks.output_dir_problem(args.out, OUTPUTS)
+    if problem:
+        parser.error(f"argument --out: {problem}")
 
 
 # the optimizers whose radius is --rho (a sweep runs each once per value)
@@ -311,7 +327,7 @@ def _run(args) -> int:
             native.load()
         except native.NativeUnavailable:
             pass  # the optimizers fall back to the reference backend
-    per_seed, t_start = [], time.perf_counter()
+    per_seed, t_start, load_start = [], time.perf_counter(), load()
     for i, seed in enumerate(seeds):
         left = ""
         if i:
@@ -335,24 +351,48 @@ def _run(args) -> int:
     files.append(_plot_spectra(spectra, args.out / "spectrum.png"))
 
     summary = summarize(per_seed)
+    load_end, cores = load(), cpu_count()
+    busy = busy_note(load_start, load_end, cores)
     if "sgd" in summary and len(summary) > 1:
         command = getattr(args, "command_line", None) or "sam-fused compare (called as a function)"
         caption = (f"{command}\nseeds {seeds[0]}-{seeds[-1]}; {cpu_name()}, {torch.get_num_threads()} thread(s), "
                    f"{_dt.date.today().isoformat()}")
-        files.append(plot_family(summary, args.out / "family.png", caption))
-    print(_table(summary, args, seeds))
+        files.append(plot_family(summary, args.out / "family.png", caption, busy))
+    print(_table(summary, args, seeds, busy))
     print(_verdict(summary))
     payload = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), sam_fused=__version__,
         torch=torch.__version__, machine=cpu_name(), threads=torch.get_num_threads(), seeds=seeds,
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-        summary=summary, per_seed=per_seed,
+        cores=cores, load_start=load_start, load_end=load_end, busy=busy,
+        config=config_used(args, names), summary=summary, per_seed=per_seed,
         landscape_1d={n: dict(alphas=l.alphas.tolist(), losses=l.losses.tolist()) for n, l in one.items()},
     )
     (args.out / "compare.json").write_text(json.dumps(payload, indent=1))
     for f in files + [args.out / "compare.json"]:
         print(f"wrote {f}")
     return 0
+
+
+# the options every task and optimizer uses; the others only where named
+COMMON_OPTIONS = ("task", "epochs", "batch_size", "lr", "train_size", "test_size", "hessian_samples", "lanczos_steps",
+                  "probes", "landscape_steps", "seeds", "seed", "threads", "out", "command_line")
+TASK_OPTIONS = {"digits": ("noise", "width")}
+OPTIMIZER_OPTIONS = {"sam": ("rho",), "interval": ("rho",), "rst": ("rho",), "gsam": ("rho", "gsam_alpha"),
+                     "looksam": ("rho", "looksam_k", "looksam_alpha"), "asam": ("asam_rho",), "msam": ("msam_rho",),
+                     "frob": ("lam",), "trace": ("lam",), "det": ("lam",)}
+
+
+def config_used(args, names: list[str]) -> dict:
+    """The options of this run that its task and optimizers use (resolved), for the JSON."""
+    keys = list(COMMON_OPTIONS) + list(TASK_OPTIONS.get(args.task, ()))
+    for name in names:
+        keys += [k for k in OPTIMIZER_OPTIONS.get(name, ()) if k not in keys]
+    out = {"task": args.task, "optimizer": list(names)}
+    for key in keys:
+        if hasattr(args, key):
+            value = getattr(args, key)
+            out[key] = str(value) if isinstance(value, Path) else value
+    return out
 
 
 def verdict(diffs) -> str:
@@ -390,11 +430,11 @@ def _verdict(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _table(summary: dict, args, seeds: list[int]) -> str:
+def _table(summary: dict, args, seeds: list[int], busy: str | None = None) -> str:
     cols = [("train loss", "train_loss", 4), ("train acc", "train_acc", 3), ("test loss", "test_loss", 4),
             ("test acc", "test_acc", 3), ("gap (acc)", "gap_acc", 3), ("lambda_max", "lambda_max", 2),
             ("lambda_min", "lambda_min", 3), ("|max/min|", "lambda_max_over_min", 1), ("l1/l5", "lambda_1_over_5", 2),
-            ("trace", "trace", 1), ("time s", "train_seconds", 1)]
+            ("trace", "trace", 1), ("time s" + (" (!)" if busy else ""), "train_seconds", 1)]
     cell = lambda f, d: f"{f['mean']:.{d}f} +- {f['std']:.{d}f}"  # noqa: E731
     rows = [[name] + [cell(figs[key], d) for _, key, d in cols] for name, figs in summary.items()]
     headers = ["optimizer"] + [c[0] for c in cols]
@@ -409,6 +449,8 @@ def _table(summary: dict, args, seeds: list[int]) -> str:
     line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))
     out = [head, line, "-" * len(line)]
     out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    if busy:
+        out.append(f"(!) {busy}: the times and the throughput relative to SGD are doubtful")
     return "\n".join(out)
 
 
@@ -430,9 +472,10 @@ def family_points(summary: dict) -> dict:
     return out
 
 
-def plot_family(summary: dict, path: Path, caption: str) -> Path:
+def plot_family(summary: dict, path: Path, caption: str, busy: str | None = None) -> Path:
     """One point per method: accuracy gain over SGD (mean +- std over seeds) against training
-    throughput relative to SGD (median, bars from the slowest to the fastest seed)."""
+    throughput relative to SGD (median, bars from the slowest to the fastest seed); ``busy`` (a
+    busy machine's note) is written across the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -449,7 +492,11 @@ def plot_family(summary: dict, path: Path, caption: str) -> Path:
     ax.axvline(1.0, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("training throughput relative to SGD (SGD = 1)")
     ax.set_ylabel("test accuracy - SGD's, paired by seed")
-    ax.set_title("Which SAM: accuracy gained against speed kept")
+    ax.set_title("Which SAM: accuracy gained against speed kept"
+                 + (f"\n{busy}" if busy else ""), color="black" if not busy else "firebrick")
+    if busy:
+        ax.text(0.5, 0.5, "BUSY MACHINE", transform=ax.transAxes, ha="center", va="center", fontsize=28,
+                color="firebrick", alpha=0.25, rotation=20)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.text(0.01, -0.02, caption, fontsize=7, ha="left", va="top", wrap=True)

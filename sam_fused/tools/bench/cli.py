@@ -13,7 +13,9 @@ baseline and SGD (bandwidth as a fraction of a copy), and one SAM/SGD training-t
 ``--full`` adds the ResNet, the optimizer-heavy batch size and 10000 tensors (the default on a
 GPU). The bench warns when the machine is busy (load above its cores) or a figure's spread is
 wide; on a busy CPU it times with one thread unless ``--threads`` says otherwise, since OpenMP's
-threads then wait on each other far more than they compute.
+threads then wait on each other far more than they compute; a busy run's tables are marked.
+The run ends with a bottom line in words: FusedSAM's step against the per-parameter loop, and the
+training throughput relative to SGD of both.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 
 from ... import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from ...backends import available_backends, triton_interpreting
-from ..cli import cpu_name, plain
+from .. import args as checks
+from ..cli import busy_note, cpu_count, cpu_name, load, plain
 from .baseline import PerParameterSAM
 from .host import format_rows as format_host_rows
 from .host import host_cost
@@ -56,7 +59,8 @@ def add_parser(sub) -> None:
         description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, else cpu)")
+    p.add_argument("--device", type=checks.device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--model", action="append", choices=MODELS,
                    help="model to run, repeatable (default: transformer; with --full or on a GPU, resnet and "
                         "transformer)")
@@ -68,15 +72,16 @@ def add_parser(sub) -> None:
                         "natively on the device; the torch reference is always measured)")
     p.add_argument("--base", choices=sorted(BASES), default="sgd",
                    help="base optimizer: sgd (momentum 0.9) or adamw (default: sgd)")
-    p.add_argument("--steps", type=int, default=None, help="timed repetitions per figure (default: 20 on GPU, 30 on CPU)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default: 3)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--steps", type=checks.int_at_least(2), default=None,
+                   help="timed repetitions per figure, at least 2 (default: 20 on GPU, 30 on CPU)")
+    p.add_argument("--warmup", type=checks.non_negative_int, default=3, help="untimed repetitions first (default: 3)")
+    p.add_argument("--batch-size", type=checks.positive_int, default=None,
                    help="train at this batch size only (default: the model's compute-heavy batch size; with "
                         "--full, also an optimizer-heavy one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default: float32)")
-    p.add_argument("--transformer-params", type=float, default=None,
-                   help="approximate transformer size (default: 1e8 on GPU, 2e6 on CPU)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--transformer-params", type=checks.finite_positive_float, default=None,
+                   help="approximate transformer size in parameters (default: 1e8 on GPU, 2e6 on CPU)")
+    p.add_argument("--threads", type=checks.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 when the machine is busy)")
     p.add_argument("--no-train", action="store_true", help="measure the optimizer step only")
     p.add_argument("--universal", action="store_true",
@@ -88,6 +93,7 @@ def add_parser(sub) -> None:
                         "training table only, their throughput relative to SGD and to SAM, per step averaged "
                         "over whole cycles")
     p.add_argument("--host-tensors", default=None,
+                   type=checks.count_list("comma-separated positive tensor counts, or 'none'", none=True),
                    help="tensor counts of the host-cost table, comma-separated; 'none' skips it "
                         "(default: 100,1000; with --full or on a GPU, 100,1000,10000)")
     p.add_argument("--roofline", action="store_true",
@@ -96,16 +102,41 @@ def add_parser(sub) -> None:
                         "beside, as GB/s and a fraction of the copy bandwidth (the default on a GPU)")
     p.add_argument("--no-roofline", action="store_true", help="skip the roofline section on a GPU")
     p.add_argument("--roofline-sizes", default=None,
+                   type=checks.count_list("comma-separated positive parameter counts"),
                    help="single-tensor sizes of the roofline, comma-separated parameter counts (default: "
                         "16e6,64e6,256e6,1e9 on a GPU, 1e6,4e6 on the CPU)")
-    p.add_argument("--roofline-mixes", default="transformer,resnet50,llm",
+    p.add_argument("--roofline-mixes", type=checks.choice_list(roofline.MIXES, none=True),
+                   default=list(roofline.MIXES),
                    help="tensor mixes of the roofline, comma-separated from transformer, resnet50 (161 tensors, "
                         "25.6M), llm (194 tensors, 0.98B); scaled down to the largest size on the CPU; 'none' "
                         "(default: all three)")
-    p.add_argument("--roofline-dtypes", default="float32,bfloat16",
+    p.add_argument("--roofline-dtypes", type=checks.choice_list(sorted(DTYPES)), default=["float32", "bfloat16"],
                    help="parameter dtypes of the roofline, comma-separated (default: float32,bfloat16)")
     p.add_argument("--json", type=Path, default=None, help="write every figure and the environment to this file")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
+
+
+def check(args, parser) -> None:
+    """What argparse's types cannot see alone: the --json path, the backends against the device, the
+    roofline's need of a fused backend. Creates nothing; a problem is argparse's error (exit 2). The
+    path comes first: knowing the backends may mean loading (on a first run, building) the native
+    extension."""
+    if args.json is not None:
+        problem = checks.output_file_problem(args.json)
+        if problem:
+            parser.error(f"argument --json: {problem}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    roof = args.roofline or (device.type == "cuda" and not args.no_roofline)
+    if not (args.backend or roof):
+        return
+    available = available_backends(device)
+    unknown = [b for b in args.backend or () if b not in available]
+    if unknown:
+        parser.error(f"argument --backend: {', '.join(unknown)} cannot run on {device}; available here: "
+                     f"{', '.join(available)}")
+    if roof and not [b for b in args.backend or available if b != "torch"]:
+        parser.error("argument --roofline: it times the fused backends' passes, and none is measured "
+                     f"(--backend {', '.join(args.backend or ['torch'])}; available here: {', '.join(available)})")
 
 
 class Progress:
@@ -132,21 +163,6 @@ class Progress:
         if self.done >= self.total - 1e-9 and self.tty:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def load() -> float | None:
-    """The 1-minute load average (None where the system has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 # A figure whose interquartile range exceeds this fraction of its median is flagged.
@@ -417,37 +433,91 @@ def _fmt_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _the_sam(rows) -> dict | None:
+    """FusedSAM's row of a table: its last backend measured (a fused one when any ran, as the
+    training table's "vs SAM" column takes it)."""
+    sams = [r for r in rows if r["variant"].startswith("sam-") and r["variant"] != "sam-baseline"]
+    return sams[-1] if sams else None
+
+
+def _times(x: float, faster: str = "faster", slower: str = "slower") -> str:
+    return f"{x:.2f}x {faster}" if x >= 1 else f"{1 / x:.2f}x {slower}"
+
+
+def bottom_line(step_rows, train_rows) -> list[dict]:
+    """Per model, the run's answer in figures: FusedSAM's optimizer step against the common
+    per-parameter loop (sam-baseline), and each training setting's throughput relative to SGD of
+    FusedSAM and of the common loop (ideal 0.5: two forward/backward passes per step). Every number
+    is one of the table rows' (``speedup_vs_baseline``, ``ratio_vs_sgd``); ``text`` says it in words."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in list(step_rows) + list(train_rows)):
+        steps = [r for r in step_rows if r["model"] == model]
+        trains = [r for r in train_rows if r["model"] == model]
+        sam = _the_sam(steps) or _the_sam(trains)
+        if sam is None:
+            continue
+        name = sam["variant"]
+        who = (f"FusedSAM's reference backend ({name})" if name == "sam-torch" else f"FusedSAM's step ({name})")
+        entry = dict(model=model, sam=name, step_speedup_vs_baseline=None, training=[])
+        parts = []
+        row = next((r for r in steps if r["variant"] == name), None)
+        if row is not None:
+            entry["step_speedup_vs_baseline"] = row["speedup_vs_baseline"]
+            parts.append(f"{who} is {_times(row['speedup_vs_baseline'])} than the common per-parameter SAM loop "
+                         f"(sam-baseline)")
+        for key in dict.fromkeys((r["setting"], r["batch_size"]) for r in trains):
+            rs = {r["variant"]: r for r in trains if (r["setting"], r["batch_size"]) == key}
+            if name not in rs or "sam-baseline" not in rs:
+                continue
+            fused, common = rs[name]["ratio_vs_sgd"], rs["sam-baseline"]["ratio_vs_sgd"]
+            entry["training"].append(dict(setting=key[0], batch_size=key[1], sam_vs_sgd=fused, baseline_vs_sgd=common))
+            parts.append(f"training ({key[0]}, batch {key[1]}) with {name} runs at {fused:.2f}x SGD's throughput "
+                         f"against {common:.2f}x for the common loop (SGD = 1, higher is better; 0.5 would mean no "
+                         f"cost beyond SAM's second forward/backward pass)")
+        if parts:
+            entry["text"] = f"{model}: " + "; ".join(parts)
+            out.append(entry)
+    return out
+
+
 def report(env, copy_gbs, step_rows, train_rows, host_rows=(), pass_rows=()) -> str:
+    busy = env.get("busy")
+    mark = "  [BUSY MACHINE: timings doubtful]" if busy else ""
     out = [f"sam-fused bench: {env['device_name']} ({env['device']}, {env['threads']} threads on {env['cores']} cores), "
-           f"torch {env['torch']}, triton {env['triton']}, commit {(env['commit'] or '?')[:10]}, {env['date']}",
-           f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s; figures: median of {env['reps']} rounds, "
-           "spread = interquartile range / median", ""]
+           f"torch {env['torch']}, triton {env['triton']}, commit {(env['commit'] or '?')[:10]}, {env['date']}"
+           + (f"\nTHE MACHINE WAS BUSY: every timing below is doubtful ({busy})" if busy else ""),
+           f"device copy bandwidth (read + write): {copy_gbs:.1f} GB/s; figures: median of {env['reps']} rounds; "
+           "spread = interquartile range / median (lower: steadier); [quartiles] = first and third quartile", ""]
     if host_rows:
         r0 = host_rows[0]
         gpu = env["device"] == "cuda"
         out.append(f"Host cost: FusedSAM first_step + second_step ({r0['backend']} backend) vs one "
-                   f"SGD(fused=True).step(), {r0['numel']}-element tensors, us per tensor, median [quartiles]"
-                   + (" (host wall time to enqueue; kernel time beside)" if gpu else ""))
-        headers = ["tensors", "grads", "SAM", "fused SGD", "SAM / SGD", "same addr"] + (["SAM kernels"] if gpu else [])
+                   f"SGD(fused=True).step(), {r0['numel']}-element tensors, us per tensor (lower is better), "
+                   "median [quartiles]" + (" (host wall time to enqueue; kernel time beside)" if gpu else "") + mark)
+        headers = (["tensors", "grads", "SAM us", "fused SGD us", "SAM / SGD time (lower better)", "same addr"]
+                   + (["SAM kernels us"] if gpu else []))
         out.append(_fmt_table(headers, format_host_rows(list(host_rows), torch.device(env["device"]))))
         out.append("")
     if pass_rows:
         out.append("Roofline: each pass alone, minimal bytes over the median time, as a fraction of the copy "
-                   "(torch = torch's own fused optimizers on the same tensors)")
+                   "bandwidth (higher is better; torch = torch's own fused optimizers on the same tensors)" + mark)
         out.append(_fmt_table(["shape", "params", "tensors", "dtype", "backend", "pass", "median ms [quartiles]", "GB/s",
-                               "of copy"], roofline.format_rows(list(pass_rows))))
+                               "of copy bw"], roofline.format_rows(list(pass_rows))))
         out.append("")
     names = [r["variant"] for r in list(step_rows) + list(train_rows)]
     if names:
-        out.append("Variants (\"vs baseline\" compares with sam-baseline):")
+        out.append("Variants (\"speedup over sam-baseline\": the per-parameter loop's time over this row's, "
+                   "above 1 is faster; \"throughput / SGD's\": this row's samples/s over SGD's, higher is better):")
         out += legend(names)
         out.append("")
     unit = "launches" if env["device"] == "cuda" else "ops"
     for model in dict.fromkeys(r["model"] for r in step_rows):
         rs = [r for r in step_rows if r["model"] == model]
-        out.append(f"Optimizer step alone: {model}, {rs[0]['params'] / 1e6:.2f}M params in {rs[0]['tensors']} tensors")
+        out.append(f"Optimizer step alone: {model}, {rs[0]['params'] / 1e6:.2f}M params in {rs[0]['tensors']} tensors"
+                   + mark)
         out.append(_fmt_table(
-            ["variant", "median ms", "spread", unit, "B/param", "GB/s", "of copy", "vs baseline [quartiles]"],
+            ["variant", "median ms", "spread", unit, "B/param", "GB/s", "of copy bw",
+             "speedup over sam-baseline [quartiles]"],
             [[r["variant"], f"{r['median_ms']:.3f}", f"{100 * r['spread']:.0f}%", r["launches"],
               f"{r['bytes_per_param']:.0f}", f"{r['gbs']:.1f}", f"{100 * r['roofline']:.0f}%",
               f"{r['speedup_vs_baseline']:.2f}x [{r['speedup_quartiles'][0]:.2f}, {r['speedup_quartiles'][1]:.2f}]"]
@@ -455,18 +525,21 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=(), pass_rows=()) -> 
         out.append("")
     for key in dict.fromkeys((r["model"], r["setting"], r["batch_size"]) for r in train_rows):
         rs = [r for r in train_rows if (r["model"], r["setting"], r["batch_size"]) == key]
-        out.append(f"Training: {key[0]}, {key[1]}, batch {key[2]}  (SAM/SGD ideal: 0.5)")
+        out.append(f"Training: {key[0]}, {key[1]}, batch {key[2]}  (throughput relative to SGD: SGD = 1, higher is "
+                   "better; 0.5 would mean no cost beyond SAM's second forward/backward pass)" + mark)
         universal = any(r["variant"].startswith(("usam-", "esam-")) for r in rs)
-        headers = (["variant", "median ms", "spread", "samples/s", "vs SGD [quartiles]"] + (["vs SAM"] if universal else [])
-                   + ["extra B/param"])
+        sam = _the_sam(rs)
+        headers = (["variant", "median ms", "spread", "samples/s", "throughput / SGD's [quartiles]"]
+                   + ([f"throughput / {sam['variant']}'s"] if universal and sam else [])
+                   + ["extra B/param vs SGD"])
         if rs[0]["peak_bytes"] is not None:
-            headers.append("extra peak B/param")
+            headers.append("extra peak B/param vs SGD")
         table = []
         for r in rs:
             q = r["ratio_vs_sgd_quartiles"]
             row = [r["variant"], f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%", f"{r['samples_per_s']:.1f}",
                    f"{r['ratio_vs_sgd']:.3f} [{q[0]:.3f}, {q[1]:.3f}]"]
-            row += [f"{r['ratio_vs_sam']:.3f}"] if universal else []
+            row += [f"{r['ratio_vs_sam']:.3f}"] if universal and sam else []
             row += [f"{r['extra_bytes_per_param']:.1f}"]
             if r["peak_bytes"] is not None:
                 row.append(f"{r['extra_peak_bytes_per_param']:.1f}")
@@ -475,18 +548,21 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=(), pass_rows=()) -> 
         out.append("")
     for w in env.get("warnings", ()):
         out.append(f"WARNING: {w}")
+    lines = bottom_line(step_rows, train_rows)
+    if lines:
+        if env.get("warnings"):
+            out.append("")
+        out.append("Bottom line" + (" (BUSY MACHINE: timings doubtful)" if busy else "") + ":")
+        out += [f"  {b['text']}" for b in lines]
     return "\n".join(out)
 
 
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("sam-fused bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
     full = args.full or device.type == "cuda"
     load_start, cores = load(), cpu_count()
     busy_threads = None
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif device.type == "cpu" and load_start is not None and load_start > cores:
         busy_threads = torch.get_num_threads()
@@ -494,7 +570,7 @@ def run(args) -> int:
         print(f"sam-fused bench: the machine is busy (load average {load_start:.1f} on {cores} cores): timing with "
               f"1 thread instead of {busy_threads} (--threads overrides)", file=sys.stderr)
     dtype = DTYPES[args.dtype]
-    reps = args.steps or (20 if device.type == "cuda" else 30)
+    reps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 30)
     native = [b for b in available_backends(device) if b != "torch"]
     if device.type == "cpu" and triton_interpreting():
         native = [b for b in native if b != "triton"]  # the interpreter is a test tool, not a backend to time
@@ -507,33 +583,25 @@ def run(args) -> int:
               f"{available_backends(device)}", file=sys.stderr)
         return 2
     models = args.model or (["resnet", "transformer"] if full else ["transformer"])
-    tparams = args.transformer_params or (1e8 if device.type == "cuda" else 2e6)
+    tparams = args.transformer_params if args.transformer_params is not None else (
+        1e8 if device.type == "cuda" else 2e6)
     names = variants(device, args.base, backends)
     universal = (["usam-frob", "usam-trace", "usam-det"] if args.universal else []) + (
         list(EFFICIENT) if args.efficient else [])
     workloads = [build(m, device, tparams, dtype) for m in models]
-    host_spec = args.host_tensors or ("100,1000,10000" if full else "100,1000")
-    host_counts = [] if host_spec == "none" else [int(n) for n in host_spec.split(",")]
+    host_counts = args.host_tensors if args.host_tensors is not None else (
+        [100, 1000, 10000] if full else [100, 1000])
     host_backend = next((b for b in backends if b != "torch"), "torch")
     roof = None
     if args.roofline or (device.type == "cuda" and not args.no_roofline):
-        try:
-            roof = dict(sizes=roofline.parse_sizes(args.roofline_sizes) if args.roofline_sizes else
-                        roofline.default_sizes(device),
-                        mixes=[] if args.roofline_mixes == "none" else args.roofline_mixes.split(","),
-                        dtypes=[DTYPES[d] for d in args.roofline_dtypes.split(",")],
-                        backends=[b for b in backends if b != "torch"])
-        except (KeyError, ValueError) as e:
-            print(f"sam-fused bench: bad roofline option: {e}", file=sys.stderr)
-            return 2
-        bad = [m for m in roof["mixes"] if m not in roofline.MIXES]
-        if bad or not roof["backends"]:
-            print(f"sam-fused bench: roofline mixes must be from {roofline.MIXES} and a fused backend must be "
-                  f"available (got mixes {bad}, backends {backends})", file=sys.stderr)
+        roof = dict(sizes=args.roofline_sizes or roofline.default_sizes(device), mixes=list(args.roofline_mixes),
+                    dtypes=[DTYPES[d] for d in args.roofline_dtypes], backends=[b for b in backends if b != "torch"])
+        if not roof["backends"]:
+            print(f"sam-fused bench: the roofline needs a fused backend (got {backends})", file=sys.stderr)
             return 2
 
     def sizes_of(w):
-        if args.batch_size:
+        if args.batch_size is not None:
             return {"custom": args.batch_size}
         return dict(w.batch_sizes) if full else {"compute-heavy": w.batch_sizes["compute-heavy"]}
 
@@ -571,12 +639,25 @@ def run(args) -> int:
         if not args.no_train:
             train_rows += train_table(w, names + universal, args.base, device, args.warmup, reps, sizes_of(w), progress)
     env["load_end"] = load()
+    env["busy"] = busy_note(load_start, env["load_end"], cores) if device.type == "cpu" else None
     env["warnings"] = warnings_for(env, step_rows, train_rows, host_rows)
     print(report(env, copy_gbs, step_rows, train_rows, host_rows, pass_rows))
     if args.json:
+        config = dict(device=str(device), model=models, full=full, backend=backends, base=args.base, dtype=args.dtype,
+                      steps=reps, warmup=args.warmup, threads=torch.get_num_threads(), host_tensors=host_counts)
+        if "transformer" in models or (roof is not None and "transformer" in roof["mixes"]):
+            config["transformer_params"] = tparams
+        if not args.no_train:
+            config.update(batch_size={w.name: sizes_of(w) for w in workloads}, universal=args.universal,
+                          efficient=args.efficient)
+        if roof is not None:
+            config.update(roofline_sizes=roof["sizes"], roofline_mixes=roof["mixes"],
+                          roofline_dtypes=[str(d).replace("torch.", "") for d in roof["dtypes"]])
+        config.update(json=str(args.json), command_line=getattr(args, "command_line", None))
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = dict(environment=env, copy_gbs=copy_gbs, base=args.base, dtype=args.dtype,
-                       host_cost=host_rows, optimizer_step=step_rows, training=train_rows, passes=pass_rows)
+        payload = dict(environment=env, config=config, copy_gbs=copy_gbs, base=args.base, dtype=args.dtype,
+                       bottom_line=bottom_line(step_rows, train_rows), host_cost=host_rows, optimizer_step=step_rows,
+                       training=train_rows, passes=pass_rows)
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0
