@@ -204,6 +204,8 @@ def test_state_dict_hooks_fire(algo):
     assert sd["marked"] is True and seen == ["pre", "post"]
     opt.load_state_dict(sd)
     assert seen == ["pre", "post", ("load_pre", True), "load_post"]
+    opt.load_state_dict(state_dict=sd)  # by name, as torch.distributed.checkpoint passes it
+    assert seen[-2:] == [("load_pre", True), "load_post"]
 
 
 # ---------------------------------------------------------------------- complex parameters

@@ -86,12 +86,12 @@ def _with_torch_hooks(name: str, method):
                     out = out if result is None else result
                 return out
             if name == "load_state_dict":
-                (state_dict,) = args
-                state_dict = dict(state_dict)
+                kwargs = dict(kwargs)
+                state_dict = dict(args[0] if args else kwargs.pop("state_dict"))  # torch's DCP passes it by name
                 for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
                     result = hook(self, state_dict)
                     state_dict = state_dict if result is None else result
-                out = method(self, state_dict, **kwargs)
+                out = method(self, state_dict, *args[1:], **kwargs)
                 for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
                     hook(self)
                 return out
