@@ -2,7 +2,9 @@
 they support) and of the rules as documented (two groups with their own rho and lr, a missing
 gradient at step 3, Adam's L2 decay), every fast backend against the reference over several steps
 (harness.py's odd shapes and layouts, fp32 and the low-precision rule), ``unperturbed()``,
-``restore()``, checkpoints and copies, GradScaler and the refusals.
+``restore()``, checkpoints and copies, GradScaler and the refusals; a rho changed between steps
+(each perturbation undone with the rho that made it), checkpoints taken inside ``unperturbed()``,
+``add_param_group`` with torch's keys only, and the bound on rho.
 
 Tolerances: tests/tolerances.py (the FP32 table, the low-precision rule).
 """
@@ -54,8 +56,10 @@ def cached(backend, dtype, opt_name):
 
 
 # ---------------------------------------------------------------------- float64 transcriptions
-def msam64(opt_name, steps=STEPS, dtype=torch.float32, missing_step=harness.NO_GRAD_STEP):
-    """The rules of backends/msam.py in float64: returns (stored weights, true weights, states)."""
+def msam64(opt_name, steps=STEPS, dtype=torch.float32, missing_step=harness.NO_GRAD_STEP, rho_at=None):
+    """The rules of backends/msam.py in float64: returns (stored weights, true weights, states).
+    ``rho_at(step, group)``: the groups' rho at each step (default RHOS); a perturbation is undone
+    with the rho that made it."""
     weights, coefs = problem(0)
     ws = [w.to(dtype).double().clone() for w in weights]
     cls, kw = harness.OPTIMIZERS[opt_name]
@@ -63,18 +67,19 @@ def msam64(opt_name, steps=STEPS, dtype=torch.float32, missing_step=harness.NO_G
     wd = kw.get("weight_decay", 0.0)
     state = [dict() for _ in ws]
     inv, perturbed = 0.0, set()
-    rho = [RHOS[GROUP_OF[i]] for i in range(len(ws))]
+    applied = [0.0] * len(ws)  # the rho of each parameter's perturbation
     for step in range(steps):
+        rho = [RHOS[GROUP_OF[i]] if rho_at is None else rho_at(step, GROUP_OF[i]) for i in range(len(ws))]
         active = [i for i in range(len(ws)) if not (step == missing_step and i == harness.NO_GRAD_PARAM)]
         g = {i: grad_fn(ws[i], coefs[i]) for i in active}
         key = "momentum_buffer" if cls is torch.optim.SGD else "exp_avg"
         for i in perturbed - set(active):  # put back, not updated
-            ws[i] = ws[i] + rho[i] * inv * state[i][key]
+            ws[i] = ws[i] + applied[i] * inv * state[i][key]
         for i in active:
             st, w, lr = state[i], ws[i], lrs[GROUP_OF[i]]
             d = g[i] + (0.0 if cls is torch.optim.AdamW else wd) * w
             if i in perturbed:
-                w = w + rho[i] * inv * st[key]
+                w = w + applied[i] * inv * st[key]
             if cls is torch.optim.SGD:
                 st["momentum_buffer"] = kw["momentum"] * st.get("momentum_buffer", torch.zeros_like(w)) + d
                 w = w - lr * st["momentum_buffer"]
@@ -94,6 +99,7 @@ def msam64(opt_name, steps=STEPS, dtype=torch.float32, missing_step=harness.NO_G
         true = list(ws)
         for i in active:
             ws[i] = ws[i] - rho[i] * inv * state[i][key]
+            applied[i] = rho[i]
         perturbed = set(active)
     return ws, true, state
 
@@ -499,3 +505,241 @@ def test_a_nan_gradient_does_not_reach_every_weight(backend):
     for i, p in enumerate(params):
         if i != 1:
             assert torch.isfinite(p).all(), harness.SHAPES[i]
+
+
+# ---------------------------------------------------------------------- rho changed between steps
+SCHEDULE = (1.0, 1.0, 0.5, 1.5, 0.25, 2.0, 1.0, 0.75)  # rho's factor at each of 8 steps
+
+
+def _scheduled(step, group):
+    return RHOS[group] * SCHEDULE[step]
+
+
+@pytest.mark.quick_subset("triton", [dict(opt_name="sgd_momentum_wd")])
+@pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "adamw"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scheduled_rho_matches_float64(backend, opt_name):
+    """rho set before every step (as RhoFollowsLR does): each perturbation is undone with the
+    radius that made it, by the step, by unperturbed() and by restore(), also after an edit that
+    no step has used yet; a missing gradient at step 3 (put back with the old radius)."""
+    weights, coefs = problem(0)
+    params = make_params(weights, torch.float32, DEVICE)
+    cls, kw = harness.OPTIMIZERS[opt_name]
+    opt = MSAM(harness.groups_of(params, lrs_of(opt_name)), cls, backend=backend, **kw)
+    for step in range(len(SCHEDULE)):
+        for k, group in enumerate(opt.param_groups):
+            group["rho"] = _scheduled(step, k)
+        set_grads(params, coefs, {harness.NO_GRAD_PARAM} if step == harness.NO_GRAD_STEP else set())
+        opt.step()
+    ws, true, _ = msam64(opt_name, steps=len(SCHEDULE), rho_at=_scheduled)
+    atol, rtol = FP32["fp32_vs_float64"]
+    for i, (p, w) in enumerate(zip(params, ws)):
+        harness.assert_close(p, w, atol, rtol, f"param {harness.SHAPES[i]}")
+    for group in opt.param_groups:  # not used by any step yet: the true weights stay where they are
+        group["rho"] = 1.0
+    with opt.unperturbed():
+        for i, (p, w) in enumerate(zip(params, true)):
+            harness.assert_close(p, w, atol, rtol, f"unperturbed {harness.SHAPES[i]}")
+    assert opt.restore()
+    for i, (p, w) in enumerate(zip(params, true)):
+        harness.assert_close(p, w, atol, rtol, f"restored {harness.SHAPES[i]}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_edited_rho_leaves_the_true_weights_where_they_are(backend):
+    """rho 3 -> 1 between steps: unperturbed() gives the weights of the same run without the edit,
+    bit for bit; the next step undoes the radius-3 perturbation and makes a radius-1 one."""
+    params, _, opt = run(backend, torch.float32, "sgd_momentum_wd", steps=4, rho_scale=3.0 / RHOS[0])
+    twin, _, twin_opt = run(backend, torch.float32, "sgd_momentum_wd", steps=4, rho_scale=3.0 / RHOS[0])
+    stored = _bits(params)
+    for group in opt.param_groups:
+        group["rho"] = 1.0
+    with opt.unperturbed(), twin_opt.unperturbed():
+        assert _equal(_bits(params), _bits(twin))
+    assert _equal(_bits(params), stored)
+    _, coefs = problem(0)
+    set_grads(params, coefs)
+    opt.step()
+    old = tuple(r * 3.0 / RHOS[0] for r in RHOS)
+    ws, true, _ = msam64("sgd_momentum_wd", steps=5, rho_at=lambda step, g: 1.0 if step == 4 else old[g])
+    atol, rtol = FP32["fp32_vs_float64"]
+    for i, (p, w) in enumerate(zip(params, ws)):
+        harness.assert_close(p, w, atol, rtol, f"param {harness.SHAPES[i]}")
+    for group in opt.param_groups:
+        group["rho"] = 2.0
+    assert opt.restore()
+    for i, (p, w) in enumerate(zip(params, true)):
+        harness.assert_close(p, w, atol, rtol, f"restored {harness.SHAPES[i]}")
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+def _loaded(backend, opt_name, saved_params, saved_opt):
+    weights, _ = problem(0)
+    fresh = make_params(weights, torch.float32, DEVICE)
+    with torch.no_grad():
+        for p, saved in zip(fresh, saved_params):
+            p.copy_(saved)
+    cls, kw = harness.OPTIMIZERS[opt_name]
+    opt = MSAM(harness.groups_of(fresh, lrs_of(opt_name)), cls, backend=backend, **kw)
+    opt.load_state_dict(saved_opt)
+    return fresh, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoints_carry_the_radius_of_the_perturbation(backend):
+    """The state dict names the rho each group's perturbation was made with: a resumed optimizer
+    whose rho is edited before its first step still undoes the saved perturbation exactly. A
+    checkpoint without that entry (older ones) takes the group's rho, as it was written for, and
+    resumes bit for bit."""
+    params, _, opt = run(backend, torch.float32, "sgd_momentum_wd", steps=4)
+    ckpt = _roundtrip({"params": _bits(params), "opt": opt.state_dict()})
+    assert [g["msam_rho"] for g in ckpt["opt"]["param_groups"]] == list(RHOS)
+    fresh, opt2 = _loaded(backend, "sgd_momentum_wd", ckpt["params"], ckpt["opt"])
+    assert all("msam_rho" not in g for g in opt2.param_groups)
+    for group in opt2.param_groups:
+        group["rho"] = 1.0
+    with opt.unperturbed(), opt2.unperturbed():
+        assert _equal(_bits(fresh), _bits(params))
+    assert _equal(_bits(fresh), ckpt["params"])
+    # the older format
+    old = copy.deepcopy(ckpt["opt"])
+    for g in old["param_groups"]:
+        del g["msam_rho"]
+    fresh, opt3 = _loaded(backend, "sgd_momentum_wd", ckpt["params"], old)
+    _, coefs = problem(0)
+    for ps, o in ((params, opt), (fresh, opt3)):
+        for _ in range(2):
+            set_grads(ps, coefs)
+            o.step()
+    assert _equal(_bits(fresh), _bits(params))
+    assert _equal(_state_bits(opt3), _state_bits(opt))
+    bad = copy.deepcopy(ckpt["opt"])
+    before = _bits(fresh) + _state_bits(opt3) + [opt3._inv.clone()]
+    for value in (float("nan"), -1.0, 1e6, "3"):
+        bad["param_groups"][1]["msam_rho"] = value
+        with pytest.raises(ValueError, match="msam_rho"):
+            opt3.load_state_dict(bad)
+        assert _equal(_bits(fresh) + _state_bits(opt3) + [opt3._inv.clone()], before)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "adamw"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_taken_inside_unperturbed_resumes_from_the_true_weights(backend, opt_name):
+    """Inside unperturbed() the model holds w, and the state dict says so (nothing perturbed): a
+    resume from that checkpoint is the run that restore() would have made at that point, bit for
+    bit; the saving optimizer itself goes on as if nothing had been saved."""
+    params, _, opt = run(backend, torch.float32, opt_name, steps=4)
+    twin, _, twin_opt = run(backend, torch.float32, opt_name, steps=4)
+    with opt.unperturbed():
+        ckpt = _roundtrip({"params": _bits(params), "opt": opt.state_dict()})
+    assert all(g["msam_perturbed"] == [] for g in ckpt["opt"]["param_groups"])
+    fresh, opt2 = _loaded(backend, opt_name, ckpt["params"], ckpt["opt"])
+    assert twin_opt.restore()
+    assert _equal(_bits(fresh), _bits(twin))
+    _, coefs = problem(0)
+    for _ in range(3):
+        for ps, o in ((fresh, opt2), (twin, twin_opt), (params, opt)):
+            set_grads(ps, coefs)
+            o.step()
+    assert _equal(_bits(fresh), _bits(twin))
+    assert _equal(_state_bits(opt2), _state_bits(twin_opt))
+    straight, _, opt_s = run(backend, torch.float32, opt_name, steps=7)
+    assert _equal(_bits(params), _bits(straight))
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "adamw"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_param_group_with_only_params_and_lr(backend, opt_name):
+    """A group added with the keys a torch user passes gets the defaults, as at construction."""
+    weights, coefs = problem(0)
+    cls, kw = harness.OPTIMIZERS[opt_name]
+    lrs = lrs_of(opt_name)
+    a = make_params(weights, torch.float32, DEVICE)
+    b = make_params(weights, torch.float32, DEVICE)
+    opt_a = MSAM([{"params": a[:4]}, {"params": a[4:], "lr": lrs[1]}], cls, rho=RHOS[0], lr=lrs[0],
+                 backend=backend, **kw)
+    opt_b = MSAM([{"params": b[:4]}], cls, rho=RHOS[0], lr=lrs[0], backend=backend, **kw)
+    opt_b.add_param_group({"params": b[4:], "lr": lrs[1]})
+    assert {k: v for k, v in opt_b.param_groups[1].items() if k != "params"} == \
+        {k: v for k, v in opt_a.param_groups[1].items() if k != "params"}
+    for _ in range(3):
+        for ps, o in ((a, opt_a), (b, opt_b)):
+            set_grads(ps, coefs)
+            o.step()
+    assert _equal(_bits(a), _bits(b))
+    assert _equal(_state_bits(opt_a), _state_bits(opt_b))
+
+
+# ---------------------------------------------------------------------- the bound on rho
+def test_a_radius_beyond_the_bound_is_refused():
+    p = [torch.nn.Parameter(torch.ones(3))]
+    for rho in (1e6, 1e30, MSAM.MAX_RHO * 1.5):
+        with pytest.raises(ValueError, match=f"rho.*{MSAM.MAX_RHO:g}"):
+            MSAM(p, torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9)
+    opt = MSAM(p, torch.optim.SGD, rho=MSAM.MAX_RHO, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=f"rho.*{MSAM.MAX_RHO:g}"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "rho": 1e6})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refused_radius_changes_nothing(backend):
+    """A step with a group's rho beyond the bound raises before any write; unperturbed() meanwhile
+    still undoes the perturbation with the radius that made it."""
+    params, _, opt = run(backend, torch.float32, "sgd_momentum_wd", steps=2)
+    _, coefs = problem(0)
+    before = _bits(params) + _state_bits(opt) + [opt._inv.clone()]
+    sd_before = opt.state_dict()
+    set_grads(params, coefs)
+    opt.param_groups[0]["rho"] = 1e6
+    with pytest.raises(ValueError, match=f"rho.*{MSAM.MAX_RHO:g}"):
+        opt.step()
+    assert _equal(_bits(params) + _state_bits(opt) + [opt._inv.clone()], before)
+    sd = opt.state_dict()
+    assert [(g["msam_rho"], g["msam_perturbed"], g["msam_inverse_norm"]) for g in sd["param_groups"]] == \
+        [(g["msam_rho"], g["msam_perturbed"], g["msam_inverse_norm"]) for g in sd_before["param_groups"]]
+    _, true, _ = msam64("sgd_momentum_wd", steps=2)
+    atol, rtol = FP32["fp32_vs_float64"]
+    with opt.unperturbed():
+        for i, (p, w) in enumerate(zip(params, true)):
+            harness.assert_close(p, w, atol, rtol, f"unperturbed {harness.SHAPES[i]}")
+    assert _equal(_bits(params), before[: len(params)])
+    opt.param_groups[0]["rho"] = RHOS[0]
+    opt.step()
+    ws, _, _ = msam64("sgd_momentum_wd", steps=3)
+    for i, (p, w) in enumerate(zip(params, ws)):
+        harness.assert_close(p, w, atol, rtol, f"param {harness.SHAPES[i]}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_amp_step_keeps_the_radius_of_the_perturbation(backend):
+    """rho edited on a step that GradScaler skips (an inf): the weights keep the old perturbation,
+    and the radius recorded for it stays the old one."""
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3)).to(DEVICE)
+        return model, MSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, backend=backend)
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 7, generator=gen).to(DEVICE), torch.randint(0, 3, (32,), generator=gen).to(DEVICE)
+    runs = [setup(), setup()]
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10) for _ in runs]
+    for k in range(4):
+        for j, ((model, opt), scaler) in enumerate(zip(runs, scalers)):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            if k == 3:  # skipped in both runs; the rho edited in one
+                model[0].weight.grad[0, 0] = float("inf")
+                if j == 0:
+                    opt.param_groups[0]["rho"] = 2.0
+            scaler.step(opt)
+            scaler.update()
+    (m0, o0), (m1, o1) = runs
+    with o0.unperturbed(), o1.unperturbed():
+        assert _equal(_bits(m0.parameters()), _bits(m1.parameters()))

@@ -24,7 +24,9 @@ fp32 device tensor (``reduce`` may change it in place: the FSDP2 all-reduce).
 
 Momentum-SAM (``backends/msam.py`` holds its reference ops and the order of its step):
 ``msam_update(launches, inv, inv_next, amp, extra, device)`` runs its first pass over fused
-(bucket, update, restore) launches and returns the sum of squares of the new first moments, and
+(bucket, update, restore_rho) launches (``restore_rho``: the rho of the perturbation to undo, the
+one that made it whatever the group says now; None: nothing to undo) and returns the sum of
+squares of the new first moments, and
 ``msam_perturb(bucket, inv_next, amp)`` its second; the reference backend has no launches (every
 parameter takes the reference ops).
 
@@ -109,7 +111,7 @@ class Backend:
     # ------------------------------------------------------------------ Momentum-SAM (backends/msam.py)
     def msam_update(self, launches, inv: Tensor, inv_next: Tensor, amp: Amp | None, extra: Tensor | None,
                     device: torch.device) -> Tensor:
-        """Momentum-SAM's first pass over fused ``launches`` ((bucket, update, restore) triples; none
+        """Momentum-SAM's first pass over fused ``launches`` ((bucket, update, restore_rho) triples; none
         here: the reference ops did every parameter and summed ``extra``): returns the sum of squares
         of the new first moments (fp64, 0-dim, on ``device``) and writes ``inv_next``."""
         if launches:

@@ -76,11 +76,11 @@ class FlatBackend(Backend):
         """``out = [sum g.g, sum g.aux, sum aux.aux]`` over the buckets, a 3-element fp32 device tensor."""
         raise NotImplementedError
 
-    def launch_msam_update(self, bucket: Bucket, update: Update, restore: bool, inv: Tensor, amp: Amp | None,
-                           sq: Tensor, accumulate: bool) -> None:
-        """Momentum-SAM's first pass over the bucket (``backends/msam.py``): the restore (when
-        ``restore``), the update, and the sum of squares of the new first moments into ``sq`` (fp64;
-        added to it with ``accumulate``)."""
+    def launch_msam_update(self, bucket: Bucket, update: Update, restore_rho: float | None, inv: Tensor,
+                           amp: Amp | None, sq: Tensor, accumulate: bool) -> None:
+        """Momentum-SAM's first pass over the bucket (``backends/msam.py``): the restore
+        ``w + restore_rho * inv * m`` (unless ``restore_rho`` is None), the update, and the sum of
+        squares of the new first moments into ``sq`` (fp64; added to it with ``accumulate``)."""
         raise NotImplementedError
 
     def launch_msam_perturb(self, bucket: Bucket, inv_next: Tensor, amp: Amp | None) -> None:
@@ -124,8 +124,8 @@ class FlatBackend(Backend):
         from .msam import next_inv
 
         sq, _ = self._scalars(device)
-        for i, (bucket, update, restore) in enumerate(launches):
-            self.launch_msam_update(bucket, update, restore, inv, amp, sq, i > 0)
+        for i, (bucket, update, restore_rho) in enumerate(launches):
+            self.launch_msam_update(bucket, update, restore_rho, inv, amp, sq, i > 0)
         if extra is not None:
             sq.add_(extra)
         next_inv(sq, inv, None if amp is None else amp[1], out=inv_next)

@@ -2,14 +2,17 @@
 
 Momentum-SAM (Becker et al., 2024) perturbs along the momentum instead of a fresh gradient, so a
 step needs one forward/backward. Between steps every parameter that took part in the last step
-sits at ``w - r m`` (``r = rho * inv``, ``inv = 1 / (||m|| + 1e-12)`` of that step, ``m`` SGD's
-momentum buffer or Adam's ``exp_avg``); the gradient ``g`` was taken there. Per parameter with a
+sits at ``w - r m`` (``r = rho * inv``, ``inv = 1 / (||m|| + 1e-12)`` of that step, ``rho`` its
+group's rho at that step, ``m`` SGD's momentum buffer or Adam's ``exp_avg``); the gradient ``g``
+was taken there. The restore uses that ``r``: the rho that made the perturbation, kept by the
+optimizer per group (``rho_of`` below), not the group's rho now, which may have been edited since
+(a schedule, ``RhoFollowsLR``). Per parameter with a
 gradient, in fp32 (fp64 for fp64 parameters), with the base optimizer's folded scalars
 (``spec.Update.scalars()``):
 
     x = g * inv_scale             (AMP; else the gradient as it is)
     d = x + l2 * w                (SGD and Adam's L2 weight decay: at the weights where g was taken)
-    w = w + r * m                 (the restore, with the old m; only for a perturbed parameter)
+    w = w + r * m                 (the restore, with the old r and m; only for a perturbed parameter)
     SGD:   m = momentum * m + d;  w = w - lr * m
     Adam:  m = m + (1 - beta1) (d - m);  v = beta2 v + (1 - beta2) d^2
            w = w - step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps)
@@ -143,10 +146,14 @@ class MomentumPass:
         self.ref, self.stale, self.skip_on_device = ref, stale, skip_on_device
 
 
-def plan_pass(backend, opt, plan: StepPlan, kind: str, perturbed: dict, fast: bool, amp: Amp | None):
+def plan_pass(backend, opt, plan: StepPlan, kind: str, perturbed: dict, fast: bool, amp: Amp | None,
+              rho_of: dict):
     """Check every state tensor the step will touch (raises before any write) and decide what runs
     where. ``perturbed``: id(param) -> param of the parameters perturbed now; ``fast``: they are
-    exactly ``plan.active`` (the steady state: nothing to compare). Returns a callable that makes
+    exactly ``plan.active`` (the steady state: nothing to compare); ``rho_of``: id(group) -> the rho
+    its perturbation was made with. AMP's found_inf is left to the kernels only when no group's rho
+    changed since (a skipped step keeps the old perturbation, and so its radius: the optimizer then
+    needs to know on the host whether the step was skipped). Returns a callable that makes
     the launches (it creates missing state and counts Adam's steps: call it only once the step is
     certain), and the :class:`MomentumPass` skeleton."""
     state = opt.base_optimizer.state
@@ -168,7 +175,8 @@ def plan_pass(backend, opt, plan: StepPlan, kind: str, perturbed: dict, fast: bo
             if not st or "momentum_buffer" not in st and "exp_avg" not in st:
                 raise RuntimeError("a perturbed parameter lost its optimizer state: its perturbation cannot be undone")
             check_state(kind, local(p), _local_state(st), state_keys(kind, group))
-    skip_on_device = amp is not None and kind == "sgd" and fast and not ref and make is not None
+    skip_on_device = (amp is not None and kind == "sgd" and fast and not ref and make is not None
+                      and all(rho_of[id(g)] == g["rho"] for g in opt.param_groups))
     return make, MomentumPass(ref, stale, skip_on_device)
 
 
@@ -177,24 +185,25 @@ def _local_state(st: dict) -> dict:
 
 
 def run_step(backend, opt, plan: StepPlan, kind: str, inv: Tensor, inv_next: Tensor, amp: Amp | None,
-             perturbed: dict, fast: bool, reduce) -> bool:
-    """One Momentum-SAM step (both passes) with ``inv`` the old inverse norm; ``inv_next`` receives
-    the new one. Returns False when AMP's found_inf was read on the host and the step skipped
-    (nothing written); True otherwise (with an inf found on the device, the kernels wrote nothing
-    and ``inv_next`` = ``inv``)."""
-    make, work = plan_pass(backend, opt, plan, kind, perturbed, fast, amp)
+             perturbed: dict, fast: bool, reduce, rho_of: dict) -> bool:
+    """One Momentum-SAM step (both passes) with ``inv`` the old inverse norm and ``rho_of``
+    (id(group) -> rho) the radius each group's perturbation was made with; ``inv_next`` receives
+    the new one, and the new perturbation has each group's rho now. Returns False when AMP's
+    found_inf was read on the host and the step skipped (nothing written); True otherwise (with an
+    inf found on the device, the kernels wrote nothing and ``inv_next`` = ``inv``)."""
+    make, work = plan_pass(backend, opt, plan, kind, perturbed, fast, amp, rho_of)
     if amp is not None and not work.skip_on_device and float(amp[1]) != 0.0:
         return False
     # every check has passed: from here on, only writes
     state = opt.base_optimizer.state
     decoupled = isinstance(opt.base_optimizer, torch.optim.AdamW)
     for group, p in work.stale:
-        restore_(p, local(first_moment(kind, state[p])), group["rho"], inv)
+        restore_(p, local(first_moment(kind, state[p])), rho_of[id(group)], inv)
     launches = make() if make is not None else []
     if not fast and launches:
-        launches = _split_restore(launches, perturbed)
+        launches = _split_restore(launches, perturbed, rho_of)
     else:
-        launches = [(b, u, True) for b, u in launches] if perturbed else [(b, u, False) for b, u in launches]
+        launches = [(b, u, rho_of[id(b.group)] if perturbed else None) for b, u in launches]
     extra = None
     inv_scale = None if amp is None else amp[0]
     for group, p in work.ref:
@@ -206,7 +215,7 @@ def run_step(backend, opt, plan: StepPlan, kind: str, inv: Tensor, inv_next: Ten
             st["step"] += 1
             step = float(st["step"])
         u = update_of(kind, group, step, group.get("decoupled_weight_decay", decoupled))
-        s = update_(kind, u, p, _local_state(st), id(p) in perturbed, group["rho"], inv, inv_scale)
+        s = update_(kind, u, p, _local_state(st), id(p) in perturbed, rho_of[id(group)], inv, inv_scale)
         extra = s if extra is None else extra + s
     sq = backend.msam_update(launches, inv, inv_next, amp, extra, plan.locals[0].device)
     if reduce is not None:
@@ -219,17 +228,19 @@ def run_step(backend, opt, plan: StepPlan, kind: str, inv: Tensor, inv_next: Ten
     return True
 
 
-def _split_restore(launches, perturbed: dict):
-    """Each launch split into its perturbed rows (restored) and the others (not), as needed."""
+def _split_restore(launches, perturbed: dict, rho_of: dict):
+    """Each launch split into its perturbed rows (restored with their group's old rho) and the
+    others (not), as needed: (bucket, update, restore_rho or None) triples."""
     out = []
     for bucket, u in launches:
         flags = [id(p) in perturbed for p in bucket.owners]
+        rho = rho_of[id(bucket.group)]
         if all(flags):
-            out.append((bucket, u, True))
+            out.append((bucket, u, rho))
         elif not any(flags):
-            out.append((bucket, u, False))
+            out.append((bucket, u, None))
         else:
-            out.append((bucket.rows([i for i, f in enumerate(flags) if f]), u, True))
-            out.append((bucket.rows([i for i, f in enumerate(flags) if not f]), u, False))
+            out.append((bucket.rows([i for i, f in enumerate(flags) if f]), u, rho))
+            out.append((bucket.rows([i for i, f in enumerate(flags) if not f]), u, None))
     return out
 

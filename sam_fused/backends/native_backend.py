@@ -79,12 +79,13 @@ class NativeBackend(FlatBackend):
         )
 
     # ------------------------------------------------------------------ Momentum-SAM
-    def launch_msam_update(self, bucket: Bucket, u: Update, restore: bool, inv: Tensor, amp: Amp | None,
-                           sq: Tensor, accumulate: bool) -> None:
+    def launch_msam_update(self, bucket: Bucket, u: Update, restore_rho: float | None, inv: Tensor,
+                           amp: Amp | None, sq: Tensor, accumulate: bool) -> None:
         inv_scale, found_inf = amp if amp is not None else (None, None)
         self._C.msam_update_(
             sq, bucket.params, bucket.grads(), bucket.state1, bucket.state2 or [], opt=u.opt, scalars=u.scalars(),
-            restore=restore, rho=float(bucket.group["rho"]), inv=inv.reshape(1), accumulate=accumulate,
+            restore=restore_rho is not None, rho=0.0 if restore_rho is None else float(restore_rho), inv=inv.reshape(1),
+            accumulate=accumulate,
             inv_scale=inv_scale, found_inf=found_inf, partials=self._scratch([bucket], 1, sq.device, torch.float64),
         )
 

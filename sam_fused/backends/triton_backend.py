@@ -106,8 +106,9 @@ class TritonBackend(FlatBackend):
         counts = [momentum.programs(t) for t in tables]
         partials = self._sq_partials_for(sum(counts) + 1, device)
         off = 0
-        for table, (bucket, update, restore), k in zip(tables, launches, counts):
-            momentum.update(table, partials[off:], bucket.dtype, update, restore, bucket.group["rho"], inv, amp)
+        for table, (bucket, update, restore_rho), k in zip(tables, launches, counts):
+            momentum.update(table, partials[off:], bucket.dtype, update, restore_rho is not None,
+                            0.0 if restore_rho is None else restore_rho, inv, amp)
             off += k
         if extra is not None:
             partials[off : off + 1].copy_(extra.reshape(1))

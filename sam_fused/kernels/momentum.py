@@ -1,7 +1,8 @@
 """Momentum-SAM's two passes (the math: ``backends/msam.py``).
 
 Pass 1 (one persistent launch per bucket, at most ``NORM_PROGRAMS`` programs, each walking chunks
-k, k + G, ...): per element, the restore ``w + r m`` with the old first moment, the base update
+k, k + G, ...): per element, the restore ``w + r m`` with the old first moment and the old ``r``
+(the rho that made the perturbation times the old inv, whatever the group's rho is now), the base update
 (SGD with momentum, or Adam/AdamW with the AdamW decay after the step), and the sum of squares of
 the new first moment as stored (fp64), one partial per program. Then one program sums the partials
 of every bucket in a fixed order into ``sq`` and writes ``inv_next = 1 / (sqrt(sq) + 1e-12)`` (or
@@ -136,7 +137,8 @@ def programs(table: PointerTable) -> int:
 
 def update(table: PointerTable, partials: Tensor, dtype, u: Update, restore: bool, rho: float, inv: Tensor,
            amp=None) -> None:
-    """Pass 1 over the table; ``programs(table)`` partial sums into ``partials[0:...]`` (fp64)."""
+    """Pass 1 over the table; ``programs(table)`` partial sums into ``partials[0:...]`` (fp64).
+    ``rho``: the radius of the perturbation the restore undoes (the one that made it)."""
     grid = programs(table)
     if grid == 0:
         return

@@ -15,6 +15,19 @@ from ..backends.msam import first_moment, perturb_, restore_, run_step
 from ..plan import StepPlan, local
 from .base import SAMOptimizer, _called_by_dcp_state_init, _check_nonneg, _eager, _unwrapping
 
+MAX_RHO = 100.0  # see MSAM's docstring: the arithmetic restore's bound
+
+
+def _check_rho(name: str, value) -> None:
+    _check_nonneg(name, value)
+    if value > MAX_RHO:
+        raise ValueError(
+            f"{name} must be at most {MAX_RHO:g} for MSAM, got {value!r}: the weights are put back "
+            f"arithmetically, w = (w - r m) + r m with ||r m|| = rho, which in fp32 keeps w only to about "
+            f"rho * 2^-23 per element; beyond {MAX_RHO:g} that loses the weights' bits (and a perturbation "
+            f"that large has no use)"
+        )
+
 
 class MSAM(SAMOptimizer):
     """Momentum-SAM: the weights are perturbed along the negative momentum instead of a fresh
@@ -25,8 +38,11 @@ class MSAM(SAMOptimizer):
             hyperparameter.
         base_optimizer: ``torch.optim.SGD`` (with ``momentum > 0``, no dampening, no Nesterov),
             ``torch.optim.AdamW`` or ``torch.optim.Adam`` (no amsgrad), the class.
-        rho: the radius (>= 0); the authors use 3 on every task of their paper (CIFAR-100 and ImageNet, SGD
-            and AdamW), far larger than SAM's, because the momentum direction is not the gradient's.
+        rho: the radius (0 to ``MSAM.MAX_RHO`` = 100, see below); the authors use 3 on every task of their
+            paper (CIFAR-100 and ImageNet, SGD and AdamW), far larger than SAM's, because the momentum
+            direction is not the gradient's. A group's rho may be changed between steps (a schedule,
+            :class:`~sam_fused.RhoFollowsLR`): the next step makes its perturbation with the new value,
+            while the perturbation in place is undone with the rho that made it (kept per group).
         backend: as for :class:`~sam_fused.FusedSAM` (``"torch"`` is the reference).
         **base_kwargs: handed to the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
@@ -34,7 +50,8 @@ class MSAM(SAMOptimizer):
     code), per parameter with a gradient, ``m`` the momentum buffer (SGD) or ``exp_avg`` (Adam):
 
     * the forward and backward run at the perturbed point ``w - r m``;
-    * ``step()``: back to ``w`` by ``+ r m`` (the old ``r`` and ``m``), the base update (SGD: weight
+    * ``step()``: back to ``w`` by ``+ r m`` (the old ``r`` and ``m``: the rho of the last step, not
+      an edited one), the base update (SGD: weight
       decay added to the gradient with the perturbed weights; AdamW: the decay after the Adam step),
       then ``r = rho / (||m|| + 1e-12)`` over every parameter with a gradient and ``w - r m`` again.
       The first step starts from a zero momentum and no perturbation.
@@ -49,20 +66,34 @@ class MSAM(SAMOptimizer):
     are put back where they were, bit for bit (unless the block wrote to them: then they are
     perturbed again from what it wrote). To end training, :meth:`restore` puts them at ``w`` for
     good (the authors' ``move_back_from_momentumAscent``). A checkpoint of the perturbed model
-    with ``opt.state_dict()`` (which holds ``r``'s norm and which parameters are perturbed)
-    resumes bit-identically.
+    with ``opt.state_dict()`` (which holds ``r``'s norm, the rho it was made with and which
+    parameters are perturbed) resumes bit-identically. A checkpoint taken inside
+    :meth:`unperturbed` holds ``w``, and its ``opt.state_dict()`` says that nothing is perturbed:
+    it resumes as :meth:`restore` followed by the next steps would go on (the first forward after
+    the resume runs at ``w``).
+
+    **The bound on rho.** The way back to ``w`` is arithmetic, ``(w - r m) + r m``, not a copy:
+    with ``||r m|| = rho`` it is exact to about ``rho * 2^-23`` per element in fp32 at worst
+    (bf16/fp16 parameters: their own rounding, far coarser): at the authors' 3, 4e-7, a few units
+    in the last place of a weight of order 1; at 100, 1.2e-5; at rho = 1e6 it moves ``w`` by ~7e-3
+    (a small MLP, one step with lr 0). Rather than keep a parameter-sized copy, MSAM refuses rho
+    above ``MSAM.MAX_RHO`` = 100 (at construction, in ``add_param_group`` and in each step's check
+    of the groups, before anything is written): a practical, model-independent rule (the precision
+    lost relative to the weights depends on their size, which is not checked), and a radius of 100
+    is already larger than the weights of most models.
 
     AMP: ``scaler.step(opt)`` after ``scaler.scale(loss).backward()``; an inf or NaN leaves
     weights, momentum and perturbation as they were. ``step(closure)`` calls the closure once.
     """
 
+    MAX_RHO = MAX_RHO
     _group_keys = ("rho",)
     _step_supports_amp_scaling = True
     _keeps_backups = False  # the restore is arithmetic: no parameter-sized backup
 
     def __init__(self, params: Iterable, base_optimizer: type = torch.optim.SGD, rho: float = 3.0,
                  backend: str | None = None, **base_kwargs) -> None:
-        _check_nonneg("rho", rho)
+        _check_rho("rho", rho)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
         kind = FUSED_KINDS.get(base_optimizer) if isinstance(base_optimizer, type) else None
@@ -77,13 +108,23 @@ class MSAM(SAMOptimizer):
         self._inv: Tensor | None = None  # 1 / (||m|| + 1e-12) of the last step, fp32 on the device
         self._inv_spare: Tensor | None = None
         self._msam_perturbed: dict[int, Tensor] = {}  # id -> parameter, those at w - r m now
+        # per group (position): the rho its perturbation was made with; None (or absent): the group's rho
+        self._msam_rho: list[float | None] = []
         self._fast_plan: StepPlan | None = None  # the plan whose active parameters are exactly those
         self._outside: list | None = None  # inside unperturbed(): what to put back on exit
 
     def _check_group(self, group: dict) -> None:
-        _check_nonneg("rho", group["rho"])
-        if getattr(self, "base_optimizer", None) is not None:
-            self._check_base(group)
+        _check_rho("rho", group["rho"])
+        base = getattr(self, "base_optimizer", None)
+        if base is not None:  # a group being added has only the keys it was given: the defaults fill it
+            self._check_base(group if all(k in group for k in base.defaults) else {**base.defaults, **group})
+
+    def _rho_of(self) -> dict[int, float]:
+        """id(group) -> the rho of the perturbation its parameters are at (the rho of the step that
+        made it, whatever the group says now)."""
+        applied = self._msam_rho
+        return {id(g): (applied[i] if i < len(applied) and applied[i] is not None else g["rho"])
+                for i, g in enumerate(self.param_groups)}
 
     def _check_base(self, group: dict) -> None:
         """The base optimizer's options that the authors' rules cover; a clear error for the rest."""
@@ -142,11 +183,12 @@ class MSAM(SAMOptimizer):
             fast = plan is self._fast_plan
             reduce = self._backend.plans.params.reduce_sq
             made = run_step(self._backend, self, plan, self._kind, self._inv, self._inv_spare, amp,
-                            self._msam_perturbed, fast, reduce)
+                            self._msam_perturbed, fast, reduce, self._rho_of())
         finally:
             self._backend.plans.end_pass()
-        if made:
+        if made:  # (an inf found on the device keeps the old perturbation: only when no rho changed)
             self._inv, self._inv_spare = self._inv_spare, self._inv
+            self._msam_rho = [g["rho"] for g in self.param_groups]
             if not fast:
                 self._msam_perturbed = {id(p): p for p in plan.active}
                 self._fast_plan = plan
@@ -166,13 +208,14 @@ class MSAM(SAMOptimizer):
         return inv_scale, found_inf
 
     # ------------------------------------------------------------------ the weights
-    def _perturbed_pairs(self) -> list[tuple[dict, Tensor, Tensor]]:
-        """(group, parameter, m) of every perturbed parameter, group order."""
+    def _perturbed_pairs(self) -> list[tuple[float, Tensor, Tensor]]:
+        """(rho of its perturbation, parameter, m) of every perturbed parameter, group order."""
         out = []
+        rho_of = self._rho_of()
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in self._msam_perturbed:
-                    out.append((group, p, local(first_moment(self._kind, self.state[p]))))
+                    out.append((rho_of[id(group)], p, local(first_moment(self._kind, self.state[p]))))
         return out
 
     @_unwrapping
@@ -184,55 +227,63 @@ class MSAM(SAMOptimizer):
         if self._outside is not None:
             raise RuntimeError("MSAM.restore() inside unperturbed()")
         pairs = self._perturbed_pairs()
-        for group, p, m in pairs:
-            restore_(p, m, group["rho"], self._inv)
+        for rho, p, m in pairs:
+            restore_(p, m, rho, self._inv)
         self._msam_perturbed = {}
         self._fast_plan = None
         return bool(pairs)
 
     @contextlib.contextmanager
     def unperturbed(self):
-        """Inside, the parameters are ``w`` (evaluate, save ``model.state_dict()``); on exit they are
-        perturbed again, bit-identical to before, unless the block wrote to one (then from its new
-        value). ``step()`` is refused inside."""
+        """Inside, the parameters are ``w`` (evaluate, save ``model.state_dict()``, and with it
+        ``opt.state_dict()``, which then says that nothing is perturbed); on exit they are perturbed
+        again, bit-identical to before, unless the block wrote to one (then from its new value, with
+        the same radius). ``step()`` is refused inside."""
         if self._outside is not None:
             raise RuntimeError("unperturbed() is already active")
         saved = []
         with torch.no_grad():
-            for group, p, m in self._perturbed_pairs():
+            for rho, p, m in self._perturbed_pairs():
                 t = local(p).detach()
                 before = t.clone()
-                restore_(p, m, group["rho"], self._inv)
-                saved.append((group, p, m, before, t._version))
+                restore_(p, m, rho, self._inv)
+                saved.append((rho, p, m, before, t._version))
         self._outside = saved
         try:
             yield self
         finally:
             self._outside = None
             with torch.no_grad():
-                for group, p, m, before, version in saved:
+                for rho, p, m, before, version in saved:
                     t = local(p).detach()
                     if t._version == version:
                         t.copy_(before)
-                    else:  # the block changed the weights: perturb what it wrote
-                        perturb_(p, m, group["rho"], self._inv)
+                    else:  # the block changed the weights: perturb what it wrote (the same radius)
+                        perturb_(p, m, rho, self._inv)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """The base optimizer's state dict; each param group also carries ``msam_inverse_norm`` (the
         last step's ``1 / (||m|| + 1e-12)``, fp32 as a float: one host read, at checkpoint time
-        only) and ``msam_perturbed`` (the positions in the group of the parameters perturbed now),
-        so the entries travel wherever param groups do (``torch.distributed.checkpoint`` included)."""
+        only), ``msam_perturbed`` (the positions in the group of the parameters perturbed now) and
+        ``msam_rho`` (the rho their perturbation was made with), so the entries travel wherever
+        param groups do (``torch.distributed.checkpoint`` included). Inside :meth:`unperturbed`
+        the parameters hold ``w``, and the state dict says so: nothing is perturbed (a resume from
+        it starts at ``w``, as after :meth:`restore`)."""
         sd = self.base_optimizer.state_dict()
         inv = 0.0 if self._inv is None else float(self._inv)
+        perturbed = {} if self._outside is not None else self._msam_perturbed
+        rho_of = self._rho_of()
         for saved, group in zip(sd["param_groups"], self.param_groups):
             saved["msam_inverse_norm"] = inv
-            saved["msam_perturbed"] = [i for i, p in enumerate(group["params"]) if id(p) in self._msam_perturbed]
+            saved["msam_perturbed"] = [i for i, p in enumerate(group["params"]) if id(p) in perturbed]
+            saved["msam_rho"] = float(rho_of[id(group)])
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of :meth:`state_dict`; refuses, with nothing changed, one without the
-        Momentum-SAM entries or whose entries do not fit the parameters."""
+        Momentum-SAM entries or whose entries do not fit the parameters. A checkpoint without
+        ``msam_rho`` (written before it was saved) undoes its perturbation with the group's rho."""
         if self._outside is not None:
             raise RuntimeError("load_state_dict() inside unperturbed()")
         groups = state_dict.get("param_groups", [])
@@ -243,6 +294,9 @@ class MSAM(SAMOptimizer):
         inv = next(iter(invs))
         if len(invs) != 1 or not isinstance(inv, (int, float)) or not 0.0 <= inv < float("inf"):
             raise ValueError(f"MSAM state: msam_inverse_norm must be one finite non-negative number, got {sorted(map(repr, invs))}")
+        for g in groups:
+            if "msam_rho" in g:
+                _check_rho("MSAM state: msam_rho", g["msam_rho"])
         key = "momentum_buffer" if self._kind == "sgd" else "exp_avg"
         saved_state = state_dict.get("state", {})
         chosen = []
@@ -261,6 +315,7 @@ class MSAM(SAMOptimizer):
         for group in self.param_groups:  # the entries describe the checkpoint, not a hyperparameter
             group.pop("msam_perturbed", None)
             group.pop("msam_inverse_norm", None)
+            group.pop("msam_rho", None)
             self._check_base(group)
         device = chosen[0].device if chosen else (self._inv.device if self._inv is not None else None)
         if device is None:
@@ -268,6 +323,7 @@ class MSAM(SAMOptimizer):
             device = params[0].device if params else torch.device("cpu")
         self._inv = torch.tensor(float(inv), dtype=torch.float32, device=device)
         self._msam_perturbed = {id(p): p for p in chosen}
+        self._msam_rho = [float(g["msam_rho"]) if "msam_rho" in g else None for g in groups]
         self._fast_plan = None
 
     def invalidate(self) -> None:
@@ -287,3 +343,4 @@ class MSAM(SAMOptimizer):
         self._fast_plan = None
         self._outside = None
         self._msam_perturbed = {id(p): p for p in self._msam_perturbed}
+        self.__dict__.setdefault("_msam_rho", [])
