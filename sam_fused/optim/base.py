@@ -4,9 +4,11 @@ step plans, copying and pickling), the backward watch of ``step(closure)``, and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
+import weakref
 from itertools import chain
 from typing import Iterable
 
@@ -16,6 +18,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends import make_backend
+from ..nn import frozen_running_stats
 from ..backends.base import FUSED_KINDS
 from ..plan import StepPlan
 
@@ -245,6 +248,32 @@ class SAMOptimizer(torch.optim.Optimizer):
         """Name of the backend in use."""
         return self._backend.name
 
+    def freeze_running_stats(self, *modules: torch.nn.Module) -> "SAMOptimizer":
+        """Let ``step(closure)`` keep BatchNorm's running statistics of ``modules`` (a model, or
+        several) to one update per step: every closure call at a perturbed point (SAM's forward at
+        ``w + e``, the universal class's samples) runs inside
+        :func:`sam_fused.nn.frozen_running_stats`, so only the forward at ``w`` updates them, as in
+        a plain step. Returns the optimizer. In a loop that runs its own passes, put the second
+        forward inside ``frozen_running_stats(model)`` instead. Not saved in ``state_dict()``;
+        copies and pickles forget it (they would otherwise copy the model)."""
+        for m in modules:
+            if not isinstance(m, torch.nn.Module):
+                raise TypeError(f"freeze_running_stats() takes torch.nn.Module objects, got {type(m).__name__}")
+        self._stats_of = [weakref.ref(m) for m in modules]
+        return self
+
+    def _frozen_stats(self):
+        """The context of a closure call at a perturbed point (see ``freeze_running_stats``)."""
+        refs = self.__dict__.get("_stats_of")
+        if not refs:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for ref in refs:
+            module = ref()
+            if module is not None:
+                stack.enter_context(frozen_running_stats(module))
+        return stack
+
     def _check_group(self, group: dict) -> None:
         raise NotImplementedError
 
@@ -373,6 +402,7 @@ class SAMOptimizer(torch.optim.Optimizer):
         state = dict(self.__dict__)
         state["_backend"] = self._backend.name
         state.pop("_hooks_active", None)
+        state.pop("_stats_of", None)
         state.pop("_in_step", None)
         state.pop("_watch", None)  # hooks on the parameters: a copy registers its own when it needs them
         return state

@@ -273,6 +273,12 @@ class MSAM(SAMOptimizer):
         sd = self.base_optimizer.state_dict()
         inv = 0.0 if self._inv is None else float(self._inv)
         perturbed = {} if self._outside is not None else self._msam_perturbed
+        if perturbed and not self.__dict__.get("_warned_perturbed_save", False):
+            self._warned_perturbed_save = True
+            warnings.warn(
+                "MSAM.state_dict() while the parameters hold the perturbed weights w - rho m/||m||: this checkpoint "
+                "resumes correctly, but a model saved or evaluated now is not the trained w. Save and evaluate the "
+                "model inside `with opt.unperturbed():` (or after opt.restore()) (said once)", stacklevel=3)
         rho_of = self._rho_of()
         for saved, group in zip(sd["param_groups"], self.param_groups):
             saved["msam_inverse_norm"] = inv

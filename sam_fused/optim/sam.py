@@ -4,6 +4,7 @@ interval and randomized SAM)."""
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -177,13 +178,23 @@ class FusedSAM(SAMOptimizer):
         the perturbation, and the following ``scaler.step(opt)`` (the second step) skips the update
         and reports the inf to ``scaler.update()``, which lowers the scale.
 
+        With a schedule (``interval``, ``sam_probability``, LookSAM's ``k``), on a step the schedule
+        makes plain (``sam_due()`` is False) it makes that plain step with these gradients, and the
+        ``second_step()`` that follows does nothing but its ``zero_grad``: a hand-written loop keeps
+        its shape, and one that asks ``opt.sam_due()`` first saves the second forward/backward
+        (said once). Under a GradScaler a plain step is refused here: make it with one backward and
+        ``scaler.step(opt)``.
+
         Raises, with nothing written, on a bad gradient or hyperparameter, or when the parameters
         are already perturbed (call ``second_step()`` or ``restore()`` first)."""
-        if self._perturbed is not None:
+        if self._perturbed is not None or self.__dict__.get("_plain_done"):
             raise RuntimeError(
-                "first_step() called twice: the parameters are already perturbed; call second_step() to "
-                "update them, or restore() to undo the perturbation"
+                "first_step() called twice: the parameters are already perturbed (or this step's plain update was "
+                "made); call second_step() to end the step, or restore() to undo the perturbation"
             )
+        if self._schedules() and not self.sam_due():
+            self._first_step_plain(zero_grad, grad_scaler)
+            return
         plan = self._step_plan()
         if not plan.active and not self.__dict__.get("_warned_no_grad", False):
             self._warned_no_grad = True
@@ -201,11 +212,58 @@ class FusedSAM(SAMOptimizer):
         finally:
             self._backend.plans.end_pass()
         self._perturbed = plan
+        if not zero_grad and plan.active:  # a second backward that adds to these is warned of in second_step
+            g = plan.active[0].grad
+            self._grad_probe = (weakref.ref(plan.active[0]), weakref.ref(g), g._version)
         if grad_scaler is not None:
             found = None
             if inv_scale is not None and norm is not None:  # the norm is finite iff every gradient is
                 found = torch.logical_not(torch.isfinite(norm)).to(torch.float32).reshape(1)
             self._amp_first = (grad_scaler, found, inv_scale is not None)
+        if zero_grad:
+            self.zero_grad()
+
+    def _check_accumulated(self) -> None:
+        """Warn (once) when the second backward added to the first gradient: first_step() without
+        zero_grad=True and no zero_grad() before the second backward (the gradient is the same
+        tensor, changed in place exactly once: an accumulation; a zero_grad() then a backward
+        changes it twice, set_to_none makes a new one)."""
+        probe = self.__dict__.pop("_grad_probe", None)
+        if probe is None or self.__dict__.get("_warned_accumulated", False):
+            return
+        p, g, version = (probe[0](), probe[1](), probe[2])
+        if p is not None and g is not None and p.grad is g and g._version == version + 1:
+            self._warned_accumulated = True
+            warnings.warn(
+                f"{type(self).__name__}: the second backward added its gradient to the first one (first_step() without "
+                "zero_grad=True, and no zero_grad() before the second backward), so this update uses g(w) + g(w + e). "
+                "Call first_step(zero_grad=True) (said once)", stacklevel=4)
+
+    def sam_due(self) -> bool:
+        """Whether the next step is a SAM step of the schedule (``interval``, ``sam_probability``,
+        LookSAM's ``k``); always True without one. A loop that runs its own passes asks it before
+        the first: ``if opt.sam_due(): first_step / second backward / second_step, else opt.step()``."""
+        return self.is_sam_step(self.param_groups[0].get("sam_step", 0))
+
+    def _first_step_plain(self, zero_grad: bool, grad_scaler) -> None:
+        """``first_step()`` on a step the schedule makes plain: that plain step, now."""
+        step = self.param_groups[0].get("sam_step", 0)
+        if grad_scaler is not None:
+            raise RuntimeError(
+                f"step {step} is a plain step of the schedule: under a GradScaler make it with one backward and "
+                "scaler.step(opt) (ask opt.sam_due() before first_step(); the weights are untouched)")
+        self._check_groups()
+        self._plain_step()
+        self._end_step()
+        self._count_step()
+        self._opt_called = True
+        self._plain_done = True
+        if not self.__dict__.get("_warned_plain", False):
+            self._warned_plain = True
+            warnings.warn(
+                f"{type(self).__name__}: step {step} is a plain step of the schedule; first_step() made it with these "
+                "gradients, and the second forward/backward and second_step() have nothing to do. Ask opt.sam_due() "
+                "before the first pass to skip them (said once)", stacklevel=4)
         if zero_grad:
             self.zero_grad()
 
@@ -253,8 +311,13 @@ class FusedSAM(SAMOptimizer):
         state untouched. Raises, with nothing written, on bad gradients or optimizer state; the
         parameters then stay perturbed until ``restore()`` or a successful ``second_step()``.
         """
+        if self.__dict__.pop("_plain_done", False):  # first_step() made this step's plain update
+            if zero_grad:
+                self.zero_grad()
+            return
         if self._perturbed is None:
             raise RuntimeError("second_step() called without a preceding first_step()")
+        self._check_accumulated()
         if (grad_scale is None) != (found_inf is None):
             raise ValueError("grad_scale and found_inf go together")
         if grad_scale is None and self._amp_first is not None and self._amp_first[2]:
@@ -284,6 +347,11 @@ class FusedSAM(SAMOptimizer):
             self._backend.plans.end_pass()
         self._perturbed = None
         self._end_step()
+        # the schedule counts every step made, by hand or through step(); one the GradScaler skips
+        # (an inf in either backward) leaves it as it was: one host read of found_inf, the price of
+        # a schedule counted on the host
+        if amp is None or not float(amp[1].sum()):
+            self._count_step()
         self._opt_called = True  # tells LR schedulers that the optimizer has stepped
         if zero_grad:
             self.zero_grad()
@@ -323,9 +391,8 @@ class FusedSAM(SAMOptimizer):
         if hasattr(self, "found_inf"):  # set by GradScaler.step around this call
             return self._scaler_second_step(closure)
         if closure is None:
-            if self._perturbed is not None:  # between first_step() and second_step(): the second step
-                self.second_step()
-                self._count_step()
+            if self._perturbed is not None or self.__dict__.get("_plain_done"):
+                self.second_step()  # between first_step() and second_step(): the second step
                 return None
             if self._schedules() and not self.is_sam_step(self.param_groups[0].get("sam_step", 0)):
                 # a step the schedule makes plain, in a loop that runs its own backward (SAMTrainer)
@@ -350,6 +417,10 @@ class FusedSAM(SAMOptimizer):
         self._check_groups()  # a refused step changes nothing, the schedule included
         loss = None
         ran = self._watch.backward_ran(self)
+        if not ran and self.__dict__.pop("_left_grads", False):
+            # the gradients the last step(closure) left (at w + e) would add to this step's first one
+            # when the closure does not clear them: they go before the first pass
+            self.zero_grad()
         step = self.param_groups[0].get("sam_step", 0)
         if not self.is_sam_step(step):  # a plain base-optimizer step: one forward/backward
             loss = None if ran else closure()
@@ -358,18 +429,34 @@ class FusedSAM(SAMOptimizer):
         else:
             if not ran:
                 loss = closure()
+                self._check_closure_backward()
             self.first_step(zero_grad=True)
             try:
-                closure()
-                self.second_step()
+                with self._frozen_stats():  # the forward at w + e (freeze_running_stats)
+                    closure()
+                self.second_step()  # counts the step once it is made
             except BaseException:
                 self.restore()
                 raise
+            self._left_grads = True
+            return loss
         # counted only once the step is made: a refused or failed step (a closure that raised, say
         # out of memory) leaves the schedule as it was, so the retry is the step that was due
         self._count_step()
         self._opt_called = True
+        self._left_grads = True
         return loss
+
+    def _check_closure_backward(self) -> None:
+        """Warn (once) when the closure ran no backward that reached a parameter."""
+        if self._watch.flag.seen or self.__dict__.get("_warned_no_backward", False):
+            return
+        self._warned_no_backward = True
+        self._warned_no_grad = True  # first_step's hint (zero_grad between backward and first_step) does not fit
+        warnings.warn(
+            f"{type(self).__name__}.step(closure): the closure ran no backward() that reached a parameter, so nothing "
+            "is trained. The closure must compute the loss, call loss.backward() and return the loss (said once)",
+            stacklevel=4)
 
     def _schedules(self) -> bool:
         """Whether some steps are plain (interval or randomized SAM, LookSAM)."""
@@ -393,6 +480,27 @@ class FusedSAM(SAMOptimizer):
             return _uniform(self.seed, step) < self.sam_probability
         return True
 
+    @_eager
+    @torch.no_grad()
+    def _scaler_plain_step(self) -> None:
+        """``scaler.step(opt)`` on a step the schedule makes plain: the base update on the unscaled
+        gradients of the one backward, skipped (and not counted) when they hold an inf or NaN."""
+        found_inf = self.found_inf.reshape(1).to(torch.float32)
+        grad_scale = self.grad_scale
+        if grad_scale is None:  # scaler.unscale_(opt) ran: the gradients are unscaled already
+            grad_scale = torch.ones(1, dtype=torch.float32, device=found_inf.device)
+        grad_scale = grad_scale.reshape(1).to(torch.float32)
+        plan = self._step_plan()
+        try:
+            check_amp(plan, (grad_scale, found_inf))
+            self._backend.restore_and_update(None, plan, (torch.reciprocal(grad_scale), found_inf))
+        finally:
+            self._backend.plans.end_pass()
+        self._end_step()
+        if not float(found_inf.sum()):
+            self._count_step()
+        self._opt_called = True
+
     def _scaler_second_step(self, closure) -> None:
         """``scaler.step(opt)``: the second step with the scaler's ``grad_scale`` (None when the
         user unscaled the second gradients already, to clip them) and ``found_inf``."""
@@ -403,6 +511,9 @@ class FusedSAM(SAMOptimizer):
                     "first_step(grad_scaler=scaler) after the first backward, scaler.step(opt) after the second"
                 )
             if self._perturbed is None:
+                if self._schedules() and not self.sam_due():  # a plain step of the schedule, one backward
+                    self._scaler_plain_step()
+                    return None
                 raise RuntimeError("scaler.step(opt) is the second step: call opt.first_step(grad_scaler=scaler) first")
             if self._amp_first is None:
                 self.restore()
@@ -422,12 +533,7 @@ class FusedSAM(SAMOptimizer):
                 tracked = scaler._per_optimizer_states[id(self)]["found_inf_per_device"].get(found_first.device)
                 if tracked is None:
                     raise RuntimeError("the GradScaler checked no gradient on the parameters' device")
-            self.second_step(grad_scale=grad_scale, found_inf=found_inf)
-            # a step the scaler skips (an inf in either backward) leaves the schedule as it was: one
-            # host read of found_inf per step, the price of a schedule counted on the host
-            skipped = found_inf if found_first is None else found_inf + found_first.reshape(found_inf.shape)
-            if not float(skipped.sum()):
-                self._count_step()
+            self.second_step(grad_scale=grad_scale, found_inf=found_inf)  # counts the step unless skipped
             if tracked is not None:
                 tracked.add_(found_first.reshape(tracked.shape))
         except BaseException:

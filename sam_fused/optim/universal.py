@@ -141,7 +141,7 @@ class UniversalSAM(SAMOptimizer):
                 for i in range(self.n_samples):
                     backend.perturb(work, step, i)
                     self.zero_grad()
-                    with torch.enable_grad():
+                    with torch.enable_grad(), self._frozen_stats():  # a perturbed point
                         loss_i = closure()
                     backend.accumulate(work, i, global_loss(loss_i))
             except BaseException:  # a sample's closure raised: the weights go back to w, exactly
