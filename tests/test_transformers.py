@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sam_fused import GSAM, FusedSAM, LookSAM  # noqa: E402
+from sam_fused import GSAM, MSAM, FusedSAM, LookSAM  # noqa: E402
 from sam_fused.integrations.transformers import SAMTrainer  # noqa: E402
 
 SEQ, VOCAB = 12, 50
@@ -130,6 +130,56 @@ def test_scheduled_variants_take_plain_steps_through_the_trainer(tmp_path, varia
     expected = by_hand(start, trainer.args, trainer.seen, variant, 0.5)
     for (name, p), q in zip(model.named_parameters(), expected.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_msam_through_the_trainer_trains_evaluates_and_saves_the_true_weights(tmp_path):
+    """sam_variant="msam": the Trainer's own one-pass steps equal a plain Trainer driving the same
+    MSAM; evaluate() and save_model() see w (inside unperturbed()), and leave the perturbed weights
+    the training continues from bit-identical."""
+    ends = []
+    for plain in (False, True):
+        model = tiny_gpt2()
+        args = args_for(tmp_path / str(plain), 1)
+        if plain:
+            decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+            groups = [{"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": 0.01},
+                      {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0}]
+            opt = MSAM(groups, torch.optim.AdamW, rho=0.3, lr=0.05, betas=(0.9, 0.999), eps=1e-8)
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None))
+        else:
+            trainer = SAMTrainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(8),
+                                 sam_rho=0.3, sam_variant="msam")
+        trainer.train()
+        ends.append([p.detach().clone() for p in model.parameters()])
+        if plain:
+            continue
+        opt = trainer._sam()
+        assert isinstance(opt, MSAM)
+        with opt.unperturbed():
+            w = [p.detach().clone() for p in model.parameters()]
+            want = transformers.Trainer.evaluate(trainer)["eval_loss"]  # the Trainer's own evaluation, at w
+        at_perturbed = transformers.Trainer.evaluate(trainer)["eval_loss"]
+        got = trainer.evaluate()["eval_loss"]
+        assert got == want != at_perturbed
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ends[0]))
+        trainer.save_model(str(tmp_path / "saved"))
+        saved = type(model).from_pretrained(str(tmp_path / "saved"))
+        for (name, p), q in zip(saved.named_parameters(), w):
+            assert torch.equal(p, q), name
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ends[0]))
+    for a, b in zip(*ends):
+        assert torch.equal(a, b)
+
+
+def test_rho_zero_on_the_torch_backend_is_the_plain_trainer(tmp_path):
+    """The module docstring's claim: with rho 0 the torch backend gives the plain Trainer's weights
+    bit for bit (the fused backends differ at rounding level: their update is their own)."""
+    ends = []
+    for cls, kw in ((SAMTrainer, dict(sam_rho=0.0, sam_kwargs=dict(backend="torch"))), (transformers.Trainer, {})):
+        model = tiny_gpt2()
+        cls(model=model, args=args_for(tmp_path, 1), train_dataset=Tokens(), **kw).train()
+        ends.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*ends))
 
 
 def test_sam_changes_the_trainers_result(tmp_path):
