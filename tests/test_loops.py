@@ -37,6 +37,7 @@ CLOSURE_ALGOS = {
 }
 
 
+@pytest.mark.quick_subset("triton", [dict(algo="looksam")])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", list(CLOSURE_ALGOS))
 def test_closure_form_counts_batchnorm_once_per_step(backend, algo):
@@ -102,6 +103,7 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(DEVICE)
 
 
+@pytest.mark.quick_subset("triton", [dict(algo="interval", asks=False), dict(algo="looksam", asks=True)])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", list(SCHEDULED))
 @pytest.mark.parametrize("asks", [False, True])

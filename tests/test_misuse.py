@@ -45,6 +45,7 @@ ALGOS = {
 }
 
 
+@pytest.mark.quick_subset("triton", [dict(algo="sam"), dict(algo="gsam", swap="float64"), dict(algo="msam", swap="shorter")])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", list(ALGOS))
 @pytest.mark.parametrize("swap", ["shorter", "float64", "longer"])
@@ -76,6 +77,7 @@ MID_STEP = {
 }
 
 
+@pytest.mark.quick_subset("triton", [dict(algo="looksam")])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", list(MID_STEP))
 def test_state_dict_between_the_steps_is_refused(backend, algo):
@@ -101,6 +103,7 @@ def test_state_dict_between_the_steps_is_refused(backend, algo):
 
 
 # ---------------------------------------------------------------------- GradScaler and the schedule
+@pytest.mark.quick_subset("triton", [dict(algo="gsam", poison=1), dict(algo="interval", poison=2)])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ["sam", "gsam", "interval"])
 @pytest.mark.parametrize("poison", [1, 2])
@@ -151,6 +154,8 @@ def _algorithms(params, backend):
 ALGO_NAMES = ["sam", "gsam", "looksam", "interval", "generic", "msam", "frobsam"]
 
 
+@pytest.mark.quick_subset("triton", [dict(algo="interval", form="closure"), dict(algo="looksam", form="manual"),
+                                     dict(algo="msam")])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ALGO_NAMES)
 @pytest.mark.parametrize("form", ["closure", "manual"])
