@@ -404,14 +404,18 @@ class PlanCache:
         self._plans.clear()
         self._last = None
 
-    def plan(self, groups: list[dict]) -> StepPlan:
-        """The plan for the grads as they are now; raises before anything is written if one is bad."""
+    def plan(self, groups: list[dict], skip: frozenset | None = None) -> StepPlan:
+        """The plan for the grads as they are now; raises before anything is written if one is bad.
+        ``skip``: indices of groups taken as having no gradient (left out of a perturbation)."""
         ps = self.params
         params = [p for group in groups for p in group["params"]]
         if ps is None or not ps.same(groups, params):
             self.invalidate()
             ps = self.params = ParamSet(groups)
-        grads = [p.grad for p in params]
+        if skip:
+            grads = [None if i in skip else p.grad for i, group in enumerate(groups) for p in group["params"]]
+        else:
+            grads = [p.grad for p in params]
         if ps.dtensor:  # the kernels see the local shards
             grads = [None if g is None else local(g) for g in grads]
         ids = list(map(id, grads))

@@ -177,28 +177,28 @@ def test_plain_first_step_warns_once_and_refuses_a_grad_scaler():
 
 
 # ---------------------------------------------------------------------- silent misuse
-def test_closure_form_without_zero_grad_does_not_carry_the_last_gradient():
-    """A step(closure) loop whose closure never clears the gradients: the gradient the last step
-    left (at w + e) no longer adds into the next first gradient."""
-    runs = []
-    for clears in (True, False):
+def test_closure_form_without_zero_grad_is_warned_once():
+    """A step(closure) loop whose closure never clears the gradients: its backward adds to the
+    gradient the last step left (at w + e); warned once, with the fix. A closure that clears them
+    (in place or by set_to_none) is not warned."""
+    for clears in (None, "set_to_none", "in_place"):
         model = _model()
         opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="torch")
-        norms = []
-        for i in range(4):
-            x, y = batch(i)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for i in range(4):
+                x, y = batch(i)
 
-            def closure():
-                if clears:
-                    opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
+                def closure():
+                    if clears:
+                        opt.zero_grad(set_to_none=clears == "set_to_none")
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
 
-            opt.step(closure)
-            norms.append(float(opt.grad_norm))
-        runs.append(norms)
-    assert runs[0] == runs[1]
+                opt.step(closure)
+        warned = [m for m in w if "added to the gradient the last step left" in str(m.message)]
+        assert len(warned) == (0 if clears else 1), clears
 
 
 def test_second_backward_added_to_the_first_is_warned_once():

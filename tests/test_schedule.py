@@ -137,7 +137,9 @@ def test_bad_schedules_are_refused(kw, match):
 def test_step_without_closure_in_a_loop_that_runs_its_own_backward(backend):
     """What SAMTrainer relies on: with a schedule, step() after a backward is the plain step the
     schedule makes; on a SAM step, first_step(), the second backward, then step() is the second step;
-    both count. step() on a SAM step without a first_step is refused, nothing written."""
+    both count, as the hand-written form's steps do (its plain step: first_step() makes it, the
+    second_step() after it does nothing). step() on a SAM step without a first_step is refused,
+    nothing written."""
     model, opt = setup(backend, interval=2)
     data = batches(4)
     by_hand_model, by_hand = setup(backend, interval=2)
@@ -149,9 +151,13 @@ def test_step_without_closure_in_a_loop_that_runs_its_own_backward(backend):
                 o.first_step(zero_grad=True)
                 F.cross_entropy(m(x), y).backward()
                 o.step() if auto else o.second_step()
+            elif auto:
+                o.step()
             else:
-                o.step() if auto else o.base_optimizer.step()
-    assert opt.param_groups[0]["sam_step"] == 3
+                with pytest.warns(UserWarning, match="plain step of the schedule"):
+                    o.first_step()
+                o.second_step()
+    assert opt.param_groups[0]["sam_step"] == by_hand.param_groups[0]["sam_step"] == 3
     for p, q in zip(model.parameters(), by_hand_model.parameters()):
         assert torch.equal(p, q)
     # step 3 is plain; then step 4 is a SAM step: step() alone is refused there
@@ -163,3 +169,56 @@ def test_step_without_closure_in_a_loop_that_runs_its_own_backward(backend):
         opt.step()
     assert opt.param_groups[0]["sam_step"] == 4
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# ---------------------------------------------------------------------- SAM phases
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("phase, sam_steps", [((2, 5), {2, 3, 4}), ((4, None), {4, 5, 6}),
+                                               (lambda step: step % 4 == 1, {1, 5})])
+def test_sam_phase(backend, phase, sam_steps):
+    """SAM only inside the window: plain base-optimizer steps (one forward/backward) outside it."""
+    model, opt = setup(backend, phase=phase)
+    data = batches(7)
+    assert run(model, opt, data) == [2 if i in sam_steps else 1 for i in range(7)]
+    for a, b in zip(model.parameters(), emulate(sam_steps, data, backend)):
+        assert torch.equal(a.detach(), b)
+    assert all(g["sam_step"] == 7 for g in opt.param_groups)
+
+
+def test_sam_phase_with_an_interval_inside_and_a_resume():
+    data = batches(8)
+    model, opt = setup(phase=(2, 8), interval=2)
+    assert run(model, opt, data[:3]) == [1, 1, 2]
+    sd = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = FusedSAM(model2.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, phase=(2, 8), interval=2,
+                    backend="torch")
+    opt2.load_state_dict(sd)
+    assert run(model, opt, data[3:]) == run(model2, opt2, data[3:]) == [1, 2, 1, 2, 1]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.parametrize("phase", [(3, 3), (-1, 4), (1.5, 4), (2,), "late", (True, 3)])
+def test_bad_phase_is_refused(phase):
+    with pytest.raises(ValueError, match="phase"):
+        setup(phase=phase)
+
+
+def test_a_phase_step_that_fails_leaves_the_schedule():
+    model, opt = setup(phase=(1, 3))
+    data = batches(2)
+    run(model, opt, data[:1])
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def bad():
+        loss = F.cross_entropy(model(data[1][0]), data[1][1])
+        loss.backward()
+        if opt._perturbed is not None:
+            raise RuntimeError("out of memory")
+        return loss
+
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step(bad)
+    assert opt.param_groups[0]["sam_step"] == 1 and opt.sam_due()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))

@@ -86,8 +86,9 @@ class Backend:
     def backup_for(self, p: Tensor) -> Tensor:
         return self.plans.backups.get(p)
 
-    def plan(self) -> StepPlan:
-        return self.plans.plan(self.opt.param_groups)
+    def plan(self, skip: frozenset | None = None) -> StepPlan:
+        """The plan of the parameters with a gradient; ``skip``: indices of groups left out."""
+        return self.plans.plan(self.opt.param_groups, skip)
 
     def invalidate(self) -> None:
         """Parameters, groups or optimizer state were replaced: drop every cached plan."""

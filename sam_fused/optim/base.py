@@ -387,10 +387,16 @@ class SAMOptimizer(torch.optim.Optimizer):
     def _end_step(self) -> None:
         """A SAM step ended (updated or restored): forget what the step kept between its passes."""
 
-    def _step_plan(self) -> StepPlan:
-        """The cached plan of this step, after checking every grad and group (raises before any write)."""
+    def _step_plan(self, perturbing: bool = False) -> StepPlan:
+        """The cached plan of this step, after checking every grad and group (raises before any write).
+        ``perturbing``: the plan of a perturbation, without the groups that set ``perturb=False``."""
         self._check_groups()
-        return self._backend.plan()
+        skip = None
+        if perturbing:
+            skip = frozenset(i for i, g in enumerate(self.param_groups) if not g.get("perturb", True)) or None
+            if skip:
+                self._backend.plan()  # every gradient checked before the first write, the skipped ones too
+        return self._backend.plan(skip)
 
     # ------------------------------------------------------------------ copying
     def __getstate__(self) -> dict:

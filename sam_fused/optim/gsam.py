@@ -78,6 +78,8 @@ class GSAM(FusedSAM):
         self._save = ZeroBuffers()
         self._values: dict = {}
 
+    _subsets = False
+
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         _check_nonneg("alpha", group["alpha"])

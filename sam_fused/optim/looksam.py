@@ -111,6 +111,8 @@ class LookSAM(FusedSAM):
     def k(self) -> int:
         return self.interval
 
+    _subsets = False
+
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         _check_nonneg("alpha", group["alpha"])

@@ -29,6 +29,19 @@ def _uniform(seed: int, step: int) -> float:
     return (x >> 11) / float(2**53)
 
 
+def _check_phase(phase):
+    """``phase`` as FusedSAM keeps it: None, a callable, or a (start, stop) tuple of step counts."""
+    if phase is None or callable(phase):
+        return phase
+    if isinstance(phase, (tuple, list)) and len(phase) == 2:
+        start, stop = phase
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (start,) + (() if stop is None else (stop,)))
+        if ints and start >= 0 and (stop is None or stop > start):
+            return (start, stop)
+    raise ValueError(f"phase must be (start, stop) with 0 <= start < stop (stop may be None: to the end), or a "
+                     f"function of the step count, got {phase!r}")
+
+
 class FusedSAM(SAMOptimizer):
     """Sharpness-Aware Minimization (Foret et al., ICLR 2021) around any base optimizer.
 
@@ -49,14 +62,28 @@ class FusedSAM(SAMOptimizer):
             step with this probability, decided from ``(seed, step)`` alone, so a run is
             reproducible and a resumed checkpoint makes the same choices. Not with ``interval``.
         seed: the seed of those choices.
+        phase: SAM phases: SAM only on the steps of a window, plain base-optimizer steps (one
+            forward/backward) outside it: ``(start, stop)`` for steps ``start <= step < stop``
+            (``stop=None``: to the end; "SAM for the last 25% of training" is ``(0.75 * total,
+            None)`` in steps), or a function of the step count returning whether SAM is on. Inside
+            the window ``interval`` / ``sam_probability`` still apply. Counted in ``"sam_step"``
+            like them.
         **base_kwargs: handed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
-    ``interval`` and ``sam_probability`` act through ``step()`` only: ``step(closure)``, or
-    ``step()`` after a backward in a loop that runs its own (``first_step`` / ``second_step``
-    called by hand are a SAM step by definition); the count of steps made by ``step()`` is kept as
-    ``"sam_step"`` in every param group, so it is in ``state_dict()``; a call counts once its step
-    is made, so a refused step or a closure that raises leaves the schedule
-    as it was (the retry is the step that was due).
+    ``interval``, ``sam_probability`` and ``phase`` act in every form of the step:
+    ``step(closure)``, ``step()`` after a backward, and ``first_step`` / ``second_step`` by hand
+    (``sam_due()`` tells a hand-written loop whether the coming step is a SAM step; ``first_step``
+    makes a plain step itself when it is not). Every step made is counted as ``"sam_step"`` in
+    every param group, so the count is in ``state_dict()``; a step counts once it is made, so a
+    refused step, a closure that raises or a step the GradScaler skips leaves the schedule as it
+    was (the retry is the step that was due).
+
+    A param group with ``perturb=False`` is left where it is and out of the norm (SAM-ON, Mueller
+    et al. 2023, perturbs only the normalization layers, with the norm over those alone:
+    :func:`sam_fused.nn.norm_layer_param_groups`); its parameters are updated as usual with the
+    gradient at the perturbed point of the others. The perturb and restore passes then read and
+    write only the perturbed parameters' bytes (the backups are still allocated for every
+    parameter with a gradient: the update pass reads from them when nothing is left out).
 
     ``param_groups`` is the base optimizer's own list, so LR schedulers, ``add_param_group`` and
     per-group hyperparameters work on this object directly. ``grad_norm`` holds, after each
@@ -83,6 +110,7 @@ class FusedSAM(SAMOptimizer):
         interval: int | None = None,
         sam_probability: float | None = None,
         seed: int = 0,
+        phase: "tuple[int, int | None] | Callable[[int], bool] | None" = None,
         **base_kwargs,
     ) -> None:
         _check_nonneg("rho", rho)
@@ -99,8 +127,9 @@ class FusedSAM(SAMOptimizer):
                 raise ValueError(f"sam_probability must be in (0, 1], got {sam_probability!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        self.phase = _check_phase(phase)
         self.interval, self.sam_probability, self.seed = interval, sam_probability, seed
-        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, **self._variant_defaults)
+        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, perturb=True, **self._variant_defaults)
         super().__init__(params, base_optimizer, defaults, backend, base_kwargs)
         self._grad_norm: Tensor | None = None
         self._inv_scale: Tensor | None = None
@@ -112,7 +141,7 @@ class FusedSAM(SAMOptimizer):
     # step(): the update unscales in its kernels (see step()).
     _step_supports_amp_scaling = True
 
-    _group_keys = ("rho", "adaptive", "eta")
+    _group_keys = ("rho", "adaptive", "eta", "perturb")
 
     @property
     def grad_norm(self) -> Tensor | None:
@@ -127,6 +156,15 @@ class FusedSAM(SAMOptimizer):
     def _check_group(self, group: dict) -> None:
         _check_nonneg("rho", group["rho"])
         _check_nonneg("eta", group["eta"])
+        if not isinstance(group["perturb"], bool):
+            raise TypeError(f"a param group's perturb must be True or False, got {group['perturb']!r}")
+        if not group["perturb"] and not self._subsets:
+            raise ValueError(f"{type(self).__name__} perturbs every group (perturb=False is FusedSAM's, SAM and "
+                             "ASAM): its gradient combination needs both gradients of every parameter")
+
+    # Whether param groups may be left unperturbed (perturb=False); the gradient combinations of
+    # GSAM and LookSAM are defined over every parameter.
+    _subsets = True
 
     # A function called with the sum of squares of the (ASAM-weighted) gradients, a 0-dim fp64
     # device tensor, before its square root becomes the norm; it may change it in place (a
@@ -195,7 +233,7 @@ class FusedSAM(SAMOptimizer):
         if self._schedules() and not self.sam_due():
             self._first_step_plain(zero_grad, grad_scaler)
             return
-        plan = self._step_plan()
+        plan = self._step_plan(perturbing=True)
         if not plan.active and not self.__dict__.get("_warned_no_grad", False):
             self._warned_no_grad = True
             warnings.warn(
@@ -417,10 +455,7 @@ class FusedSAM(SAMOptimizer):
         self._check_groups()  # a refused step changes nothing, the schedule included
         loss = None
         ran = self._watch.backward_ran(self)
-        if not ran and self.__dict__.pop("_left_grads", False):
-            # the gradients the last step(closure) left (at w + e) would add to this step's first one
-            # when the closure does not clear them: they go before the first pass
-            self.zero_grad()
+        left = self.__dict__.pop("_left_probe", None)
         step = self.param_groups[0].get("sam_step", 0)
         if not self.is_sam_step(step):  # a plain base-optimizer step: one forward/backward
             loss = None if ran else closure()
@@ -429,7 +464,7 @@ class FusedSAM(SAMOptimizer):
         else:
             if not ran:
                 loss = closure()
-                self._check_closure_backward()
+                self._check_closure_backward(left)
             self.first_step(zero_grad=True)
             try:
                 with self._frozen_stats():  # the forward at w + e (freeze_running_stats)
@@ -438,17 +473,33 @@ class FusedSAM(SAMOptimizer):
             except BaseException:
                 self.restore()
                 raise
-            self._left_grads = True
+            self._leave_probe()
             return loss
         # counted only once the step is made: a refused or failed step (a closure that raised, say
         # out of memory) leaves the schedule as it was, so the retry is the step that was due
         self._count_step()
         self._opt_called = True
-        self._left_grads = True
+        self._leave_probe()
         return loss
 
-    def _check_closure_backward(self) -> None:
-        """Warn (once) when the closure ran no backward that reached a parameter."""
+    def _leave_probe(self) -> None:
+        """Remember one gradient this step leaves behind (the next closure must clear it)."""
+        p = next((p for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if p is not None and not self.__dict__.get("_warned_left", False):
+            self._left_probe = (weakref.ref(p), weakref.ref(p.grad), p.grad._version)
+
+    def _check_closure_backward(self, left) -> None:
+        """Warn (once each) when the closure ran no backward that reached a parameter, or when its
+        backward added to the gradient the last step left (the same tensor, changed in place
+        exactly once: no zero_grad() before the backward)."""
+        if left is not None and not self.__dict__.get("_warned_left", False):
+            p, g, version = left[0](), left[1](), left[2]
+            if p is not None and g is not None and p.grad is g and g._version == version + 1:
+                self._warned_left = True
+                warnings.warn(
+                    f"{type(self).__name__}.step(closure): the closure's backward added to the gradient the last step "
+                    "left (taken at w + e), so this step's first gradient is the sum of both. Call opt.zero_grad() at "
+                    "the start of the closure (said once)", stacklevel=4)
         if self._watch.flag.seen or self.__dict__.get("_warned_no_backward", False):
             return
         self._warned_no_backward = True
@@ -459,8 +510,8 @@ class FusedSAM(SAMOptimizer):
             stacklevel=4)
 
     def _schedules(self) -> bool:
-        """Whether some steps are plain (interval or randomized SAM, LookSAM)."""
-        return self.interval is not None or self.sam_probability is not None
+        """Whether some steps are plain (interval or randomized SAM, LookSAM, phases)."""
+        return self.interval is not None or self.sam_probability is not None or self.phase is not None
 
     def _count_step(self) -> None:
         step = self.param_groups[0].get("sam_step", 0)
@@ -474,6 +525,12 @@ class FusedSAM(SAMOptimizer):
 
     def is_sam_step(self, step: int) -> bool:
         """Whether ``step(closure)`` number ``step`` (counted from 0) is a SAM step."""
+        if self.phase is not None:
+            if callable(self.phase):
+                if not self.phase(step):
+                    return False
+            elif not (self.phase[0] <= step and (self.phase[1] is None or step < self.phase[1])):
+                return False
         if self.interval is not None:
             return step % self.interval == 0
         if self.sam_probability is not None:
