@@ -162,3 +162,28 @@ def test_zero3_and_example(tmp_path):
                    pythonpath=[root], timeout=240)
     assert "ZeRO-3 refused: True; weights unchanged: True" in out, out
     assert "resumed run identical: True" in out, out
+
+
+def test_sam_trainer_on_deepspeed_equals_one_process_and_resumes(tmp_path):
+    """SAMTrainer with a DeepSpeed config (ZeRO-2 through accelerate, two ranks with micro-batches
+    of 4, accumulation 2, clipping, a linear schedule, 4 steps) equals the DeepSpeed-free
+    SAMTrainer in one process with micro-batches of 8 on the same sequences; a run resumed from
+    its step-2 checkpoint (DeepSpeed's own save and load) ends bit for bit where it did."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import trainer_ddp_worker as worker
+    from launch import torchrun
+
+    root = Path(__file__).resolve().parents[1]
+    script = Path(__file__).with_name("trainer_ddp_worker.py")
+    run = tmp_path / "run"
+    for resume in ("0", "1"):
+        torchrun(script, tmp_path / f"ds{resume}.pt", 4, "sam", 2, 2, run, resume,
+                 pythonpath=[root, root / "tests"], timeout=240)
+    assert (run / "checkpoint-2" / "global_step2").is_dir()  # the engine's checkpoint
+    worker.main(str(tmp_path / "one.pt"), 8, "sam")
+    got, one, resumed = (torch.load(tmp_path / n) for n in ("ds0.pt", "one.pt", "ds1.pt"))
+    atol, rtol = FP32["deepspeed_vs_single"]
+    for a, b in zip(got, one):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    assert all(torch.equal(a, b) for a, b in zip(got, resumed))
