@@ -33,24 +33,42 @@ class InOrder(SAMTrainer):
         return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
 
-def main(out: str, per_device: int, variant: str) -> None:
+def deepspeed_config(stage: int) -> dict:
+    """DeepSpeed through the Trainer: ZeRO ``stage``, the Trainer's values ("auto"), its clipping."""
+    import deepspeed.ops
+
+    # an inference-only shared-memory op DeepSpeed would JIT-build (~60 s) on its first init
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+
+
+def main(out: str, per_device: int, variant: str, deepspeed_stage: int | None = None, save_steps: int = 0,
+         output_dir: str | None = None, resume: bool = False) -> None:
+    """``save_steps``: checkpoints into ``output_dir``; ``resume``: from its checkpoint-2."""
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=2, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = output_dir or tmp
         args = transformers.TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=per_device, gradient_accumulation_steps=2, max_steps=4,
             learning_rate=0.05, weight_decay=0.01, max_grad_norm=1.0, optim="sgd", lr_scheduler_type="linear",
-            save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_drop_last=True,
+            save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+            report_to=[], use_cpu=True, seed=0, dataloader_drop_last=True,
+            deepspeed=None if deepspeed_stage is None else deepspeed_config(deepspeed_stage),
             ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
             disable_tqdm=True, logging_strategy="no")
         trainer = InOrder(model=model, args=args, train_dataset=Tokens(), sam_rho=0.5, sam_variant=variant)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=os.path.join(tmp, "checkpoint-2") if resume else None)
         if trainer.args.process_index == 0:
             torch.save([p.detach().clone() for p in model.parameters()], out)
             print(f"world {trainer.args.world_size}: saved")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    # OUT PER_DEVICE VARIANT [DEEPSPEED_STAGE [SAVE_STEPS OUTPUT_DIR RESUME]]
+    argv = sys.argv[1:]
+    main(argv[0], int(argv[1]), argv[2], *(int(a) for a in argv[3:5]), *argv[5:6], *(a == "1" for a in argv[6:7]))

@@ -37,6 +37,17 @@ torch.optim's implementation by about an ulp per element per step (another opera
 contraction), so the two runs drift apart at rounding level (1e-5 after a few steps of the tests'
 GPT-2) without either being wrong: the fused update is checked against the reference within the
 tests' FP32 table.
+
+Under DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO stages 0-2, fp32 or bf16; ``"sam"``
+and ``"asam"`` on every step) the engine owns the update: accelerate runs ``engine.step()``
+inside ``accelerator.backward()`` and its optimizer wrapper's ``step()`` takes no closure, so the
+SAM step is driven from ``training_step`` through
+:class:`~sam_fused.integrations.deepspeed.DeepSpeedSAM`. The base optimizer is the Trainer's (the
+engine wraps it); each micro-batch's backward goes to the engine without its step; after the last
+one, the perturbation (one scalar all-reduce, one all-gather), the micro-batches again at
+``w + e``, then the restore and ``engine.step()``: DeepSpeed's clipping (``max_grad_norm``
+through ``gradient_clipping: "auto"``) of the second gradient, the update, the scheduler.
+Checkpoints go through DeepSpeed's own save and load, as the Trainer does them.
 """
 
 from __future__ import annotations
@@ -71,8 +82,17 @@ class SAMTrainer(Trainer):
         self.sam_rho, self.sam_variant, self.sam_kwargs = sam_rho, sam_variant, dict(sam_kwargs or {})
         self._sam_window: list[tuple] = []
         super().__init__(*args, **kwargs)
+        self._ds_sam = None
         given = self.optimizer
-        if given is not None and not isinstance(given, _SAM_TYPES):
+        if self.is_deepspeed_enabled:
+            if self.sam_variant not in ("sam", "asam") or set(self.sam_kwargs) - {"eta", "backend"}:
+                raise NotImplementedError(
+                    f"SAMTrainer under DeepSpeed runs sam_variant 'sam' or 'asam' on every step (sam_kwargs eta, "
+                    f"backend); got {self.sam_variant!r} with {sorted(self.sam_kwargs)}")
+            if given is not None:
+                raise TypeError("SAMTrainer under DeepSpeed builds its SAM step over the engine: pass no optimizer "
+                                "(the Trainer chooses the base optimizer, args.optim)")
+        elif given is not None and not isinstance(given, _SAM_TYPES):
             raise TypeError(f"SAMTrainer's optimizer must be a FusedSAM-family optimizer or MSAM, got "
                             f"{type(given).__name__}; or pass none and let the Trainer choose the base optimizer "
                             "(args.optim)")
@@ -99,6 +119,9 @@ class SAMTrainer(Trainer):
         if not isinstance(cls, type) or any(k in kwargs for k in ("params", "model", "optimizer_dict")):
             raise NotImplementedError(f"SAMTrainer wraps torch.optim optimizers; args.optim={self.args.optim!r} "
                                       "builds its optimizer another way")
+        if self.is_deepspeed_enabled:  # the engine wraps the base optimizer; SAM drives the engine
+            self.optimizer = cls(groups, **kwargs)
+            return self.optimizer
         sam_cls, variant_kwargs = VARIANTS[self.sam_variant]
         self.optimizer = sam_cls(groups, cls, rho=self.sam_rho, **variant_kwargs, **self.sam_kwargs, **kwargs)
         return self.optimizer
@@ -140,6 +163,8 @@ class SAMTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step at ``w``; after the last micro-batch of an optimizer step, the
         perturbation and the same micro-batches again at ``w + e`` (module docstring)."""
+        if self.is_deepspeed_enabled:
+            return self._deepspeed_training_step(model, inputs, num_items_in_batch)
         self._sam_window.append((inputs, num_items_in_batch, self.current_gradient_accumulation_steps))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not self.accelerator.gradient_state.sync_gradients:
@@ -166,3 +191,53 @@ class SAMTrainer(Trainer):
             opt.restore()  # the weights go back to w exactly; the error propagates
             raise
         return loss
+
+    # ------------------------------------------------------------------ DeepSpeed
+    def _deepspeed_sam(self):
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        if self._ds_sam is None or self._ds_sam.engine is not engine:
+            from .deepspeed import DeepSpeedSAM
+
+            self._ds_sam = DeepSpeedSAM(engine, rho=self.sam_rho, adaptive=self.sam_variant == "asam",
+                                        **self.sam_kwargs)
+        return self._ds_sam
+
+    def _deepspeed_training_step(self, model, inputs, num_items_in_batch):
+        """The Trainer's step of one micro-batch, its backward handed to the engine without the
+        engine's step; after the last one of an optimizer step, the SAM step (module docstring)."""
+        sam = self._deepspeed_sam()
+        self._sam_window.append((inputs, num_items_in_batch, self.current_gradient_accumulation_steps))
+        wrapped = self.accelerator.deepspeed_engine_wrapped
+        self.accelerator.deepspeed_engine_wrapped = _BackwardOnly(sam.engine)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not self.accelerator.gradient_state.sync_gradients:
+                return loss
+            window, self._sam_window = self._sam_window, []
+            sam.first_step()
+            for batch, n_items, steps in window:
+                self.current_gradient_accumulation_steps = steps
+                super().training_step(model, batch, n_items)
+            sam.second_step()  # the restore, then engine.step()
+        except BaseException:
+            self._sam_window = []
+            sam.abort()  # the weights go back to w exactly; the error propagates
+            raise
+        finally:
+            self.accelerator.deepspeed_engine_wrapped = wrapped
+        return loss
+
+
+class _BackwardOnly:
+    """accelerate's DeepSpeed engine wrapper without the ``engine.step()`` it runs after a backward:
+    DeepSpeedSAM sets the accumulation boundary and makes the step."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def backward(self, loss, sync_gradients=True, **kwargs):
+        self.engine.backward(loss, **kwargs)
+
+    def get_global_grad_norm(self):
+        norm = self.engine.get_global_grad_norm()
+        return norm.item() if hasattr(norm, "item") else norm
