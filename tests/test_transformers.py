@@ -88,7 +88,7 @@ def by_hand(model, trainer_args, seen, variant, rho):
         if sam:
             opt.second_step()
         else:
-            opt._plain_step()
+            opt.step()  # the schedule's plain step (every step counts, by hand too)
         step_index += 1
         sched.step()
         opt.zero_grad()

@@ -54,7 +54,8 @@ class FunctionalSAM(FusedSAM):
     ``interval``, ``sam_probability``, ``seed``, ``phase``, ``**base_kwargs``).
 
     ``step(closure)``: ``closure()`` runs the forward only and returns ``(loss, outputs)``
-    (``outputs``: the logits, any shape), calling no ``backward()``. The optimizer takes
+    (``outputs``: the logits, any shape), calling no ``backward()`` (nor ``zero_grad()``: the
+    optimizer clears the gradients before its first backward). The optimizer takes
     ``dL/doutputs`` and the first gradient from the first call, perturbs, calls the closure again
     at ``w + e`` and backpropagates its outputs with the saved ``dL/doutputs``, restores, updates;
     it returns the loss of the first call. ``max_grad_norm`` clips the update gradient ``g_F``
@@ -62,6 +63,7 @@ class FunctionalSAM(FusedSAM):
 
     By hand (a loop that cannot hand over a closure)::
 
+        opt.zero_grad()
         loss, logits = forward(batch)
         opt.first_step(loss, logits)            # dL/dlogits saved, g backpropagated, w -> w + e
         _, logits = forward(batch)              # at w + e
@@ -168,6 +170,7 @@ class FunctionalSAM(FusedSAM):
         if self._perturbed is not None:
             raise RuntimeError("step(closure) between first_step() and second_step(): call second_step() or restore()")
         loss, outputs = _split(closure(), "the closure's first call")
+        self.zero_grad()  # the closure runs no backward: clearing the last step's gradients is the optimizer's
         if not self.sam_due():  # a plain step of the schedule: the gradient at w
             with torch.enable_grad():
                 loss.backward()
