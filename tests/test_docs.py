@@ -1,0 +1,27 @@
+"""Every Python block of the docs runs: the blocks of one page in order, in one namespace (a page
+reads as one session). A block that should not run here is not a Python block."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted((ROOT / "docs").glob("**/*.md"))
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def blocks(page: Path) -> list[str]:
+    return BLOCK.findall(page.read_text())
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_page_runs(page):
+    namespace: dict = {"__name__": "__docs__"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, code in enumerate(blocks(page)):
+            exec(compile(code, f"{page.name} block {i}", "exec"), namespace)
