@@ -405,6 +405,8 @@ class SAMOptimizer(torch.optim.Optimizer):
                 f"a {type(self).__name__} between first_step() and second_step() cannot be copied or pickled: "
                 "its parameters are perturbed and the backups are not part of it; call second_step() or restore()"
             )
+        if hasattr(self, "_settle_count"):
+            self._settle_count()
         state = dict(self.__dict__)
         state["_backend"] = self._backend.name
         state.pop("_hooks_active", None)

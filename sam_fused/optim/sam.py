@@ -386,10 +386,18 @@ class FusedSAM(SAMOptimizer):
         self._perturbed = None
         self._end_step()
         # the schedule counts every step made, by hand or through step(); one the GradScaler skips
-        # (an inf in either backward) leaves it as it was: one host read of found_inf, the price of
-        # a schedule counted on the host
-        if amp is None or not float(amp[1].sum()):
+        # (an inf in either backward) leaves it as it was. With a schedule the host decides the next
+        # step from the count: one host read of found_inf. Without one nothing waits for it: the
+        # skip is tallied on the device and taken off the count at state_dict() (_settle_count)
+        if amp is None:
             self._count_step()
+        elif self._schedules():
+            if not float(amp[1].sum()):
+                self._count_step()
+        else:
+            self._count_step()
+            skipped = (amp[1].sum() != 0).to(torch.int64)
+            self._skipped = skipped if self.__dict__.get("_skipped") is None else self._skipped + skipped
         self._opt_called = True  # tells LR schedulers that the optimizer has stepped
         if zero_grad:
             self.zero_grad()
@@ -517,6 +525,25 @@ class FusedSAM(SAMOptimizer):
         step = self.param_groups[0].get("sam_step", 0)
         for group in self.param_groups:
             group["sam_step"] = step + 1
+
+    def _settle_count(self) -> None:
+        """Take the GradScaler-skipped steps tallied on the device off ``"sam_step"`` (one host read,
+        at checkpoint time; see second_step)."""
+        skipped = self.__dict__.pop("_skipped", None)
+        if skipped is not None and int(skipped):
+            for group in self.param_groups:
+                group["sam_step"] = group.get("sam_step", 0) - int(skipped)
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict (see :meth:`SAMOptimizer.state_dict`), with ``"sam_step"``
+        up to date: under a GradScaler without a schedule, the steps it skipped are taken off the
+        count here, so that no step waits for the device to tell."""
+        self._settle_count()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.__dict__.pop("_skipped", None)
+        super().load_state_dict(state_dict)
 
     def _plain_step(self) -> None:
         """The update of a step that is not a SAM step (interval or randomized SAM, LookSAM's steps
