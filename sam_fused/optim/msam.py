@@ -141,6 +141,11 @@ class MSAM(SAMOptimizer):
                 self._inv_spare = torch.empty((), dtype=torch.float32, device=device)
             fast = plan is self._fast_plan
             reduce = self._backend.plans.params.reduce_sq
+            w_sq = None
+            if self._perturbation_checks > 0:  # ||w|| before this step moves it (the first step: unperturbed)
+                w_sq = torch.zeros((), dtype=torch.float64, device=device)
+                for t in plan.locals:
+                    w_sq += torch.linalg.vector_norm(t.detach(), dtype=torch.float64) ** 2
             made = run_step(self._backend, self, plan, self._kind, self._inv, self._inv_spare, amp,
                             self._msam_perturbed, fast, reduce)
         finally:
@@ -150,8 +155,22 @@ class MSAM(SAMOptimizer):
             if not fast:
                 self._msam_perturbed = {id(p): p for p in plan.active}
                 self._fast_plan = plan
+        if w_sq is not None:
+            self._measure_perturbation(w_sq)
         self._opt_called = True
         return loss
+
+    def _measure_perturbation(self, w_sq: Tensor) -> None:
+        """At the first step that perturbs: ``||e|| = ||r m||`` (rho when every group has the same
+        rho: the radius along the normalized momentum) against ``||w||`` of the parameters it
+        moves, then :meth:`_note_perturbation` (one host read; nothing after the first step)."""
+        e_sq = torch.zeros((), dtype=torch.float64, device=w_sq.device)
+        inv = self._inv.to(torch.float64)
+        for group, _, m in self._perturbed_pairs():
+            e_sq += (group["rho"] * inv * torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
+        rhos = sorted({float(g["rho"]) for g in self.param_groups})
+        self._note_perturbation(e_sq, w_sq, "rho " + "/".join(f"{r:g}" for r in rhos)
+                                + ": ||e|| = rho, along the normalized momentum")
 
     def _scaler_amp(self):
         """(inv_scale, found_inf) when called by ``GradScaler.step(opt)``, else None."""

@@ -201,6 +201,8 @@ class FusedSAM(SAMOptimizer):
         finally:
             self._backend.plans.end_pass()
         self._perturbed = plan
+        if self._perturbation_checks > 0 and norm is not None:
+            self._measure_perturbation(plan)
         if grad_scaler is not None:
             found = None
             if inv_scale is not None and norm is not None:  # the norm is finite iff every gradient is
@@ -208,6 +210,28 @@ class FusedSAM(SAMOptimizer):
             self._amp_first = (grad_scaler, found, inv_scale is not None)
         if zero_grad:
             self.zero_grad()
+
+    def _measure_perturbation(self, plan: StepPlan) -> None:
+        """At the first step that perturbs: ``||e||`` as moved, ``||w + e - backup||`` over the
+        parameters of the plan, against ``||w||`` (their backups), then
+        :meth:`_note_perturbation` (one host read; nothing after the first step). For SAM
+        ``||e||`` is rho (each group's rho times its share of the gradient norm); for ASAM it is
+        ``rho * ||T^2 g|| / ||T g||``, so up to rho times the largest ``|w| + eta``; for GSAM and
+        LookSAM it is SAM's."""
+        device = plan.locals[0].device
+        e_sq = torch.zeros((), dtype=torch.float64, device=device)
+        w_sq = torch.zeros((), dtype=torch.float64, device=device)
+        backups = self._backend.backups
+        for p, t in zip(plan.active, plan.locals):
+            b = backups.get(p)
+            w_sq += torch.linalg.vector_norm(b, dtype=torch.float64) ** 2
+            e_sq += torch.linalg.vector_norm(t.detach() - b, dtype=torch.float64) ** 2
+        adaptive = any(g["adaptive"] for g in self.param_groups)
+        rhos = sorted({float(g["rho"]) for g in self.param_groups})
+        rho = "rho " + "/".join(f"{r:g}" for r in rhos)
+        what = (f"ASAM, {rho}: ||e|| as measured, rho * ||T^2 g|| / ||T g||" if adaptive
+                else f"{rho}: ||e|| = rho")
+        self._note_perturbation(e_sq, w_sq, what)
 
     def _first_inv_scale(self, scaler, plan: StepPlan) -> Tensor | None:
         """1 / scale of an enabled GradScaler, on the parameters' device (None when it is disabled);
