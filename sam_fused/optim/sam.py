@@ -35,7 +35,12 @@ class FusedSAM(SAMOptimizer):
         params: parameters or param groups, as for any ``torch.optim`` optimizer. A group may set its
             own ``rho``, ``adaptive``, ``eta`` and any base-optimizer hyperparameter.
         base_optimizer: the optimizer *class* that makes the update, e.g. ``torch.optim.SGD``.
-        rho: radius of the neighbourhood (>= 0).
+        rho: radius of the neighbourhood (>= 0): ``||e|| = rho`` (ASAM: ``rho`` in the ``T``-scaled
+            space, ``||e|| = rho * ||T^2 g|| / ||T g||``). The first step that perturbs measures
+            ``||e|| / ||w||`` over the parameters it moves (``perturbation_fraction``, one host read,
+            never again) and warns once (``LargePerturbationWarning``) above 0.1
+            (``sam_fused.optim.base.LARGE_PERTURBATION``): the gradient is then taken that far from
+            ``w``, and a small model may stop training.
         adaptive: ASAM (Kwon et al., 2021): the ball is scaled per weight by ``T = |w| + eta``.
         eta: ASAM's offset (>= 0); ``0`` reproduces the common implementation.
         backend: ``"torch"`` (reference, any device), ``"triton"`` (multi-tensor Triton kernels; CUDA,

@@ -89,8 +89,8 @@ def add_parser(sub) -> None:
                    help="LookSAM's k: a SAM step every k steps (default: 5)")
     p.add_argument("--msam-rho", type=checks.finite_non_negative_float, default=None,
                    help="Momentum-SAM's rho (default: the task's: " + _defaults("msam_rho") + "; the authors' 3.0, "
-                        "for ResNets and ViTs on CIFAR-100 and ImageNet, is 0.16-0.32 of these models' weight norm "
-                        "and stops most of them from training)")
+                        "for ResNets and ViTs on CIFAR-100 and ImageNet, is 0.12-0.32 of these models' weight norm; "
+                        "it stopped the transformer encoder from training)")
     p.add_argument("--lam", type=checks.finite_non_negative_float, default=None,
                    help="lam of frob/trace/det (default: each class's default, e.g. Frob-SAM 0.005)")
     p.add_argument("--width", type=checks.positive_int, default=128,
