@@ -116,3 +116,11 @@ def test_a_skipped_perturbation_measures_at_the_next_step():
     opt.second_step()
     assert opt.perturbation_fraction is None
     assert len(train(opt, model, x, y, steps=2)) == 1 and opt.perturbation_fraction == pytest.approx(0.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("cls", [FusedSAM, MSAM])
+def test_the_warning_names_the_callers_line(cls):
+    model, x, y = model_and_batch()
+    opt = make(cls, model, 0.5 * weight_norm(model), "torch")
+    caught = train(opt, model, x, y, steps=1)
+    assert len(caught) == 1 and caught[0].filename == __file__

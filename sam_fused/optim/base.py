@@ -131,6 +131,23 @@ def _called_by_dcp_state_init() -> bool:
     return False
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of a warning raised by the caller of this function that names the first
+    frame outside sam_fused and torch (the user's line), whichever wrappers the step went through."""
+    import os
+
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured now (no host read may happen then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _check_nonneg(name: str, value) -> None:
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf")
             or value > 1e30):
@@ -291,7 +308,7 @@ class SAMOptimizer(torch.optim.Optimizer):
                 f"||w|| = {w:.3g} over the parameters it moves; {what}), above {LARGE_PERTURBATION:g}: the gradient "
                 "is taken that far from w, where the loss may say little about w's, and training may stop (accuracy "
                 "at chance). A radius tuned for a large model is too large for a small one: try a smaller rho "
-                "(measured once, at the first step)", LargePerturbationWarning, stacklevel=4)
+                "(measured once, at the first step)", LargePerturbationWarning, stacklevel=_caller_level())
 
     def _check_group(self, group: dict) -> None:
         raise NotImplementedError

@@ -13,7 +13,7 @@ from ..backends import BACKENDS
 from ..backends.base import FUSED_KINDS, check_amp
 from ..backends.msam import first_moment, perturb_, restore_, run_step
 from ..plan import StepPlan, local
-from .base import SAMOptimizer, _called_by_dcp_state_init, _check_nonneg, _eager, _unwrapping
+from .base import SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
 
 
 class MSAM(SAMOptimizer):
@@ -149,7 +149,7 @@ class MSAM(SAMOptimizer):
             fast = plan is self._fast_plan
             reduce = self._backend.plans.params.reduce_sq
             w_sq = None
-            if self._perturbation_checks > 0:  # ||w|| before this step moves it (the first step: unperturbed)
+            if self._perturbation_checks > 0 and not _capturing():  # ||w|| before this step moves it
                 w_sq = torch.zeros((), dtype=torch.float64, device=device)
                 for t in plan.locals:
                     w_sq += torch.linalg.vector_norm(t.detach(), dtype=torch.float64) ** 2

@@ -13,7 +13,7 @@ from torch.amp.grad_scaler import OptState
 from ..backends import BACKENDS
 from ..backends.base import Combo, check_amp, unhooked_step
 from ..plan import Buffers, StepPlan
-from .base import BackwardWatch, SAMOptimizer, _called_by_dcp_state_init, _check_nonneg, _eager, _unwrapping
+from .base import BackwardWatch, SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
 
 
 def _uniform(seed: int, step: int) -> float:
@@ -206,7 +206,7 @@ class FusedSAM(SAMOptimizer):
         finally:
             self._backend.plans.end_pass()
         self._perturbed = plan
-        if self._perturbation_checks > 0 and norm is not None:
+        if self._perturbation_checks > 0 and norm is not None and not _capturing():
             self._measure_perturbation(plan)
         if grad_scaler is not None:
             found = None
