@@ -30,8 +30,9 @@ class MSAM(SAMOptimizer):
             ImageNet, SGD and AdamW), far larger than SAM's because the momentum direction is not the
             gradient's; it is a radius for large models. It is too large when it is a large fraction
             of the weights' norm: the gradient is then taken far from ``w``. On the small models of
-            ``sam-fused compare`` (||w|| 9-26) rho 3 is 0.12-0.32 of it and stopped a transformer
-            encoder and a small CNN from training; 0.3-1 trained there. The first step measures
+            ``sam-fused compare`` (||w|| 9-26) rho 3 is 0.12-0.32 of it and stopped the transformer
+            encoder from training (a user reported the same of a 38K-parameter CNN); 0.3 trained
+            every one of them. The first step measures
             ``rho / ||w||`` (``perturbation_fraction``, one host read) and warns once
             (``LargePerturbationWarning``) above 0.1.
         backend: as for :class:`~sam_fused.FusedSAM` (``"torch"`` is the reference).
