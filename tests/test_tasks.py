@@ -143,8 +143,8 @@ def test_each_task_has_its_base():
 
 # The default compare of each task (its epochs, sizes and radii; one seed, the Hessian figures cut
 # down): every optimizer of the default run and Momentum-SAM trains, none collapsed or warned
-# about. The digits run is in test_compare_cli.py (`make test`); these take 40 s (series) to
-# 6 minutes (graphs, 200 epochs) on 2 cores: `make test-full`.
+# about. The digits run is in test_compare_cli.py (`make test`, 24 s); these take 40 s (series),
+# 47 s (images) and 147 s (graphs, 200 epochs) on 2 shared cores: `make test-full`.
 @pytest.mark.quick_subset(None, [])
 @pytest.mark.parametrize("task", ["images", "timeseries", "graphs"])
 def test_the_default_compare_trains_on_each_task(tmp_path, capsys, task):
