@@ -27,7 +27,8 @@ def test_compare_writes_json_and_pngs(tmp_path, capsys):
     assert torch.get_num_threads() == threads  # the thread count is given back
     out = capsys.readouterr().out
     assert "lambda_max" in out and "lambda_min" in out and "sgd" in out and "asam" in out and "+-" in out and "seeds 0..1" in out
-    assert "sam - sgd, test accuracy per seed" in out
+    assert "sam (rho 0.05) - sgd, test accuracy per seed" in out and "radii: sam (rho 0.05)" in out
+    assert "\nsam (rho 0.05) " in out and "\nasam (rho 0.5, eta 0.01) " in out  # the rows name their radius
     data = json.loads((tmp_path / "compare.json").read_text())
     assert data["seeds"] == [0, 1] and data["machine"]
     assert set(data["summary"]) == {"sgd", "sam", "asam"}
@@ -160,9 +161,9 @@ def test_compare_json_records_the_options_it_uses_and_a_busy_machine(tmp_path, c
     seen = {}
     plot = compare.plot_family
 
-    def spy(summary, path, caption, busy=None):
+    def spy(summary, path, caption, busy=None, labels=None):
         seen["busy"] = busy
-        return plot(summary, path, caption, busy)
+        return plot(summary, path, caption, busy, labels)
 
     monkeypatch.setattr(compare, "plot_family", spy)
     small = [a for a in ONE_SEED if a != "sgd" and a != "--optimizer"]
@@ -192,3 +193,84 @@ def test_compare_json_of_another_task_leaves_digits_options_out(tmp_path):
     assert config["out"] == str(tmp_path)
     config = config_used(args, ["gsam", "looksam"])
     assert {"rho", "gsam_alpha", "looksam_k", "looksam_alpha"} <= set(config) and "msam_rho" not in config
+
+
+# --- radii in every label, and runs that collapsed ---------------------------------------------------
+
+def test_collapse_rule_and_labels():
+    """A run collapsed when its training accuracy is at chance (the majority class's share) or lost
+    more than half of SGD's distance from chance; the label then says so, with the seeds."""
+    from sam_fused.tools.compare import collapse_word, collapses, is_collapsed, label_of
+
+    assert is_collapsed(0.11, chance=0.10) and is_collapsed(0.10, chance=0.10, sgd_train_acc=1.0)
+    assert is_collapsed(0.54, chance=0.55, sgd_train_acc=0.98)  # below the majority class
+    assert is_collapsed(0.50, chance=0.10, sgd_train_acc=1.0)  # 0.50 < 1.0 - 0.45
+    assert not is_collapsed(0.56, chance=0.10, sgd_train_acc=1.0) and not is_collapsed(0.93, 0.55, 0.98)
+    assert not is_collapsed(0.30, chance=0.10)  # without SGD: only chance counts
+    assert not is_collapsed(0.40, chance=0.10, sgd_train_acc=0.45)  # SGD itself fits little
+    seed = lambda sgd, sam: {"sgd": dict(train_acc=sgd, train_chance=0.1), "sam": dict(train_acc=sam, train_chance=0.1)}  # noqa: E731
+    flags = collapses([seed(1.0, 0.12), seed(1.0, 0.99), seed(0.95, 0.3)])
+    assert flags == {"sgd": [False, False, False], "sam": [True, False, True]}
+    assert collapse_word(flags["sam"]) == "collapsed in 2 of 3 seeds" and collapse_word([True]) == "collapsed"
+    assert collapse_word(flags["sgd"]) == ""
+    assert label_of("sam@0.5", 0.5) == "sam (rho 0.5)" and label_of("sgd", None) == "sgd"
+    assert label_of("sam", 2.0, "collapsed") == "sam (rho 2), collapsed"
+    assert label_of("asam", 0.5) == "asam (rho 0.5, eta 0.01)"
+
+
+def test_a_collapsed_run_is_named_in_the_table_the_warnings_and_the_pictures(tmp_path, capsys, monkeypatch):
+    """SAM at rho 5 on the digits MLP (||w|| ~ 4.5 at width 16) trains to chance: the table, a
+    warning line, the JSON and every picture call it collapsed, with its radius; so is the
+    perturbation's fraction of the weights' norm."""
+    import sam_fused.tools.compare as compare
+
+    drawn = {}
+    for name in ("plot_landscapes", "_plot_spectra", "plot_family"):
+        original = getattr(compare, name, None)
+        if original is None:  # plot_landscapes is imported inside _run
+            continue
+
+        def spy(data, path, *a, _name=name, _original=original, **kw):
+            drawn.setdefault(_name, []).append(list(kw.get("labels", {}).values()) if _name == "plot_family" else list(data))
+            return _original(data, path, *a, **kw)
+
+        monkeypatch.setattr(compare, name, spy)
+    import sam_fused.tools.sharpness as sharpness
+
+    plot = sharpness.plot_landscapes
+
+    def spy_landscapes(data, path, *a, **kw):
+        drawn.setdefault("plot_landscapes", []).append(list(data))
+        return plot(data, path, *a, **kw)
+
+    monkeypatch.setattr(sharpness, "plot_landscapes", spy_landscapes)
+    small = [a for a in ONE_SEED if a not in ("sgd", "--optimizer")]
+    assert main(["compare", *small, "--epochs", "3", "--optimizer", "sgd", "--optimizer", "sam", "--optimizer", "msam",
+                 "--rho", "5", "--msam-rho", "0.3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\nsam (rho 5), collapsed " in out and "\nmsam (rho 0.3) " in out
+    assert "radii: sam (rho 5); msam (rho 0.3)" in out
+    assert "warning: sam (rho 5): training collapsed (train accuracy" in out
+    assert "warning: sam (rho 5): the first perturbation is" in out and "of the weights' norm (above 0.1)" in out
+    assert "warning: msam" not in out and "warning: sgd" not in out
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data["collapsed"] == {"sgd": [], "sam": [0], "msam": []}
+    assert data["labels"]["sam"] == "sam (rho 5), collapsed"
+    assert data["per_seed"][0]["sam"]["perturbation_fraction"] > 0.1 and data["per_seed"][0]["msam"]["rho"] == 0.3
+    assert len(drawn["plot_landscapes"]) == 2
+    for labels in drawn["plot_landscapes"] + drawn["_plot_spectra"] + drawn["plot_family"]:
+        assert "sam (rho 5), collapsed" in labels and "msam (rho 0.3)" in labels
+
+
+def test_the_default_compare_trains_on_digits(tmp_path, capsys):
+    """The defaults of the digits task (100 epochs, the default radii, one seed): SGD, SAM, ASAM and
+    Momentum-SAM all train, none collapsed and none warned about."""
+    cheap = ["--seeds", "1", "--hessian-samples", "64", "--lanczos-steps", "5", "--probes", "1",
+             "--landscape-steps", "2"]
+    names = ["--optimizer", "sgd", "--optimizer", "sam", "--optimizer", "asam", "--optimizer", "msam"]
+    assert main(["compare", *cheap, *names, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert "warning" not in out and data["collapsed"] == {k: [] for k in ("sgd", "sam", "asam", "msam")}
+    for r in data["per_seed"][0].values():
+        assert r["train_acc"] > 0.9 and r["test_acc"] > 0.7  # chance is ~0.1

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import sys
 import weakref
+import warnings
 from itertools import chain
 from typing import Iterable
 
@@ -132,6 +134,23 @@ def _called_by_dcp_state_init() -> bool:
     return False
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of a warning raised by the caller of this function that names the first
+    frame outside sam_fused and torch (the user's line), whichever wrappers the step went through."""
+    import os
+
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured now (no host read may happen then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _check_nonneg(name: str, value) -> None:
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf")
             or value > 1e30):
@@ -143,6 +162,19 @@ def _check_positive(name: str, value) -> None:
     if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < float("inf")
             or value > 1e30):
         raise ValueError(f"{name} must be a finite positive number (at most 1e30), got {value!r}")
+
+
+# The fraction of the weights' norm above which a perturbation is warned about (once, at the first
+# step that perturbs). The gradient of a SAM step is taken at w + e: at ||e|| = 0.1 ||w|| the loss
+# there may say little about the loss at w, and in the compare tasks every SAM run whose radius
+# was beyond this fraction stopped training or was unstable (benchmarks/NOTES.md, "Default radii").
+# It is not a bound that guarantees training below it: on those small models SAM stopped at 2-4%
+# already. Tuned models (WRN-28-10 at rho 0.05) sit far below, at ~0.1%.
+LARGE_PERTURBATION = 0.1
+
+
+class LargePerturbationWarning(UserWarning):
+    """The first perturbation of a SAM-family optimizer is a large fraction of the weights' norm."""
 
 
 class _BackwardSeen:
@@ -217,6 +249,11 @@ class SAMOptimizer(torch.optim.Optimizer):
 
     _group_keys: tuple[str, ...] = ()
     _backend_factory = staticmethod(make_backend)
+    # ||e|| / ||w|| at the first step that perturbed (a float), None before it: measured once, with
+    # one host read (see _note_perturbation); a step whose perturbation was skipped (an inf under
+    # AMP) or zero measures again, at most _perturbation_checks times in all.
+    perturbation_fraction: float | None = None
+    _perturbation_checks = 20
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -273,6 +310,33 @@ class SAMOptimizer(torch.optim.Optimizer):
             if module is not None:
                 stack.enter_context(frozen_running_stats(module))
         return stack
+    def _note_perturbation(self, e_sq: Tensor, w_sq: Tensor, what: str) -> None:
+        """Record ``perturbation_fraction = ||e|| / ||w||`` from the sums of squares of the
+        perturbation and of the weights it moves (device tensors, local shards summed over FSDP2's
+        ranks here), with one host read; warn once (:class:`LargePerturbationWarning`) when it is
+        above :data:`LARGE_PERTURBATION`. ``what`` says what ``||e||`` is for this optimizer."""
+        sums = []
+        reduce = self._backend.plans.params.reduce_sq
+        for sq in (e_sq, w_sq):
+            sq = sq.to(torch.float64).reshape(())
+            if reduce is not None:
+                reduce(sq)
+            sums.append(sq)
+        e2, w2 = torch.stack(sums).tolist()  # the one host read
+        self._perturbation_checks -= 1
+        if not (math.isfinite(e2) and e2 > 0.0):
+            return  # nothing was moved (a skipped perturbation): the next step measures
+        self._perturbation_checks = 0
+        e, w = math.sqrt(e2), math.sqrt(max(w2, 0.0))
+        fraction = e / w if w > 0.0 else float("inf")
+        self.perturbation_fraction = fraction
+        if fraction > LARGE_PERTURBATION:
+            warnings.warn(
+                f"{type(self).__name__}: the first perturbation is {fraction:.3g} of the weights' norm (||e|| = {e:.3g}, "
+                f"||w|| = {w:.3g} over the parameters it moves; {what}), above {LARGE_PERTURBATION:g}: the gradient "
+                "is taken that far from w, where the loss may say little about w's, and training may stop (accuracy "
+                "at chance). A radius tuned for a large model is too large for a small one: try a smaller rho "
+                "(measured once, at the first step)", LargePerturbationWarning, stacklevel=_caller_level())
 
     def _check_group(self, group: dict) -> None:
         raise NotImplementedError

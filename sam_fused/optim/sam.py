@@ -14,7 +14,7 @@ from torch.amp.grad_scaler import OptState
 from ..backends import BACKENDS
 from ..backends.base import Combo, check_amp, unhooked_step
 from ..plan import Buffers, StepPlan
-from .base import BackwardWatch, SAMOptimizer, _called_by_dcp_state_init, _check_nonneg, _eager, _unwrapping
+from .base import BackwardWatch, SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
 
 
 def _uniform(seed: int, step: int) -> float:
@@ -49,7 +49,12 @@ class FusedSAM(SAMOptimizer):
         params: parameters or param groups, as for any ``torch.optim`` optimizer. A group may set its
             own ``rho``, ``adaptive``, ``eta`` and any base-optimizer hyperparameter.
         base_optimizer: the optimizer *class* that makes the update, e.g. ``torch.optim.SGD``.
-        rho: radius of the neighbourhood (>= 0).
+        rho: radius of the neighbourhood (>= 0): ``||e|| = rho`` (ASAM: ``rho`` in the ``T``-scaled
+            space, ``||e|| = rho * ||T^2 g|| / ||T g||``). The first step that perturbs measures
+            ``||e|| / ||w||`` over the parameters it moves (``perturbation_fraction``, one host read,
+            never again) and warns once (``LargePerturbationWarning``) above 0.1
+            (``sam_fused.optim.base.LARGE_PERTURBATION``): the gradient is then taken that far from
+            ``w``, and a small model may stop training.
         adaptive: ASAM (Kwon et al., 2021): the ball is scaled per weight by ``T = |w| + eta``.
         eta: ASAM's offset (>= 0); ``0`` reproduces the common implementation.
         backend: ``"torch"`` (reference, any device), ``"triton"`` (multi-tensor Triton kernels; CUDA,
@@ -253,6 +258,8 @@ class FusedSAM(SAMOptimizer):
         if not zero_grad and plan.active:  # a second backward that adds to these is warned of in second_step
             g = plan.active[0].grad
             self._grad_probe = (weakref.ref(plan.active[0]), weakref.ref(g), g._version)
+        if self._perturbation_checks > 0 and norm is not None and not _capturing():
+            self._measure_perturbation(plan)
         if grad_scaler is not None:
             found = None
             if inv_scale is not None and norm is not None:  # the norm is finite iff every gradient is
@@ -304,6 +311,27 @@ class FusedSAM(SAMOptimizer):
                 "before the first pass to skip them (said once)", stacklevel=4)
         if zero_grad:
             self.zero_grad()
+    def _measure_perturbation(self, plan: StepPlan) -> None:
+        """At the first step that perturbs: ``||e||`` as moved, ``||w + e - backup||`` over the
+        parameters of the plan, against ``||w||`` (their backups), then
+        :meth:`_note_perturbation` (one host read; nothing after the first step). For SAM
+        ``||e||`` is rho (each group's rho times its share of the gradient norm); for ASAM it is
+        ``rho * ||T^2 g|| / ||T g||``, so up to rho times the largest ``|w| + eta``; for GSAM and
+        LookSAM it is SAM's."""
+        device = plan.locals[0].device
+        e_sq = torch.zeros((), dtype=torch.float64, device=device)
+        w_sq = torch.zeros((), dtype=torch.float64, device=device)
+        backups = self._backend.backups
+        for p, t in zip(plan.active, plan.locals):
+            b = backups.get(p)
+            w_sq += torch.linalg.vector_norm(b, dtype=torch.float64) ** 2
+            e_sq += torch.linalg.vector_norm(t.detach() - b, dtype=torch.float64) ** 2
+        adaptive = any(g["adaptive"] for g in self.param_groups)
+        rhos = sorted({float(g["rho"]) for g in self.param_groups})
+        rho = "rho " + "/".join(f"{r:g}" for r in rhos)
+        what = (f"ASAM, {rho}: ||e|| as measured, rho * ||T^2 g|| / ||T g||" if adaptive
+                else f"{rho}: ||e|| = rho")
+        self._note_perturbation(e_sq, w_sq, what)
 
     def _first_inv_scale(self, scaler, plan: StepPlan) -> Tensor | None:
         """1 / scale of an enabled GradScaler, on the parameters' device (None when it is disabled);

@@ -3,7 +3,15 @@ tasks (``--task``): scikit-learn's handwritten digits with noisy labels and an M
 and, as in the study this project follows, a Wide ResNet on images, a transformer encoder on
 heartbeat-like time series and a GCN on molecule-like graphs (data sets made in the package:
 ``sam_fused.tools.tasks``). Each task has its base optimizer (SGD with momentum, or Adam for the
-graphs) and the study's rho as SAM's default; ``--rho 0.05,0.5,1,2`` sweeps SAM's radius.
+graphs) and its default radii for SAM (and the family that takes ``--rho``), ASAM and
+Momentum-SAM, chosen from a short sweep on that task (benchmarks/NOTES.md, "Default radii"): the
+study's radii (images 2, timeseries 1) and Momentum-SAM's published 3 stop these small models from
+training. ``--rho 0.05,0.5,1,2`` sweeps SAM's radius. Every row, verdict and picture names its
+radius ("sam (rho 0.05)"); a run whose training accuracy collapses against SGD's (below SGD's by
+more than half the distance to chance, or at chance: the majority class's share of the training
+labels) is called "collapsed" in a warning line, the table and the pictures (its Hessian is that
+of a model that learned nothing, not a flat minimum), and so is a radius above 0.1 of the
+weights' norm at the first step (the optimizers' LargePerturbationWarning).
 
 Every figure is measured over several seeds (default 5: the data, the label noise, the
 initialization and the batch order all change with the seed) and reported as the mean and the
@@ -42,6 +50,10 @@ OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "gsam", "looksam", "msam"
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
 
 
+def _defaults(key: str) -> str:
+    return ", ".join(f"{name} {getattr(task, key):g}" for name, task in TASKS.items())
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="train SGD and the SAM family on a task (digits, images, time series, graphs); "
                                        "measure sharpness",
@@ -64,17 +76,21 @@ def add_parser(sub) -> None:
                    help="learning rate of the base (default: the task's; digits 0.05)")
     p.add_argument("--rho", type=_rhos, default=None,
                    help="SAM's rho, or several comma-separated (a sweep: each value is its own run of every "
-                        "optimizer that takes --rho, named e.g. sam@0.5) (default: the study's best for the task: "
-                        "digits 0.05, images 2, timeseries 1, graphs 0.05)")
-    p.add_argument("--asam-rho", type=checks.finite_non_negative_float, default=0.5, help="ASAM's rho (default: 0.5)")
+                        "optimizer that takes --rho, named e.g. sam@0.5) (default: the task's: "
+                        + _defaults("rho") + "; the study's best, images 2 and timeseries 1, stop these "
+                        "small models from training)")
+    p.add_argument("--asam-rho", type=checks.finite_non_negative_float, default=None,
+                   help="ASAM's rho (default: the task's: " + _defaults("asam_rho") + ")")
     p.add_argument("--gsam-alpha", type=checks.finite_non_negative_float, default=0.4,
                    help="GSAM's alpha (default: 0.4)")
     p.add_argument("--looksam-alpha", type=checks.finite_non_negative_float, default=0.7,
                    help="LookSAM's alpha (default: 0.7)")
     p.add_argument("--looksam-k", type=checks.positive_int, default=5,
                    help="LookSAM's k: a SAM step every k steps (default: 5)")
-    p.add_argument("--msam-rho", type=checks.finite_non_negative_float, default=3.0,
-                   help="Momentum-SAM's rho (default: 3.0, the authors' value on every task of their paper)")
+    p.add_argument("--msam-rho", type=checks.finite_non_negative_float, default=None,
+                   help="Momentum-SAM's rho (default: the task's: " + _defaults("msam_rho") + "; the authors' 3.0, "
+                        "for ResNets and ViTs on CIFAR-100 and ImageNet, is 0.12-0.32 of these models' weight norm; "
+                        "it stopped the transformer encoder from training)")
     p.add_argument("--lam", type=checks.finite_non_negative_float, default=None,
                    help="lam of frob/trace/det (default: each class's default, e.g. Frob-SAM 0.005)")
     p.add_argument("--width", type=checks.positive_int, default=128,
@@ -136,7 +152,8 @@ def resolve(args) -> None:
     """Fill the options left to the task (``None``) from it, in place."""
     task = TASKS[getattr(args, "task", "digits")]
     for key, value in (("epochs", task.epochs), ("batch_size", task.batch_size), ("lr", task.lr),
-                       ("rho", [task.rho]), ("train_size", task.train_size), ("test_size", task.test_size),
+                       ("rho", [task.rho]), ("asam_rho", task.asam_rho), ("msam_rho", task.msam_rho),
+                       ("train_size", task.train_size), ("test_size", task.test_size),
                        ("hessian_samples", task.hessian_samples), ("probes", 50 if task.name == "digits" else 10)):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -145,8 +162,8 @@ def resolve(args) -> None:
 
 
 def runs_of(names: list[str], rhos: list[float]) -> list[tuple[str, str, float | None]]:
-    """(label, optimizer, rho) of every run: one per optimizer, and per rho for those that take --rho
-    when several are given (labelled ``name@rho``)."""
+    """(key, optimizer, rho) of every run: one per optimizer, and per rho for those that take --rho
+    when several are given (keyed ``name@rho``: the keys of the JSON)."""
     out = []
     for name in names:
         if name in RHO_SWEPT:
@@ -155,6 +172,68 @@ def runs_of(names: list[str], rhos: list[float]) -> list[tuple[str, str, float |
         else:
             out.append((name, name, None))
     return out
+
+
+def _class_rho(cls) -> float:
+    import inspect
+
+    return inspect.signature(cls).parameters["rho"].default
+
+
+def radius_of(name: str, args, rho: float | None = None) -> float | None:
+    """The radius the run of ``name`` uses (``rho``: its --rho value), None for SGD."""
+    if name in RHO_SWEPT:
+        return rho if rho is not None else (args.rho[0] if isinstance(args.rho, list) else args.rho)
+    if name == "asam":
+        return args.asam_rho
+    if name == "msam":
+        return args.msam_rho
+    if name in ("frob", "trace", "det"):
+        from .. import DetSAM, FrobSAM, TraceSAM
+
+        return _class_rho({"frob": FrobSAM, "trace": TraceSAM, "det": DetSAM}[name])
+    return None
+
+
+def label_of(name: str, rho: float | None, collapsed: str = "") -> str:
+    """What the table, the verdicts and the pictures call a run: ``sam (rho 0.05)``, and
+    ``, collapsed`` (or ``, collapsed in 2 of 5 seeds``) after it when it collapsed."""
+    base = name.split("@")[0]
+    text = base if rho is None else f"{base} (rho {rho:g}{', eta 0.01' if base == 'asam' else ''})"
+    return f"{text}, {collapsed}" if collapsed else text
+
+
+# a run "collapsed" when its training accuracy is within this of chance (the majority class's share
+# of the training labels) or lost more than half of SGD's distance from chance
+CHANCE_MARGIN = 0.02
+
+
+def is_collapsed(train_acc: float, chance: float, sgd_train_acc: float | None = None) -> bool:
+    """Whether a run's final training accuracy collapsed: at chance (within ``CHANCE_MARGIN``) or,
+    given SGD's of the same seed, below it by more than half the distance from SGD's to chance."""
+    if train_acc <= chance + CHANCE_MARGIN:
+        return True
+    return sgd_train_acc is not None and train_acc < sgd_train_acc - 0.5 * (sgd_train_acc - chance)
+
+
+def collapses(per_seed: list[dict]) -> dict[str, list[bool]]:
+    """Per run, seed by seed: :func:`is_collapsed` against SGD's run of the same seed (when there
+    is one). SGD itself is judged against chance only."""
+    out: dict[str, list[bool]] = {}
+    for results in per_seed:
+        sgd = results.get("sgd")
+        for key, r in results.items():
+            ref = sgd["train_acc"] if sgd is not None and key != "sgd" else None
+            out.setdefault(key, []).append(is_collapsed(r["train_acc"], r["train_chance"], ref))
+    return out
+
+
+def collapse_word(flags: list[bool]) -> str:
+    """"collapsed" (every seed), "collapsed in k of n seeds", or ""."""
+    k = sum(flags)
+    if not k:
+        return ""
+    return "collapsed" if k == len(flags) else f"collapsed in {k} of {len(flags)} seeds"
 
 
 def make_optimizer(name: str, params, args, seed: int | None = None, rho: float | None = None):
@@ -181,9 +260,12 @@ def make_optimizer(name: str, params, args, seed: int | None = None, rho: float 
         return LookSAM(params, cls, rho=rho, k=getattr(args, "looksam_k", 5), alpha=getattr(args, "looksam_alpha", 0.7),
                        **base)
     if name == "msam":
-        return MSAM(params, cls, rho=getattr(args, "msam_rho", 3.0), **base)
+        msam_rho = getattr(args, "msam_rho", None)
+        return MSAM(params, cls, rho=task.msam_rho if msam_rho is None else msam_rho, **base)
     if name == "asam":
-        return FusedSAM(params, cls, rho=args.asam_rho, adaptive=True, eta=0.01, **base)
+        asam_rho = getattr(args, "asam_rho", None)
+        return FusedSAM(params, cls, rho=task.asam_rho if asam_rho is None else asam_rho, adaptive=True, eta=0.01,
+                        **base)
     if name in ("frob", "trace", "det"):
         lam = {} if getattr(args, "lam", None) is None else dict(lam=args.lam)
         return UniversalSAM(params, cls, measure=name, seed=args.seed if seed is None else seed, **lam, **base)
@@ -256,18 +338,25 @@ def hessian_batches(x, y, samples: int, batch: int = 256) -> list[tuple]:
 def run_seed(names, args, seed: int, verbose_prefix: str = ""):
     """Train every run (optimizer, and rho in a sweep) with one seed; (figures per run, trained
     models, the Hessian's batches)."""
+    import warnings
+
+    from ..optim.base import LargePerturbationWarning
     from .sharpness import hessian_eigenvalues, hessian_extremes, hessian_trace
 
     resolve(args)
     x_tr, y_tr, y_clean, x_te, y_te = _data(args, seed)
+    chance = float(torch.bincount(y_tr).max()) / len(y_tr)  # the majority class's share of the given labels
     train_data = hessian_batches(x_tr, y_tr, args.hessian_samples)
     results, models = {}, {}
     for label, name, rho in runs_of(names, args.rho):
-        print(f"{verbose_prefix}training {label} for {args.epochs} epochs ...", file=sys.stderr)
+        radius = radius_of(name, args, rho)
+        print(f"{verbose_prefix}training {label_of(label, radius)} for {args.epochs} epochs ...", file=sys.stderr)
         model = _model(args, seed)
         opt = make_optimizer(name, model.parameters(), args, seed, rho)
         t0 = time.perf_counter()
-        train(model, opt, x_tr, y_tr, args.epochs, args.batch_size, seed)
+        with warnings.catch_warnings():  # compare says it once per run, after the table (perturbation_fraction)
+            warnings.simplefilter("ignore", LargePerturbationWarning)
+            train(model, opt, x_tr, y_tr, args.epochs, args.batch_size, seed)
         wall = time.perf_counter() - t0
         if isinstance(opt, MSAM):
             opt.restore()  # the end of training: evaluate w, not the perturbed point
@@ -285,7 +374,8 @@ def run_seed(names, args, seed: int, verbose_prefix: str = ""):
             test_acc=te_acc, gap_acc=tr_acc - te_acc, gap_loss=te_loss - tr_loss,
             lambda_max=ends.lambda_max, lambda_min=ends.lambda_min, lambda_max_over_min=ends.ratio,
             lambda_1=top[0], lambda_1_over_5=top[0] / top[-1], eigenvalues=top,
-            trace=trace.value, trace_stderr=trace.stderr, train_seconds=wall, rho=rho,
+            trace=trace.value, trace_stderr=trace.stderr, train_seconds=wall, rho=radius, train_chance=chance,
+            perturbation_fraction=getattr(opt, "perturbation_fraction", None),
         )
         models[label] = model
     return results, models, train_data
@@ -338,15 +428,21 @@ def _run(args) -> int:
             first_models, first_data = models, train_data
 
     args.out.mkdir(parents=True, exist_ok=True)
+    flags = collapses(per_seed)
+    radii = {key: per_seed[0][key]["rho"] for key in per_seed[0]}
+    labels = {key: label_of(key, radii[key], collapse_word(flags[key])) for key in per_seed[0]}
+    # the pictures of the first seed: its own collapse
+    first = {key: label_of(key, radii[key], "collapsed" if flags[key][0] else "") for key in per_seed[0]}
     print(f"      loss landscapes and spectra (seed {seeds[0]}) ...", file=sys.stderr)
     steps = args.landscape_steps
     one = {n: loss_landscape(m, F.cross_entropy, first_data, dims=1, steps=steps, span=1.0, seed=seeds[0])
            for n, m in first_models.items()}
     two = {n: loss_landscape(m, F.cross_entropy, first_data, dims=2, steps=max(steps // 2 + 1, 5), span=1.0,
                              seed=seeds[0]) for n, m in first_models.items()}
-    files = [plot_landscapes(one, args.out / "landscape_1d.png"), plot_landscapes(two, args.out / "landscape_2d.png")]
-    spectra = {n: hessian_spectrum(m, F.cross_entropy, first_data, num_probes=2, lanczos_steps=args.lanczos_steps,
-                                   seed=seeds[0])
+    files = [plot_landscapes({first[n]: l for n, l in one.items()}, args.out / "landscape_1d.png"),
+             plot_landscapes({first[n]: l for n, l in two.items()}, args.out / "landscape_2d.png")]
+    spectra = {first[n]: hessian_spectrum(m, F.cross_entropy, first_data, num_probes=2,
+                                          lanczos_steps=args.lanczos_steps, seed=seeds[0])
                for n, m in first_models.items()}
     files.append(_plot_spectra(spectra, args.out / "spectrum.png"))
 
@@ -355,22 +451,56 @@ def _run(args) -> int:
     busy = busy_note(load_start, load_end, cores)
     if "sgd" in summary and len(summary) > 1:
         command = getattr(args, "command_line", None) or "sam-fused compare (called as a function)"
-        caption = (f"{command}\nseeds {seeds[0]}-{seeds[-1]}; {cpu_name()}, {torch.get_num_threads()} thread(s), "
-                   f"{_dt.date.today().isoformat()}")
-        files.append(plot_family(summary, args.out / "family.png", caption, busy))
-    print(_table(summary, args, seeds, busy))
-    print(_verdict(summary))
+        caption = (f"{command}\n{_radii(labels)}\nseeds {seeds[0]}-{seeds[-1]}; {cpu_name()}, "
+                   f"{torch.get_num_threads()} thread(s), {_dt.date.today().isoformat()}")
+        files.append(plot_family(summary, args.out / "family.png", caption, busy, labels=labels))
+    print(_table(summary, args, seeds, busy, labels))
+    print(_verdict(summary, labels))
+    for line in warning_lines(per_seed, labels, flags):
+        print(line)
     payload = dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), sam_fused=__version__,
         torch=torch.__version__, machine=cpu_name(), threads=torch.get_num_threads(), seeds=seeds,
         cores=cores, load_start=load_start, load_end=load_end, busy=busy,
-        config=config_used(args, names), summary=summary, per_seed=per_seed,
+        config=config_used(args, names), labels=labels,
+        collapsed={key: [seeds[i] for i, f in enumerate(v) if f] for key, v in flags.items()},
+        summary=summary, per_seed=per_seed,
         landscape_1d={n: dict(alphas=l.alphas.tolist(), losses=l.losses.tolist()) for n, l in one.items()},
     )
     (args.out / "compare.json").write_text(json.dumps(payload, indent=1))
     for f in files + [args.out / "compare.json"]:
         print(f"wrote {f}")
     return 0
+
+
+def _radii(labels: dict) -> str:
+    """The radii of a run, for a header or a caption: ``sam rho 0.05, asam rho 0.5 (eta 0.01)``."""
+    parts = [label.split(", collapsed")[0] for key, label in labels.items() if "(rho" in label]
+    return "radii: " + ("; ".join(parts) if parts else "none (SGD only)")
+
+
+def warning_lines(per_seed: list[dict], labels: dict, flags: dict) -> list[str]:
+    """One line per run that collapsed (training accuracy against SGD's and chance, seed by seed)
+    and per run whose first perturbation was above ``LARGE_PERTURBATION`` of the weights' norm."""
+    from ..optim.base import LARGE_PERTURBATION
+
+    out = []
+    for key, label in labels.items():
+        label = label.split(", collapsed")[0]
+        fractions = [r[key].get("perturbation_fraction") for r in per_seed]
+        fractions = [f for f in fractions if f is not None]
+        if fractions and max(fractions) > LARGE_PERTURBATION:
+            out.append(f"warning: {label}: the first perturbation is {min(fractions):.3g}-{max(fractions):.3g} of the "
+                       f"weights' norm (above {LARGE_PERTURBATION:g}): the gradient is taken that far from w; "
+                       "a smaller radius may train better")
+        if any(flags[key]):
+            acc = [r[key]["train_acc"] for r in per_seed]
+            chance = [r[key]["train_chance"] for r in per_seed]
+            sgd = f", SGD's {np.mean([r['sgd']['train_acc'] for r in per_seed]):.3f}" if "sgd" in per_seed[0] else ""
+            out.append(f"warning: {label}: training collapsed (train accuracy {np.mean(acc):.3f}{sgd}, chance "
+                       f"{np.mean(chance):.3f}, the majority class): its Hessian figures and landscapes are those of a "
+                       "model that learned little, not of a flat minimum; a smaller radius may train")
+    return out
 
 
 # the options every task and optimizer uses; the others only where named
@@ -411,9 +541,10 @@ def verdict(diffs) -> str:
     return "above" if mean > bound else "below" if mean < -bound else "within the seed spread"
 
 
-def _verdict(summary: dict) -> str:
+def _verdict(summary: dict, labels: dict | None = None) -> str:
     """Each SAM variant against SGD, seed by seed: the mean of the per-seed differences of test
-    accuracy, their standard deviation and :func:`verdict`."""
+    accuracy, their standard deviation and :func:`verdict`; ``labels``: the runs' names."""
+    labels = labels or {}
     if "sgd" not in summary:
         return ""
     sgd = np.array(summary["sgd"]["test_acc"]["values"])
@@ -425,18 +556,19 @@ def _verdict(summary: dict) -> str:
         mean, std = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else float("nan")
         word = verdict(diff)
         word = f"{word} SGD (paired t-test, 95%)" if word != "within the seed spread" else f"{word} (paired t-test, 95%)"
-        lines.append(f"{name} - sgd, test accuracy per seed: {mean:+.3f} +- {std:.3f} "
+        lines.append(f"{labels.get(name, name)} - sgd, test accuracy per seed: {mean:+.3f} +- {std:.3f} "
                      f"({int((diff > 0).sum())} of {len(diff)} seeds higher): {word}")
     return "\n".join(lines)
 
 
-def _table(summary: dict, args, seeds: list[int], busy: str | None = None) -> str:
+def _table(summary: dict, args, seeds: list[int], busy: str | None = None, labels: dict | None = None) -> str:
     cols = [("train loss", "train_loss", 4), ("train acc", "train_acc", 3), ("test loss", "test_loss", 4),
             ("test acc", "test_acc", 3), ("gap (acc)", "gap_acc", 3), ("lambda_max", "lambda_max", 2),
             ("lambda_min", "lambda_min", 3), ("|max/min|", "lambda_max_over_min", 1), ("l1/l5", "lambda_1_over_5", 2),
             ("trace", "trace", 1), ("time s" + (" (!)" if busy else ""), "train_seconds", 1)]
     cell = lambda f, d: f"{f['mean']:.{d}f} +- {f['std']:.{d}f}"  # noqa: E731
-    rows = [[name] + [cell(figs[key], d) for _, key, d in cols] for name, figs in summary.items()]
+    labels = labels or {}
+    rows = [[labels.get(name, name)] + [cell(figs[key], d) for _, key, d in cols] for name, figs in summary.items()]
     headers = ["optimizer"] + [c[0] for c in cols]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     task = TASKS[getattr(args, "task", "digits")]
@@ -445,7 +577,7 @@ def _table(summary: dict, args, seeds: list[int], busy: str | None = None) -> st
     hess = f"Hessian on {args.hessian_samples} training examples" if args.hessian_samples else "Hessian on the training set"
     head = (f"{what}, {task.base} base, {args.epochs} epochs, {hess}, "
             f"seeds {seeds[0]}..{seeds[-1]} (mean +- standard deviation over {len(seeds)} seeds), "
-            f"{torch.get_num_threads()} thread(s)")
+            f"{torch.get_num_threads()} thread(s); {_radii(labels or {})}")
     line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))
     out = [head, line, "-" * len(line)]
     out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -472,18 +604,21 @@ def family_points(summary: dict) -> dict:
     return out
 
 
-def plot_family(summary: dict, path: Path, caption: str, busy: str | None = None) -> Path:
+def plot_family(summary: dict, path: Path, caption: str, busy: str | None = None, labels: dict | None = None) -> Path:
     """One point per method: accuracy gain over SGD (mean +- std over seeds) against training
     throughput relative to SGD (median, bars from the slowest to the fastest seed); ``busy`` (a
-    busy machine's note) is written across the plot."""
+    busy machine's note) is written across the plot; ``labels``: the methods' names (with their
+    radius, and "collapsed")."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = family_points(summary)
+    labels = labels or {}
     fig, ax = plt.subplots(figsize=(6.8, 4.8))
-    for name, pt in points.items():
+    for key, pt in points.items():
+        name = labels.get(key, key)
         ax.errorbar(pt["speed"], pt["gain"], yerr=pt["gain_std"],
                     xerr=[[pt["speed"] - pt["speed_min"]], [pt["speed_max"] - pt["speed"]]], fmt="o", capsize=3,
                     label=f"{name} ({pt['verdict']})")

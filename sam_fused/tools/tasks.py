@@ -56,12 +56,14 @@ class Task:
     lr: float
     epochs: int
     batch_size: int
-    rho: float  # the study's best rho for this architecture (SAM's default here)
+    rho: float  # SAM's default here (and the family's that takes --rho): see TASKS below
     train_size: int
     test_size: int
     hessian_samples: int  # 0: the whole training set
     data: Callable[[int, int, int], Split]  # (seed, train size, test size)
     model: Callable[[int], nn.Module]  # (seed)
+    asam_rho: float = 0.5  # ASAM's default (eta 0.01)
+    msam_rho: float = 0.3  # Momentum-SAM's default
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -343,13 +345,18 @@ def gcn(seed: int) -> nn.Module:
     return GCN()
 
 
+# The default radii (SAM and the family that takes --rho; ASAM with eta 0.01; Momentum-SAM), from
+# the sweeps of benchmarks/NOTES.md ("Default radii"): the largest tried value per task that trains
+# and stays below sam_fused.optim.base.LARGE_PERTURBATION of the weights' norm at initialization
+# (digits 9.4, images 25.6, timeseries 18.8, graphs 11.8). The study's best radii (images 2,
+# timeseries 1) and Momentum-SAM's published 3 stop these small models from training.
 TASKS = {
     "digits": Task("digits", "scikit-learn digits, 20% of training labels flipped, MLP", "sgd", 0.05, 100, 64, 0.05,
-                   0, 0, 0, digits_data, mlp),
-    "images": Task("images", "synthetic 10-class 3x16x16 images, Wide ResNet WRN-16-1", "sgd", 0.05, 20, 64, 2.0,
-                   600, 1000, 128, images_data, wrn),
+                   0, 0, 0, digits_data, mlp, asam_rho=0.5, msam_rho=0.5),
+    "images": Task("images", "synthetic 10-class 3x16x16 images, Wide ResNet WRN-16-1", "sgd", 0.05, 20, 64, 0.05,
+                   600, 1000, 128, images_data, wrn, asam_rho=0.5, msam_rho=1.0),
     "timeseries": Task("timeseries", "synthetic 5-class heartbeats (imbalanced), transformer encoder", "sgd", 0.05,
-                       80, 64, 1.0, 600, 1500, 128, timeseries_data, series_transformer),
+                       80, 64, 0.05, 600, 1500, 128, timeseries_data, series_transformer, asam_rho=0.5, msam_rho=0.3),
     "graphs": Task("graphs", "synthetic molecule graphs (nitro-like motif), 10% of training labels flipped, GCN",
-                   "adam", 3e-3, 200, 64, 0.05, 600, 1200, 128, graphs_data, gcn),
+                   "adam", 3e-3, 200, 64, 0.05, 600, 1200, 128, graphs_data, gcn, asam_rho=0.5, msam_rho=0.3),
 }
