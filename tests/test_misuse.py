@@ -87,6 +87,10 @@ def test_state_dict_between_the_steps_is_refused(backend, algo):
     params = [torch.nn.Parameter(torch.randn(300, device=DEVICE)), torch.nn.Parameter(torch.randn(3, 5, device=DEVICE))]
     opt = MID_STEP[algo](params, backend)
     sam_step(opt, params)
+    while not opt.sam_due():  # the plain steps of a schedule, up to the next SAM step
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
     for p in params:
         p.grad = torch.randn_like(p)
     opt.first_step()

@@ -216,8 +216,8 @@ class MSAM(SAMOptimizer):
         moves, then :meth:`_note_perturbation` (one host read; nothing after the first step)."""
         e_sq = torch.zeros((), dtype=torch.float64, device=w_sq.device)
         inv = self._inv.to(torch.float64)
-        for group, _, m in self._perturbed_pairs():
-            e_sq += (group["rho"] * inv * torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
+        for rho, _, m in self._perturbed_pairs():  # the radius the perturbation was made with
+            e_sq += (rho * inv * torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
         rhos = sorted({float(g["rho"]) for g in self.param_groups})
         self._note_perturbation(e_sq, w_sq, "rho " + "/".join(f"{r:g}" for r in rhos)
                                 + ": ||e|| = rho, along the normalized momentum")
