@@ -33,7 +33,8 @@ from torch import Tensor
 from ..constants import NORM_EPS, OPT_SGD
 from ..plan import StepPlan, local
 from ..spec import Update
-from .base import Amp, check_state, state_keys
+from .amp import Amp
+from .optim_state import check_state, state_keys
 
 try:
     from torch.optim.optimizer import _get_scalar_dtype

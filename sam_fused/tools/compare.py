@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .. import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from . import args as checks
-from .cli import busy_note, cpu_count, cpu_name, load, plain
+from .common import busy_note, cpu_count, cpu_name, load, plain
 from .tasks import TASKS, digits_data
 
 OPTIMIZERS = ("sgd", "sam", "asam", "interval", "rst", "gsam", "looksam", "msam", "frob", "trace", "det")
@@ -273,32 +273,27 @@ def make_optimizer(name: str, params, args, seed: int | None = None, rho: float 
 
 
 def train(model, opt, x, y, epochs: int, batch_size: int, seed: int) -> None:
-    """``epochs`` passes over (x, y) in a seeded order. A closure called again within one step (SAM's
-    second forward at w + e, Frob-SAM's samples) runs with BatchNorm's running statistics frozen
-    (``sam_fused.nn.frozen_running_stats``): only the forward at w updates them."""
-    import contextlib
-
-    from ..nn import frozen_running_stats
-
+    """``epochs`` passes over (x, y) in a seeded order. The closure calls at a perturbed point (SAM's
+    second forward at w + e, Frob-SAM's samples) run with BatchNorm's running statistics frozen
+    (``opt.freeze_running_stats(model)``): only the forward at w updates them."""
     gen = torch.Generator().manual_seed(seed)
     model.train()
+    sam = isinstance(opt, (FusedSAM, UniversalSAM))
+    if sam:
+        opt.freeze_running_stats(model)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x[idx], y[idx]
-            calls = [0]
 
             def closure():
-                frozen = frozen_running_stats(model) if calls[0] else contextlib.nullcontext()
-                calls[0] += 1
-                with frozen:
-                    loss = F.cross_entropy(model(xb), yb)
+                loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
                 return loss
 
             opt.zero_grad()
-            if isinstance(opt, (FusedSAM, UniversalSAM)):
+            if sam:
                 opt.step(closure)
             else:
                 closure()

@@ -36,7 +36,7 @@ import torch
 from ... import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from ...backends import available_backends, triton_interpreting
 from .. import args as checks
-from ..cli import busy_note, cpu_count, cpu_name, load, plain
+from ..common import busy_note, cpu_count, cpu_name, load, plain
 from .baseline import PerParameterSAM
 from .host import format_rows as format_host_rows
 from .host import host_cost
