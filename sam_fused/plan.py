@@ -195,10 +195,8 @@ class Bucket:
         self.positions: operator.itemgetter | None = None  # picks this bucket's grads from a step's list
         self._grads: tuple | None = None  # this pass's gradients (held only during the pass)
 
-    def grads(self, direction: "Buffers | None" = None) -> list[Tensor] | tuple:
-        """The gradients, or with ``direction`` the buffers a SAM variant perturbs along instead."""
-        if direction is not None:
-            return self.buffers(direction)
+    def grads(self) -> list[Tensor] | tuple:
+        """The gradients (this pass's, while the plan holds them)."""
         if self._grads is not None:
             return self._grads
         return [local(p.grad) for p in self.owners]

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sam_fused import FusedSAM, available_backends, constants
-from sam_fused.plan import MAX_PLANS, Buffers
+from sam_fused.plan import MAX_PLANS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = available_backends(DEVICE)
@@ -132,32 +132,6 @@ def test_parameter_storage_replaced_between_steps(backend):
         torch.testing.assert_close(p, r, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reduce_sq_hook_sees_the_sum_of_squares(backend):
-    """The hook gets sum((T g)^2) on the device before the square root; what it writes is the norm's
-    square (a distributed all-reduce of 4 equal ranks is emulated by * 4)."""
-    seen = []
-
-    def hook(sq):
-        seen.append(float(sq))
-        sq.mul_(4.0)
-
-    params = params_of()
-    opt = FusedSAM(params, torch.optim.SGD, rho=0.5, lr=0.0, backend=backend)
-    opt._reduce_sq = hook
-    grads = grads_for(params, 0, 0)
-    for p, g in zip(params, grads):
-        p.grad = g
-    before = [p.detach().clone() for p in params]
-    opt.first_step()
-    expected = sum(float(g.double().square().sum()) for g in grads)
-    assert seen and abs(seen[0] - expected) <= 1e-5 * expected
-    assert abs(float(opt.grad_norm) - 2 * expected**0.5) <= 1e-5 * expected**0.5
-    for p, b, g in zip(params, before, grads):  # e = rho g / (2 ||g||): half the usual step
-        torch.testing.assert_close(p - b, 0.5 * g / (2 * expected**0.5), atol=1e-6, rtol=1e-4)
-    opt.second_step()
-
-
 @pytest.mark.parametrize("spec", list(SPECS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scale_and_found_inf_in_the_update(backend, spec):
@@ -190,50 +164,6 @@ def test_grad_scale_and_found_inf_in_the_update(backend, spec):
         assert torch.equal(p, b)
     after = {k: v for p in params for k, v in opt.state[p].items() if torch.is_tensor(v)}
     assert all(torch.equal(after[k], v) for k, v in state.items())
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_variant_supplies_its_direction_and_combination(backend):
-    """A SAM variant built on FusedSAM without its planning code: it perturbs along buffers of its
-    own and rewrites the gradient before the update; the result is the formula's."""
-
-    class Variant(FusedSAM):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self._direction = Buffers()
-            self.first_grads = Buffers()
-
-        def first_step(self, zero_grad=False):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:  # perturb along sign(g); keep g for the combination
-                        self._direction.get(p).copy_(torch.sign(p.grad))
-                        self.first_grads.get(p).copy_(p.grad)
-            super().first_step(zero_grad)
-
-        def _combine(self, plan):
-            for bucket in plan.buckets:
-                torch._foreach_add_(bucket.grads(), bucket.grads(self.first_grads))
-                torch._foreach_mul_(bucket.grads(), 0.5)
-            for _, p, _ in plan.slow:
-                p.grad.add_(self.first_grads.get(p)).mul_(0.5)
-
-    params = params_of()
-    w0 = [p.detach().clone() for p in params]
-    opt = Variant(params, torch.optim.SGD, rho=0.5, lr=0.1, backend=backend)
-    g0, g1 = grads_for(params, 0, 0), grads_for(params, 0, 1)
-    for p, g in zip(params, g0):
-        p.grad = g.clone()
-    opt.first_step()
-    d = [torch.sign(g) for g in g0]
-    norm = sum(float(x.square().sum()) for x in d) ** 0.5
-    for p, w, x in zip(params, w0, d):
-        torch.testing.assert_close(p.detach(), w + 0.5 * x / norm, atol=1e-6, rtol=1e-5)
-    for p, g in zip(params, g1):
-        p.grad = g.clone()
-    opt.second_step()
-    for p, w, a, b in zip(params, w0, g0, g1):
-        torch.testing.assert_close(p.detach(), w - 0.1 * 0.5 * (a + b), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -2,9 +2,8 @@
 
 A backend implements the passes of a SAM step over a :class:`~sam_fused.plan.StepPlan`:
 
-``perturb(plan, reduce_sq, direction, inv_scale)``
-    the sum of squares of the (ASAM-weighted) gradients, or of the ``direction`` buffers a SAM
-    variant supplies (a :class:`~sam_fused.plan.Buffers`), into a 0-dim fp64 device tensor (with
+``perturb(plan, reduce_sq, inv_scale)``
+    the sum of squares of the (ASAM-weighted) gradients into a 0-dim fp64 device tensor (with
     AMP's ``inv_scale``, a one-element fp32 device tensor, the gradients are unscaled as read);
     ``reduce_sq(sq)`` (optional) may change it in place (a distributed all-reduce); then the
     norm = sqrt(sq) (fp32) and, per parameter, ``backup = w; w += e``. Returns the norm tensor.
@@ -100,7 +99,7 @@ class Backend:
         return work[0].params[0].device
 
     def perturb(self, plan: StepPlan, reduce_sq: Callable[[Tensor], None] | None = None,
-                direction: Buffers | None = None, inv_scale: Tensor | None = None) -> Tensor:
+                inv_scale: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def restore(self, plan: StepPlan) -> None:

@@ -56,13 +56,13 @@ class FlatBackend(Backend):
 
     # ------------------------------------------------------------------ the launches
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  direction: Buffers | None, inv_scale: Tensor | None) -> None:
+                  inv_scale: Tensor | None) -> None:
         """``sq = sum over buckets of (T g)^2 [+ extra]`` and ``norm = sqrt(sq)``, into the given 0-dim
         device tensors (sq fp64, so that it cannot overflow where the norm fits fp32; norm fp32); each bucket's group says ``adaptive`` and ``eta``; ``g`` is the
-        gradient, or the ``direction`` buffer, times ``inv_scale`` (AMP) when given."""
+        gradient, times ``inv_scale`` (AMP) when given."""
         raise NotImplementedError
 
-    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
+    def launch_perturb(self, bucket: Bucket, norm: Tensor,
                        inv_scale: Tensor | None, save: Buffers | None = None) -> None:
         """``backup = w; w += e`` over the bucket; with ``save``, also ``save = g * inv_scale``."""
         raise NotImplementedError
@@ -141,18 +141,18 @@ class FlatBackend(Backend):
             self._norm = torch.zeros((), dtype=torch.float32, device=device)
         return self._sq, self._norm
 
-    def perturb(self, plan: StepPlan, reduce_sq=None, direction: Buffers | None = None,
+    def perturb(self, plan: StepPlan, reduce_sq=None,
                 inv_scale: Tensor | None = None, save: Buffers | None = None) -> Tensor:
         sq, norm = self._scalars(plan.locals[0].device)
-        extra = reference.grad_sq_sum(plan.slow, sq.device, direction, inv_scale) if plan.slow else None
-        self.launch_sq(plan.buckets, extra, sq, norm, direction, inv_scale)
+        extra = reference.grad_sq_sum(plan.slow, sq.device, inv_scale) if plan.slow else None
+        self.launch_sq(plan.buckets, extra, sq, norm, inv_scale)
         if reduce_sq is not None:
             reduce_sq(sq)
             torch.sqrt(sq, out=norm)
         for bucket in plan.buckets:
-            self.launch_perturb(bucket, norm, direction, inv_scale, save)
+            self.launch_perturb(bucket, norm, inv_scale, save)
         for group, p, backup in plan.slow:
-            reference.perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale,
+            reference.perturb_(group, p, backup, norm, inv_scale,
                                None if save is None else save.get(p))
         return norm
 

@@ -41,11 +41,11 @@ class NativeBackend(FlatBackend):
         return have
 
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  direction: Buffers | None, inv_scale: Tensor | None) -> None:
+                  inv_scale: Tensor | None) -> None:
         scratch = self._scratch(buckets, 1, sq.device, torch.float64)
         for i, b in enumerate(buckets):
             g = b.group
-            self._C.sq_sum_(sq, b.params, b.grads(direction), adaptive=bool(g["adaptive"]), eta=float(g["eta"]),
+            self._C.sq_sum_(sq, b.params, b.grads(), adaptive=bool(g["adaptive"]), eta=float(g["eta"]),
                             accumulate=i > 0, inv_scale=inv_scale, partials=scratch)
         if not buckets:
             sq.zero_()
@@ -60,10 +60,10 @@ class NativeBackend(FlatBackend):
         if not buckets:
             out.zero_()
 
-    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
+    def launch_perturb(self, bucket: Bucket, norm: Tensor,
                        inv_scale: Tensor | None, save: Buffers | None = None) -> None:
         g = bucket.group
-        self._C.perturb_(bucket.params, bucket.grads(direction), bucket.backups,
+        self._C.perturb_(bucket.params, bucket.grads(), bucket.backups,
                          [] if save is None else bucket.buffers(save), norm=norm, rho=float(g["rho"]),
                          adaptive=bool(g["adaptive"]), eta=float(g["eta"]), inv_scale=inv_scale)
 

@@ -37,13 +37,13 @@ def _unscaled(g: Tensor, inv_scale: Tensor | None) -> Tensor:
     return g if inv_scale is None else g * inv_scale.to(device=g.device, dtype=g.dtype).reshape(())
 
 
-def grad_sq_sum(pairs, device: torch.device, direction=None, inv_scale: Tensor | None = None) -> Tensor:
-    """Sum of squares of the weighted gradients (or ``direction`` buffers) of ``(group, param, ...)``
+def grad_sq_sum(pairs, device: torch.device, inv_scale: Tensor | None = None) -> Tensor:
+    """Sum of squares of the weighted gradients of ``(group, param, ...)``
     tuples, an fp64 0-dim tensor on ``device``, every product and sum in fp64: it is finite whenever
     the norm fits fp32 (an fp32 sum of squares overflows from norms of 1.8e19 on)."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for group, p, *_ in pairs:
-        g = local(p.grad) if direction is None else direction.get(p)
+        g = local(p.grad)
         x = _unscaled(g.to(torch.float64), inv_scale)
         if group["adaptive"]:
             x = x * (local(p).detach().to(torch.float64).abs() + group["eta"])
@@ -65,13 +65,13 @@ def dots_sum(params, device: torch.device, aux, inv_scale: Tensor | None = None)
     return total
 
 
-def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, g: Tensor | None = None,
-             inv_scale: Tensor | None = None, save: Tensor | None = None) -> None:
+def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, inv_scale: Tensor | None = None,
+             save: Tensor | None = None) -> None:
     """Copy ``p`` into ``backup`` (and the unscaled gradient into ``save`` when given), then
-    ``p += e`` along ``g`` (default ``p.grad``, unscaled by AMP's ``inv_scale`` when given); ``p``
+    ``p += e`` along ``p.grad`` (unscaled by AMP's ``inv_scale`` when given); ``p``
     is left as it was if ``norm`` is not finite. fp64 parameters are perturbed in fp64, the others
     in fp32."""
-    g = local(p.grad) if g is None else g  # FSDP2: the local shards of the gradient and parameter
+    g = local(p.grad)  # FSDP2: the local shards of the gradient and parameter
     p = local(p)
     backup.copy_(p.detach())
     dt = _math_dtype(p)
@@ -96,14 +96,13 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def perturb(self, plan: StepPlan, reduce_sq=None, direction=None, inv_scale=None, save=None) -> Tensor:
-        sq = grad_sq_sum(plan.slow, plan.locals[0].device, direction, inv_scale)
+    def perturb(self, plan: StepPlan, reduce_sq=None, inv_scale=None, save=None) -> Tensor:
+        sq = grad_sq_sum(plan.slow, plan.locals[0].device, inv_scale)
         if reduce_sq is not None:
             reduce_sq(sq)
         norm = sq.sqrt().float()
         for group, p, backup in plan.slow:
-            perturb_(group, p, backup, norm, None if direction is None else direction.get(p), inv_scale,
-                     None if save is None else save.get(p))
+            perturb_(group, p, backup, norm, inv_scale, None if save is None else save.get(p))
         return norm
 
     def local_dots(self, plan: StepPlan, aux, inv_scale=None) -> Tensor:

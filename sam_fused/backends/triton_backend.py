@@ -23,10 +23,10 @@ from .base import Amp, Combo
 from .flat import FlatBackend
 
 
-def bucket_table(bucket: Bucket, direction: Buffers | None = None, aux: Buffers | None = None) -> PointerTable:
+def bucket_table(bucket: Bucket, aux: Buffers | None = None) -> PointerTable:
     """The bucket's table (with ``direction``'s buffers in the grad column, or ``aux``'s in the aux
     column: other tables), rebuilt when the bucket's lists changed since it was built."""
-    key = ("table", None if direction is None else id(direction), None if aux is None else id(aux))
+    key = ("table", None if aux is None else id(aux))
     cached = bucket.cache.get(key)
     if cached is not None and cached[0] == bucket.version:
         return cached[1]
@@ -35,7 +35,7 @@ def bucket_table(bucket: Bucket, direction: Buffers | None = None, aux: Buffers 
     s1 = bucket.state1 or [None] * n
     s2 = bucket.state2 or [None] * n
     ax = [None] * n if aux is None else bucket.buffers(aux)
-    table.update(bucket.device, list(zip(bucket.params, bucket.grads(direction), bucket.backups, s1, s2, ax)))
+    table.update(bucket.device, list(zip(bucket.params, bucket.grads(), bucket.backups, s1, s2, ax)))
     bucket.cache[key] = (bucket.version, table)
     return table
 
@@ -60,8 +60,8 @@ class TritonBackend(FlatBackend):
         return self._sq_partials
 
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  direction: Buffers | None, inv_scale: Tensor | None) -> None:
-        tables = [(bucket_table(b, direction), b) for b in buckets]
+                  inv_scale: Tensor | None) -> None:
+        tables = [(bucket_table(b), b) for b in buckets]
         counts = [norm_programs(t) for t, _ in tables]
         partials = self._sq_partials_for(sum(counts) + 1, sq.device)
         off = 0
@@ -73,10 +73,10 @@ class TritonBackend(FlatBackend):
             off += 1
         finalize(partials, off, sq, norm)
 
-    def launch_perturb(self, bucket: Bucket, norm: Tensor, direction: Buffers | None,
+    def launch_perturb(self, bucket: Bucket, norm: Tensor,
                        inv_scale: Tensor | None, save: Buffers | None = None) -> None:
         g = bucket.group
-        perturb_kernel(bucket_table(bucket, direction, save), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"],
+        perturb_kernel(bucket_table(bucket, save), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"],
                        inv_scale, save is not None)
 
     def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None, combo: Combo | None = None) -> None:

@@ -171,37 +171,11 @@ class FusedSAM(SAMOptimizer):
     # GSAM and LookSAM are defined over every parameter.
     _subsets = True
 
-    # A function called with the sum of squares of the (ASAM-weighted) gradients, a 0-dim fp64
-    # device tensor, before its square root becomes the norm; it may change it in place (a
-    # distributed all-reduce goes here). None: no call.
-    _reduce_sq: Callable[[Tensor], None] | None = None
-    # A SAM variant's own perturbation direction: parameter-sized buffers (plan.Buffers) the
-    # first step perturbs along, in place of the gradients. None: the gradients.
-    _direction: Buffers | None = None
     # Buffers the first step fills with the (unscaled) first gradient in its perturb pass (GSAM,
     # LookSAM). None: nothing is saved.
     _save: Buffers | None = None
     # Per-group hyperparameters a variant adds to rho, adaptive and eta (set before __init__).
     _variant_defaults: dict = {}
-
-    def _sq_reduction(self) -> Callable[[Tensor], None] | None:
-        """What turns the local sum of squares into the global one: the all-reduce over the shards
-        of FSDP2 (DTensor) parameters, then ``_reduce_sq``."""
-        sharded = self._backend.plans.params.reduce_sq
-        extra = self._reduce_sq
-        if sharded is None or extra is None:
-            return sharded or extra
-
-        def both(sq: Tensor) -> None:
-            sharded(sq)
-            extra(sq)
-
-        return both
-
-    def _combine(self, plan: StepPlan) -> None:
-        """A SAM variant's gradient combination: called by ``second_step`` after the gradients were
-        checked and before the update, with the step's plan (its buckets list the parameters as
-        the kernels see them); may rewrite ``p.grad`` in place. FusedSAM's does nothing."""
 
     def _combination(self, plan: StepPlan, amp) -> "Combo | None":
         """A fused gradient combination (GSAM, LookSAM) for this second step's update: a
@@ -250,7 +224,7 @@ class FusedSAM(SAMOptimizer):
             norm = None
             if plan.active:
                 extra = {} if self._save is None else {"save": self._save}
-                norm = self._backend.perturb(plan, self._sq_reduction(), self._direction, inv_scale, **extra)
+                norm = self._backend.perturb(plan, self._backend.plans.params.reduce_sq, inv_scale, **extra)
             self._grad_norm = norm
         finally:
             self._backend.plans.end_pass()
@@ -403,7 +377,6 @@ class FusedSAM(SAMOptimizer):
                 amp = (self._inv_scale, found_inf.reshape(1))
                 if self._amp_first is not None and self._amp_first[1] is not None:
                     amp = (amp[0], amp[1] + self._amp_first[1])  # an inf in either pass skips the update
-            self._combine(plan)
             combo = self._combination(plan, amp)
             if combo is None:
                 self._backend.restore_and_update(self._perturbed, plan, amp)

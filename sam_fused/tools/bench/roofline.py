@@ -133,11 +133,11 @@ def _sam_passes(numels, device, dtype, backend: str, warmup: int, reps: int) -> 
             out = be._dots_out(device)
 
             def norm_pass():
-                be.launch_sq(plan.buckets, None, sq, norm, None, None)
+                be.launch_sq(plan.buckets, None, sq, norm, None)
 
             def perturb_pass():
                 for bucket in plan.buckets:
-                    be.launch_perturb(bucket, norm, None, None)
+                    be.launch_perturb(bucket, norm, None)
 
             def dots_pass():
                 be.launch_dots(plan.buckets, aux, out, None)
