@@ -1,5 +1,5 @@
-// Constants shared with the Python side (sam_fused/constants.py); tests/test_layout.py checks
-// that both say the same.
+// Constants shared with the Python side (sam_fused/constants.py);
+// tests/test_plan.py::test_constants_match_the_native_header checks that both say the same.
 #pragma once
 
 #include <cstdint>

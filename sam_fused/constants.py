@@ -1,7 +1,8 @@
 """Constants shared by the Python planning code, the Triton kernels and the C++ kernels.
 
-``csrc/sam_constants.h`` mirrors these values for the native kernels; ``tests/test_layout.py``
-reads that header and fails when the two disagree.
+``csrc/sam_constants.h`` mirrors these values for the native kernels;
+``tests/test_plan.py::test_constants_match_the_native_header`` reads that header and fails when
+the two disagree.
 """
 
 # Update kinds of the restore + update pass (an int argument of both kernel families).
