@@ -1,5 +1,6 @@
-"""Every Python block of the docs runs: the blocks of one page in order, in one namespace (a page
-reads as one session). A block that should not run here is not a Python block."""
+"""Every Python block of the docs (docs/**/*.md and README.md) runs: the blocks of one page in
+order, in one namespace (a page reads as one session), on the CPU. A block that cannot run here
+(a GPU, torchrun, a DeepSpeed launcher, a package the test environment lacks) is marked ```text."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = sorted((ROOT / "docs").glob("**/*.md"))
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("**/*.md"))
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
