@@ -26,3 +26,19 @@ def test_docs_page_runs(page):
         warnings.simplefilter("ignore")
         for i, code in enumerate(blocks(page)):
             exec(compile(code, f"{page.name} block {i}", "exec"), namespace)
+
+
+HELP = re.compile(r"^```text\n\$ sam-fused (.*?)--help\n(.*?)^```", re.S | re.M)
+
+
+def test_cli_page_shows_the_commands_own_help(monkeypatch, capsys):
+    """docs/cli.md quotes `sam-fused [bench|compare] --help` as the code prints it at 100 columns."""
+    from sam_fused.tools.cli import main
+
+    monkeypatch.setenv("COLUMNS", "100")
+    quoted = HELP.findall((ROOT / "docs" / "cli.md").read_text())
+    assert [cmd.strip() for cmd, _ in quoted] == ["", "bench", "compare"]
+    for cmd, text in quoted:
+        with pytest.raises(SystemExit):
+            main(cmd.split() + ["--help"])
+        assert capsys.readouterr().out == text, f"docs/cli.md: `sam-fused {cmd}--help` differs from the code's"
