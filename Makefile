@@ -1,4 +1,5 @@
-# The two commands of the README: `make bench` and `make test`. Both set up .venv on first use.
+# The two commands of the README: `make bench` and `make test`. Both set up .venv on first use, as
+# does `make docs` (the documentation site, into site/).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: bench test test-full
+.PHONY: bench test test-full docs
 bench: $(VENV)/.installed
 	$(BIN)/sam-fused bench $(ARGS)
 
@@ -23,3 +24,7 @@ test: $(VENV)/.installed
 # already does this).
 test-full: $(VENV)/.installed
 	$(BIN)/python -m pytest --full $(ARGS)
+
+# The documentation site (mkdocs.yml, docs/), built offline into site/; any warning fails it.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

@@ -17,7 +17,7 @@ and the base optimizer (SGD, AdamW, any) is applied with g. The closure is calle
 step. Defaults are the paper's: Frob-SAM rho = lam = 0.005, n = 2; Trace-SAM rho = 0.01;
 Det-SAM rho = 1, h = 0.01. The paper's rule leaves lam of Trace- and Det-SAM to the user: the
 defaults here (0.1, 0.01) are ours. Large lam / rho^2 makes the estimator's variance explode:
-see the README for the range measured stable.
+see the documentation's results page (docs/results.md) for the range measured stable.
 
 Memory: besides the base optimizer's state, parameter-sized buffers for the backup of w, g0 and
 the accumulated sum(s): 4 for Frob-SAM (sum (L_i - L0)(g_i - g0) and sum (g_i - g0)), 3 for
