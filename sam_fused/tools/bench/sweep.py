@@ -77,7 +77,9 @@ def table_with(pass_configs: dict[str, dict]) -> dict:
     return {"version": 1, "size_classes": data["size_classes"], "gpus": {"default": data["gpus"]["default"]}}
 
 
-def shapes(device: torch.device) -> list[tuple[str, list[int]]]:
+def shapes(device: torch.device, tiny: bool = False) -> list[tuple[str, list[int]]]:
+    if tiny:
+        return [("mix", [97, 5000, 65536 + 3])]
     if REHEARSAL or device.type != "cuda":
         return [("1 tensor", [70_000]), ("mix", [1, 97, 4096, 5000, 65536 + 3])]
     return [("1 tensor", [64_000_000]), ("1 tensor", [256_000_000]), ("transformer", transformer_numels(1e8)),
@@ -138,14 +140,18 @@ def _pass_tables(group_pass: str, cand: dict) -> dict:
     return table_with({group_pass: cand})
 
 
-def sweep(device: torch.device, dtype=torch.float32, warmup: int = 3, reps: int = 15, log=print) -> list[dict]:
+def sweep(device: torch.device, dtype=torch.float32, warmup: int = 3, reps: int = 15, log=print,
+          max_candidates: int | None = None, tiny: bool = False, done=None) -> list[dict]:
     """One row per (shape, group, candidate): median ms and quartiles, and the same for the copy
-    of the same shape's size taken in turn with it."""
+    of the same shape's size taken in turn with it. ``done(rows)`` after each shape (the caller
+    writes what it has, so that a time cap leaves the finished shapes)."""
     rows = []
     cands = candidate_dicts()
     cands["msam"] = cands["msam_perturb"]
+    if max_candidates:
+        cands = {k: v[:max_candidates] for k, v in cands.items()}
     elem = torch.tensor([], dtype=dtype).element_size()
-    for label, numels in shapes(device):
+    for label, numels in shapes(device, tiny):
         n = sum(numels)
         fns, keep = _pass_fns(numels, device, dtype)
         copy = _copy_fn(device, n * elem // 4)
@@ -173,6 +179,8 @@ def sweep(device: torch.device, dtype=torch.float32, warmup: int = 3, reps: int 
         fns = keep = copy = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if done is not None:
+            done(rows)
     return rows
 
 
@@ -206,16 +214,22 @@ def winners(rows: list[dict], gpu: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for sweep.json and launch_configs.json")
-    ap.add_argument("--reps", type=int, default=3 if REHEARSAL else 15)
+    ap.add_argument("--reps", type=int, default=3 if REHEARSAL else 10)
     ap.add_argument("--warmup", type=int, default=1 if REHEARSAL else 3)
+    ap.add_argument("--max-candidates", type=int, default=None, help="the first N candidates of each pass")
+    ap.add_argument("--tiny", action="store_true", help="one small mix only (the rehearsal's test)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = launch.gpu_name(device) or "cpu-rehearsal"
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = sweep(device, warmup=args.warmup, reps=args.reps)
-    (args.out / "sweep.json").write_text(json.dumps(dict(gpu=gpu, rehearsal=REHEARSAL, rows=rows), indent=1))
+
+    def write(rows):
+        (args.out / "sweep.json").write_text(json.dumps(dict(gpu=gpu, rehearsal=REHEARSAL, rows=rows), indent=1))
+        (args.out / "launch_configs.json").write_text(json.dumps(winners(rows, gpu), indent=1) + "\n")
+
+    rows = sweep(device, warmup=args.warmup, reps=args.reps, max_candidates=args.max_candidates, tiny=args.tiny,
+                 done=write)
     table = winners(rows, gpu)
-    (args.out / "launch_configs.json").write_text(json.dumps(table, indent=1) + "\n")
     print(f"winning table for {gpu!r}: {args.out / 'launch_configs.json'}")
     for p, per in table["gpus"][gpu]["passes"].items():
         for cls, cfg in per.items():
