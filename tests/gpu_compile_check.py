@@ -60,7 +60,12 @@ STORES = {"perturb", "update", "msam_update", "msam_perturb", "usam_perturb", "u
 KNOWN_SPILLS = {(("norm", "fp32", False, True, False), 90): 8, (("norm", "fp32", False, True, False), 80): 8,
                 (("usam_perturb", "fp32", False, False, False), 90): 4,
                 (("msam_update", "fp32", 2, True, False, True), 100): 12,
-                (("usam_accumulate", "fp32", 0, False, False), 89): 4}
+                (("usam_accumulate", "fp32", 0, False, False), 89): 4,
+                # the full sweep's (sm_90, every variant): Nesterov's update, universal SAM's first
+                # half-precision perturb with generated noise (each at 128 registers)
+                (("update", "fp32", 1, 1, 1, 0, 0, True), 90): 8,
+                (("usam_perturb", "bf16", True, False, False), 90): 32,
+                (("usam_perturb", "fp16", True, False, False), 90): 32}
 # fp64 outside the norm's sums, known: universal SAM's in-kernel noise (tl.rand / tl.randn with
 # the tensor's 64-bit element offset) compiles to fp64 conversions; reported, not failed on.
 KNOWN_FP64 = {"usam_perturb": lambda constexprs: not constexprs.get("EXPLICIT")}
