@@ -106,12 +106,12 @@ def _configs():
 
 CONFIGS = _configs()
 IDS = [launch.parse_config(c, "id", "perturb").label().replace(" ", "_") for c in CONFIGS]
-# `make test`: the default, a narrow tail, a split chunk on a persistent grid, pipelining and a
-# tiny chunk; the rest in `make test-full` (and on a GPU)
+# `make test`: the default, fewer elements per thread with a narrow tail, and a split chunk on a
+# persistent grid; the rest (pipelining, tiny chunks, odd program counts) in `make test-full`
+# (and on a GPU)
 QUICK = [dict(cfg=c) for c in CONFIGS if {k: v for k, v in c.items() if c.get("grid") == "persistent" or k != "grid"} in (
     dict(chunk=65536, block=4096, num_warps=8), dict(chunk=65536, block=1024, num_warps=4, tail=128),
-    dict(chunk=16384, block=2048, num_warps=8, tail=256, grid="persistent", per_sm=4),
-    dict(chunk=1024, block=512, num_warps=4, tail=128))]
+    dict(chunk=16384, block=2048, num_warps=8, tail=256, grid="persistent", per_sm=4))]
 SIZES = [1, 97, 5000, 70_003]  # one element, a tail only, a full block and a tail, two table chunks
 
 
