@@ -31,4 +31,4 @@ test-full: $(VENV)/.installed
 .PHONY: gpu-static
 gpu-static: $(VENV)/.installed
 	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=$(CURDIR) $(BIN)/python tests/gpu_compile_check.py --table --json gpu-static.json
-	@if command -v nvcc >/dev/null; then bash benchmarks/cuda_static.sh; else echo "nvcc not found: CUDA C++ static check skipped"; fi
+	@if command -v nvcc >/dev/null; then PYTHON=$(BIN)/python bash benchmarks/cuda_static.sh; else echo "nvcc not found: CUDA C++ static check skipped"; fi
