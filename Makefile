@@ -28,3 +28,12 @@ test-full: $(VENV)/.installed
 # The documentation site (mkdocs.yml, docs/), built offline into site/; any warning fails it.
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# Static GPU checks without a GPU: every Triton kernel's pass representative compiled for sm_80,
+# sm_89, sm_90 and sm_100 under the default launch configuration and each sweep candidate; prints
+# registers, spills, access width and predicted occupancy (tests/gpu_compile_check.py), then the
+# CUDA C++ kernels' ptxas report where nvcc is installed.
+.PHONY: gpu-static
+gpu-static: $(VENV)/.installed
+	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=$(CURDIR) $(BIN)/python tests/gpu_compile_check.py --table --json gpu-static.json
+	@if command -v nvcc >/dev/null; then PYTHON=$(BIN)/python bash benchmarks/cuda_static.sh; else echo "nvcc not found: CUDA C++ static check skipped"; fi

@@ -25,8 +25,9 @@ COL_STATE2 = 5
 COL_AUX = 6
 NCOL = 7
 
-# Elements per chunk (one program of the Triton elementwise kernels; one CUDA block) and per
-# inner Triton iteration.
+# Elements per chunk of the pointer tables (and per CUDA block of the native kernels), and the
+# Triton kernels' default block (per inner iteration). The Triton launch itself (program-chunk,
+# block, warps, grid) comes from sam_fused/kernels/launch_configs.json; a program-chunk divides CHUNK.
 CHUNK = 65536
 BLOCK = 4096
 

@@ -88,7 +88,7 @@ def pytest_collection_modifyitems(config, items):
     skip_full = pytest.mark.skip(reason="full matrix only (make test-full)")
     full = full_matrix(config)
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
+        if item.get_closest_marker("gpu") is not None and not HAS_CUDA:  # not keywords: a folder named gpu is one
             item.add_marker(skip_gpu)
         subset = item.get_closest_marker("quick_subset")
         if subset is None or full or not hasattr(item, "callspec"):

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .table import (BLOCK, CHUNK, COL_AUX, COL_GRAD, NCOL, NORM_PROGRAMS, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of,
-                    column, load, walk)
+from . import launch
+from .table import COL_AUX, COL_GRAD, NCOL, TL_DTYPES, PointerTable, chunk_of, column, load, walk_all
 
 
 @triton.jit
@@ -36,6 +36,7 @@ def _dots_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 def _dots_partials_kernel(
     chunks, tensors, partials, n_chunks, inv_scale_ptr,
     DTYPE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grad_mul = 1.0
@@ -44,15 +45,23 @@ def _dots_partials_kernel(
     n_programs = tl.num_programs(0)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     acc = (zero, zero, zero)
+    zero_t = tl.zeros([TAIL], dtype=tl.float32)
+    acc_t = (zero_t, zero_t, zero_t)
     for c in range(pid, n_chunks, n_programs):
         row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
         g = column(row, COL_GRAD, DTYPE, ALIGNED)
         a = column(row, COL_AUX, DTYPE, ALIGNED)
-        acc = walk(start, end, _dots_block, (g, a, grad_mul), (AMP,), acc, BLOCK)
+        acc, acc_t = walk_all(start, end, _dots_block, (g, a, grad_mul), (AMP,), acc, acc_t, BLOCK, TAIL, STAGES)
     gg, ga, aa = acc
-    tl.store(partials + 3 * pid, tl.sum(gg, axis=0))
-    tl.store(partials + 3 * pid + 1, tl.sum(ga, axis=0))
-    tl.store(partials + 3 * pid + 2, tl.sum(aa, axis=0))
+    if TAIL == BLOCK:  # the tails went into acc
+        tl.store(partials + 3 * pid, tl.sum(gg, axis=0))
+        tl.store(partials + 3 * pid + 1, tl.sum(ga, axis=0))
+        tl.store(partials + 3 * pid + 2, tl.sum(aa, axis=0))
+    else:
+        tg, ta, tb = acc_t
+        tl.store(partials + 3 * pid, tl.sum(gg, axis=0) + tl.sum(tg, axis=0))
+        tl.store(partials + 3 * pid + 1, tl.sum(ga, axis=0) + tl.sum(ta, axis=0))
+        tl.store(partials + 3 * pid + 2, tl.sum(aa, axis=0) + tl.sum(tb, axis=0))
 
 
 @triton.jit
@@ -66,17 +75,17 @@ def _finalize_dots_kernel(partials, n, out, PBLOCK: tl.constexpr):
 
 def dots_programs(table: PointerTable) -> int:
     """Programs of a bucket's launch: each writes three partials."""
-    return min(table.n_chunks, NORM_PROGRAMS)
+    return launch.for_table(table, "dots")[1] if table.n_chunks else 0
 
 
 def dots_partials(table: PointerTable, partials: Tensor, dtype, inv_scale: Tensor | None = None) -> None:
     """Write ``3 * dots_programs(table)`` partial sums into ``partials[0:...]``."""
-    grid = dots_programs(table)
-    if grid == 0:
+    if table.n_chunks == 0:
         return
+    cfg, grid = launch.for_table(table, "dots")
     _dots_partials_kernel[(grid,)](
-        table.chunks, table.tensors, partials, table.n_chunks, partials if inv_scale is None else inv_scale,
-        DTYPE=TL_DTYPES[dtype], AMP=inv_scale is not None, ALIGNED=table.aligned, num_warps=NUM_WARPS,
+        table.chunks, table.tensors, partials, table.n_chunks * cfg.split, partials if inv_scale is None else inv_scale,
+        DTYPE=TL_DTYPES[dtype], AMP=inv_scale is not None, ALIGNED=table.aligned, **cfg.kwargs(),
     )
 
 

@@ -1,6 +1,6 @@
 """Momentum-SAM's two passes (the math: ``backends/msam.py``).
 
-Pass 1 (one persistent launch per bucket, at most ``NORM_PROGRAMS`` programs, each walking chunks
+Pass 1 (one persistent launch per bucket, 512 programs at most by default, each walking chunks
 k, k + G, ...): per element, the restore ``w + r m`` with the old first moment and the old ``r``
 (the rho that made the perturbation times the old inv, whatever the group's rho is now), the base update
 (SGD with momentum, or Adam/AdamW with the AdamW decay after the step), and the sum of squares of
@@ -25,8 +25,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..spec import Update
-from .table import (BLOCK, CHUNK, COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, NORM_EPS, NORM_PROGRAMS, NUM_WARPS,
-                    OPT_SGD, TL_DTYPES, PointerTable, chunk_of, column, load, nothing, store, to_dtype, walk)
+from . import launch
+from .table import (COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, NORM_EPS, OPT_SGD, TL_DTYPES, PointerTable,
+                    chunk_of, column, load, nothing, store, to_dtype, walk_all)
 
 
 @triton.jit
@@ -74,6 +75,7 @@ def _update_kernel(
     chunks, tensors, partials, n_chunks, inv_ptr, inv_scale_ptr, found_inf_ptr, rho,
     sign, lr, l2, decay, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt,
     DTYPE: tl.constexpr, OPT: tl.constexpr, RESTORE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     r = rho * tl.load(inv_ptr)
@@ -84,14 +86,19 @@ def _update_kernel(
     args_tail = (skip, r, sign, lr, l2, decay, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
                  bias_correction2_sqrt)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_t = tl.zeros([TAIL], dtype=tl.float64)
     for c in range(pid, n_chunks, tl.num_programs(0)):
         row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
         p = column(row, COL_PARAM, DTYPE, ALIGNED)
         g = column(row, COL_GRAD, DTYPE, ALIGNED)
         s1 = column(row, COL_STATE1, DTYPE, ALIGNED)
         s2 = column(row, COL_STATE2, DTYPE, ALIGNED)
-        acc = walk(start, end, _update_block, (p, g, s1, s2) + args_tail, (DTYPE, OPT, RESTORE, AMP), acc, BLOCK)
-    tl.store(partials + pid, tl.sum(acc, axis=0))
+        acc, acc_t = walk_all(start, end, _update_block, (p, g, s1, s2) + args_tail, (DTYPE, OPT, RESTORE, AMP), acc,
+                              acc_t, BLOCK, TAIL, STAGES)
+    if TAIL == BLOCK:  # the tails went into acc
+        tl.store(partials + pid, tl.sum(acc, axis=0))
+    else:
+        tl.store(partials + pid, tl.sum(acc, axis=0) + tl.sum(acc_t, axis=0))
 
 
 @triton.jit
@@ -117,39 +124,50 @@ def _perturb_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _perturb_kernel(chunks, tensors, inv_next_ptr, found_inf_ptr, rho, DTYPE: tl.constexpr, AMP: tl.constexpr,
-                    ALIGNED: tl.constexpr):
-    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, NCOL)
+def _perturb_chunk(chunks, tensors, c, r, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr):
+    row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
     p = column(row, COL_PARAM, DTYPE, ALIGNED)
     s1 = column(row, COL_STATE1, DTYPE, ALIGNED)
+    walk_all(start, end, _perturb_block, (p, s1, r), (DTYPE,), nothing(), nothing(), BLOCK, TAIL, STAGES)
+
+
+@triton.jit
+def _perturb_kernel(chunks, tensors, n_chunks, inv_next_ptr, found_inf_ptr, rho, DTYPE: tl.constexpr,
+                    AMP: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                    TAIL: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr):
     r = rho * tl.load(inv_next_ptr)
     go = True
     if AMP:
         go = tl.load(found_inf_ptr) == 0.0
     if go:  # uniform over the launch: a branch, not a mask
-        walk(start, end, _perturb_block, (p, s1, r), (DTYPE,), nothing(), BLOCK)
+        if PERSISTENT:
+            for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+                _perturb_chunk(chunks, tensors, c, r, DTYPE, ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
+        else:
+            _perturb_chunk(chunks, tensors, tl.program_id(0).to(tl.int64), r, DTYPE, ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
 
 
 def programs(table: PointerTable) -> int:
     """Partial sums pass 1 writes for a table: one per program."""
-    return min(table.n_chunks, NORM_PROGRAMS)
+    return launch.for_table(table, "msam_update")[1] if table.n_chunks else 0
 
 
 def update(table: PointerTable, partials: Tensor, dtype, u: Update, restore: bool, rho: float, inv: Tensor,
            amp=None) -> None:
     """Pass 1 over the table; ``programs(table)`` partial sums into ``partials[0:...]`` (fp64).
     ``rho``: the radius of the perturbation the restore undoes (the one that made it)."""
-    grid = programs(table)
-    if grid == 0:
+    if table.n_chunks == 0:
         return
+    cfg, grid = launch.for_table(table, "msam_update")
     (sign, lr, l2, decay, _momentum, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
      bc2) = u.scalars()
     inv_scale, found_inf = amp if amp is not None else (inv, inv)
     _update_kernel[(grid,)](
-        table.chunks, table.tensors, partials, table.n_chunks, inv, inv_scale, found_inf, float(rho),
+        table.chunks, table.tensors, partials, table.n_chunks * cfg.split, inv, inv_scale, found_inf, float(rho),
         sign, lr, l2, decay, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2,
         DTYPE=TL_DTYPES[dtype], OPT=u.opt, RESTORE=bool(restore), AMP=amp is not None, ALIGNED=table.aligned,
-        num_warps=NUM_WARPS,
+        **cfg.kwargs(),
     )
 
 
@@ -163,7 +181,9 @@ def perturb(table: PointerTable, dtype, rho: float, inv_next: Tensor, found_inf:
     """Pass 2 over the table."""
     if table.n_chunks == 0:
         return
-    _perturb_kernel[(table.n_chunks,)](
-        table.chunks, table.tensors, inv_next, inv_next if found_inf is None else found_inf, float(rho),
-        DTYPE=TL_DTYPES[dtype], AMP=found_inf is not None, ALIGNED=table.aligned, num_warps=NUM_WARPS,
+    cfg, grid = launch.for_table(table, "msam_perturb")
+    _perturb_kernel[(grid,)](
+        table.chunks, table.tensors, table.n_chunks * cfg.split, inv_next, inv_next if found_inf is None else found_inf,
+        float(rho), DTYPE=TL_DTYPES[dtype], AMP=found_inf is not None, ALIGNED=table.aligned,
+        PERSISTENT=cfg.persistent, **cfg.kwargs(),
     )

@@ -1,6 +1,6 @@
 """Global gradient norm, deterministic, without float atomics.
 
-Stage 1 (one launch per bucket): a persistent grid of at most ``NORM_PROGRAMS`` programs; program
+Stage 1 (one launch per bucket): a persistent grid (512 programs at most by default: ``launch_configs.json``); program
 ``k`` walks chunks k, k + G, k + 2G, ... of the bucket's table, accumulates ``(T * g)^2`` in an fp64
 vector and writes its sum to ``partials[k]`` (fp64). ``T = |w| + eta`` for ASAM, 1 for SAM.
 Stage 2 (one launch per step): one program sums the partials of every bucket and writes the sum of
@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .table import BLOCK, CHUNK, COL_GRAD, COL_PARAM, NCOL, NORM_PROGRAMS, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, load, walk
+from . import launch
+from .table import COL_GRAD, COL_PARAM, NCOL, TL_DTYPES, PointerTable, chunk_of, column, load, walk_all
 
 
 @triton.jit
@@ -47,6 +48,7 @@ def _sq_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 def _sq_partials_kernel(
     chunks, tensors, partials, n_chunks, eta, inv_scale_ptr,
     DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grad_mul = 1.0
@@ -54,12 +56,17 @@ def _sq_partials_kernel(
         grad_mul = tl.load(inv_scale_ptr).to(tl.float64)
     n_programs = tl.num_programs(0)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_t = tl.zeros([TAIL], dtype=tl.float64)
     for c in range(pid, n_chunks, n_programs):
         row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
         p = column(row, COL_PARAM, DTYPE, ALIGNED)
         g = column(row, COL_GRAD, DTYPE, ALIGNED)
-        acc = walk(start, end, _sq_block, (p, g, eta, grad_mul), (ADAPTIVE, AMP), acc, BLOCK)
-    tl.store(partials + pid, tl.sum(acc, axis=0))
+        acc, acc_t = walk_all(start, end, _sq_block, (p, g, eta, grad_mul), (ADAPTIVE, AMP), acc, acc_t, BLOCK, TAIL,
+                              STAGES)
+    if TAIL == BLOCK:  # the tails went into acc
+        tl.store(partials + pid, tl.sum(acc, axis=0))
+    else:
+        tl.store(partials + pid, tl.sum(acc, axis=0) + tl.sum(acc_t, axis=0))
 
 
 @triton.jit
@@ -73,21 +80,21 @@ def _finalize_kernel(partials, n, sq, norm, PBLOCK: tl.constexpr):
 
 def norm_programs(table: PointerTable) -> int:
     """Partial sums a bucket writes: one per program of its norm launch."""
-    return min(table.n_chunks, NORM_PROGRAMS)
+    return launch.for_table(table, "norm")[1] if table.n_chunks else 0
 
 
 def sq_partials(table: PointerTable, partials: Tensor, dtype, adaptive: bool, eta: float,
                 inv_scale: Tensor | None = None) -> None:
     """Write ``norm_programs(table)`` partial sums of squares into ``partials[0:...]`` (fp64); with AMP's
     ``inv_scale`` (a one-element fp32 device tensor) the gradients are unscaled as they are read."""
-    grid = norm_programs(table)
-    if grid == 0:
+    if table.n_chunks == 0:
         return
+    cfg, grid = launch.for_table(table, "norm")
     _sq_partials_kernel[(grid,)](
-        table.chunks, table.tensors, partials, table.n_chunks, float(eta),
+        table.chunks, table.tensors, partials, table.n_chunks * cfg.split, float(eta),
         partials if inv_scale is None else inv_scale,
         DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), AMP=inv_scale is not None, ALIGNED=table.aligned,
-        num_warps=NUM_WARPS,
+        **cfg.kwargs(),
     )
 
 

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .table import BLOCK, CHUNK, COL_AUX, COL_BACKUP, COL_GRAD, COL_PARAM, NCOL, NORM_EPS, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, load, store, to_dtype, walk, nothing
+from . import launch
+from .table import COL_AUX, COL_BACKUP, COL_GRAD, COL_PARAM, NCOL, NORM_EPS, TL_DTYPES, PointerTable, chunk_of, column, load, store, to_dtype, walk_all, nothing
 
 
 @triton.jit
@@ -47,17 +48,26 @@ def _perturb_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _perturb_kernel(
-    chunks, tensors, norm_ptr, rho, eta, inv_scale_ptr,
-    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, SAVE: tl.constexpr, ALIGNED: tl.constexpr,
-):
-    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, NCOL)
+def _perturb_chunk(chunks, tensors, c, ok, scale, eta, grad_mul, DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr,
+                   AMP: tl.constexpr, SAVE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr):
+    row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
     p = column(row, COL_PARAM, DTYPE, ALIGNED)
     g = column(row, COL_GRAD, DTYPE, ALIGNED)
     b = column(row, COL_BACKUP, DTYPE, ALIGNED)
     sv = p
     if SAVE:
         sv = column(row, COL_AUX, DTYPE, ALIGNED)
+    walk_all(start, end, _perturb_block, (p, g, b, sv, ok, scale, eta, grad_mul), (DTYPE, ADAPTIVE, SAVE, AMP), nothing(), nothing(),
+         BLOCK, TAIL, STAGES)
+
+
+@triton.jit
+def _perturb_kernel(
+    chunks, tensors, n_chunks, norm_ptr, rho, eta, inv_scale_ptr,
+    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, SAVE: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+):
     norm = tl.load(norm_ptr)
     ok = norm < float("inf")  # False for inf and NaN
     scale = tl.where(ok, rho / (norm + NORM_EPS), 0.0)
@@ -65,8 +75,13 @@ def _perturb_kernel(
     if AMP:
         grad_mul = tl.load(inv_scale_ptr)
         scale = scale * grad_mul
-    walk(start, end, _perturb_block, (p, g, b, sv, ok, scale, eta, grad_mul), (DTYPE, ADAPTIVE, SAVE, AMP), nothing(),
-         BLOCK)
+    if PERSISTENT:
+        for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+            _perturb_chunk(chunks, tensors, c, ok, scale, eta, grad_mul, DTYPE, ADAPTIVE, AMP, SAVE, ALIGNED, CHUNK,
+                           BLOCK, TAIL, STAGES)
+    else:
+        _perturb_chunk(chunks, tensors, tl.program_id(0).to(tl.int64), ok, scale, eta, grad_mul, DTYPE, ADAPTIVE, AMP, SAVE, ALIGNED, CHUNK,
+                       BLOCK, TAIL, STAGES)
 
 
 def perturb(table: PointerTable, norm: Tensor, dtype, rho: float, adaptive: bool, eta: float,
@@ -74,8 +89,10 @@ def perturb(table: PointerTable, norm: Tensor, dtype, rho: float, adaptive: bool
     """One launch over the table; with ``save`` the aux column receives the unscaled gradient."""
     if table.n_chunks == 0:
         return
-    _perturb_kernel[(table.n_chunks,)](
-        table.chunks, table.tensors, norm, float(rho), float(eta), norm if inv_scale is None else inv_scale,
+    cfg, grid = launch.for_table(table, "perturb")
+    _perturb_kernel[(grid,)](
+        table.chunks, table.tensors, table.n_chunks * cfg.split, norm, float(rho), float(eta),
+        norm if inv_scale is None else inv_scale,
         DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), AMP=inv_scale is not None, SAVE=bool(save),
-        ALIGNED=table.aligned, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, PERSISTENT=cfg.persistent, **cfg.kwargs(),
     )

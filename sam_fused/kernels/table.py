@@ -25,8 +25,8 @@ from torch import Tensor
 from .. import constants
 
 # The shared constants, as compile-time values the kernels may read as globals.
-CHUNK = tl.constexpr(constants.CHUNK)
-BLOCK = tl.constexpr(constants.BLOCK)
+# The pointer table's chunk: a kernel's program-chunk (its CHUNK constexpr) divides it.
+TABLE_CHUNK = tl.constexpr(constants.CHUNK)
 NCOL = tl.constexpr(constants.NCOL)
 COL_PARAM = tl.constexpr(constants.COL_PARAM)
 COL_GRAD = tl.constexpr(constants.COL_GRAD)
@@ -38,9 +38,7 @@ NORM_EPS = tl.constexpr(constants.NORM_EPS)
 OPT_RESTORE = tl.constexpr(constants.OPT_RESTORE)
 OPT_SGD = tl.constexpr(constants.OPT_SGD)
 
-NUM_WARPS = 8
-# Programs of the persistent norm kernel per bucket: bounds the partials the reduction reads.
-NORM_PROGRAMS = 512
+# Chunk, block, warps and grid of each launch: kernels/launch.py, from launch_configs.json.
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -101,6 +99,9 @@ class PointerTable:
         self._numels: list[int] | None = None
         self._addrs: list[int] | None = None
         self._staging = Staging() if torch.cuda.is_available() else None
+        self.numel = 0  # elements over every tensor: the size class of the launch configurations
+        self.device: torch.device | None = None
+        self.launch_cache: dict = {}  # pass -> the configuration and grid chosen (kernels/launch.py)
         self.aligned = False  # every address a multiple of 16 bytes: kernels may use vector accesses
 
     def update(self, device: torch.device, columns: list[tuple[Tensor | int | None, ...]]) -> "PointerTable":
@@ -115,6 +116,8 @@ class PointerTable:
             self.chunks = _upload(rows, device, self._staging, self.chunks)
             self.n_chunks = len(rows) // 2
             self._numels = numels
+            self.numel = sum(numels)
+        self.device = torch.device(device)
         addrs: list[int] = []
         for n, cols in zip(numels, columns):
             addrs.append(n)
@@ -131,11 +134,22 @@ class PointerTable:
 
 @triton.jit
 def chunk_of(chunks, tensors, c, CHUNK: tl.constexpr, NCOL: tl.constexpr):
-    """(tensor row, first element, one past the last element) of chunk ``c``; rows are NCOL wide."""
-    t = tl.load(chunks + 2 * c)
-    start = tl.load(chunks + 2 * c + 1)
-    row = tensors + t * NCOL
-    end = tl.minimum(start + CHUNK, tl.load(row))
+    """(tensor row, first element, one past the last element) of program-chunk ``c``; rows are
+    NCOL wide. A table chunk (TABLE_CHUNK elements) holds TABLE_CHUNK // CHUNK program-chunks;
+    one past its tensor's end is empty (start == end)."""
+    SPLIT: tl.constexpr = TABLE_CHUNK // CHUNK
+    if SPLIT == 1:
+        t = tl.load(chunks + 2 * c)
+        start = tl.load(chunks + 2 * c + 1)
+        row = tensors + t * NCOL
+        end = tl.minimum(start + CHUNK, tl.load(row))
+    else:
+        c64 = tl.cast(c, tl.int64)
+        tc = c64 // SPLIT
+        t = tl.load(chunks + 2 * tc)
+        start = tl.load(chunks + 2 * tc + 1) + (c64 % SPLIT) * CHUNK
+        row = tensors + t * NCOL
+        end = tl.maximum(tl.minimum(start + CHUNK, tl.load(row)), start)
     return row, start, end
 
 
@@ -154,19 +168,41 @@ def column(row, k: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 # of BLOCK), then at most one masked tail block. A masked load of an unknown end cannot be
 # vectorized: with one loop, every access was 4 bytes wide in the PTX.
 @triton.jit
-def walk(start, end, body: tl.constexpr, args, C: tl.constexpr, acc, BLOCK: tl.constexpr):
+def walk(start, end, body: tl.constexpr, args, C: tl.constexpr, acc, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """``acc = body(args, C, idx, mask, acc, MASKED)`` over the blocks of [start, end): ``args`` is
     a tuple of runtime values (pointers, scalars), ``C`` one of compile-time switches, ``acc`` a
-    tensor carried through (a body that only writes returns it unchanged: ``NOTHING``)."""
+    tensor carried through (a body that only writes returns it unchanged: ``NOTHING``). STAGES > 0
+    runs the full blocks as ``tl.range(..., num_stages=STAGES)`` (software pipelining where the
+    compiler applies it). The masked tail is left to :func:`walk_tail`."""
     n_full = (end - start) // BLOCK
-    for k in range(0, n_full):
-        idx = tl.max_contiguous(tl.multiple_of(start + k * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
-        acc = body(args, C, idx, idx, acc, False)
-    tail = start + n_full * BLOCK
-    if tail < end:
-        idx = tail + tl.arange(0, BLOCK)
-        acc = body(args, C, idx, idx < end, acc, True)
-    return acc
+    if STAGES > 0:
+        for k in tl.range(0, n_full, num_stages=STAGES):
+            idx = tl.max_contiguous(tl.multiple_of(start + k * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            acc = body(args, C, idx, idx, acc, False)
+    else:
+        for k in range(0, n_full):
+            idx = tl.max_contiguous(tl.multiple_of(start + k * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            acc = body(args, C, idx, idx, acc, False)
+    return acc, start + n_full * BLOCK
+
+
+@triton.jit
+def walk_all(start, end, body: tl.constexpr, args, C: tl.constexpr, acc, acc_t, BLOCK: tl.constexpr,
+             TAIL: tl.constexpr, STAGES: tl.constexpr):
+    """The full blocks of [start, end) (:func:`walk`), then the masked rest: one masked BLOCK when
+    TAIL == BLOCK, else masked TAIL-element steps into ``acc_t`` (shape [TAIL]). A masked access
+    of an unknown end cannot be vectorized, so each element of a masked block has its own address:
+    a narrow tail keeps those registers out of the kernel's count. Returns (acc, acc_t)."""
+    acc, tail = walk(start, end, body, args, C, acc, BLOCK, STAGES)
+    if TAIL == BLOCK:
+        if tail < end:
+            idx = tail + tl.arange(0, BLOCK)
+            acc = body(args, C, idx, idx < end, acc, True)
+    else:
+        for t in range(tail, end, TAIL):
+            idx = t + tl.arange(0, TAIL)
+            acc_t = body(args, C, idx, idx < end, acc_t, True)
+    return acc, acc_t
 
 
 @triton.jit

@@ -20,7 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .table import BLOCK, CHUNK, NUM_WARPS, TL_DTYPES, PointerTable, chunk_of, column, load, store, to_dtype, walk, nothing
+from . import launch
+from .table import TL_DTYPES, PointerTable, chunk_of, column, load, store, to_dtype, walk_all, nothing
 
 UNCOL = 9
 MEASURE_CODES = {"frob": 0, "trace": 1, "det": 2}
@@ -50,20 +51,33 @@ def _usam_perturb_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.conste
 
 
 @triton.jit
-def _usam_perturb_kernel(
-    chunks, tensors, seed, rho, h,
-    DTYPE: tl.constexpr, START: tl.constexpr, UNIFORM: tl.constexpr, EXPLICIT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
-    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
+def _usam_perturb_chunk(chunks, tensors, c, seed, rho, h, DTYPE: tl.constexpr, START: tl.constexpr,
+                        UNIFORM: tl.constexpr, EXPLICIT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr):
+    row, start, end = chunk_of(chunks, tensors, c, CHUNK, 9)
     p = column(row, 1, DTYPE, ALIGNED)
     g = column(row, 2, DTYPE, ALIGNED)
     b = column(row, 3, DTYPE, ALIGNED)
     g0 = column(row, 4, DTYPE, ALIGNED)
     noise = column(row, 7, tl.float32, ALIGNED)
     base = tl.load(row + 8)
-    walk(start, end, _usam_perturb_block, (p, g, b, g0, noise, base, seed, rho, h), (DTYPE, START, UNIFORM, EXPLICIT),
-         nothing(), BLOCK)
+    walk_all(start, end, _usam_perturb_block, (p, g, b, g0, noise, base, seed, rho, h), (DTYPE, START, UNIFORM, EXPLICIT),
+         nothing(), nothing(), BLOCK, TAIL, STAGES)
+
+
+@triton.jit
+def _usam_perturb_kernel(
+    chunks, tensors, n_chunks, seed, rho, h,
+    DTYPE: tl.constexpr, START: tl.constexpr, UNIFORM: tl.constexpr, EXPLICIT: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    if PERSISTENT:
+        for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+            _usam_perturb_chunk(chunks, tensors, c, seed, rho, h, DTYPE, START, UNIFORM, EXPLICIT, ALIGNED, CHUNK,
+                                BLOCK, TAIL, STAGES)
+    else:
+        _usam_perturb_chunk(chunks, tensors, tl.program_id(0).to(tl.int64), seed, rho, h, DTYPE, START, UNIFORM,
+                            EXPLICIT, ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
 
 
 @triton.jit
@@ -109,18 +123,26 @@ def _usam_accumulate_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.con
 
 
 @triton.jit
-def _usam_accumulate_kernel(
-    chunks, tensors, losses, i, n, rho, lam,
-    DTYPE: tl.constexpr, MEASURE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
-    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, 9)
+def _usam_accumulate_chunk(chunks, tensors, c, a, c1, c2, DTYPE: tl.constexpr, MEASURE: tl.constexpr,
+                           FIRST: tl.constexpr, LAST: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                           BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr):
+    row, start, end = chunk_of(chunks, tensors, c, CHUNK, 9)
     p = column(row, 1, DTYPE, ALIGNED)
     g = column(row, 2, DTYPE, ALIGNED)
     b = column(row, 3, DTYPE, ALIGNED)
     g0 = column(row, 4, DTYPE, ALIGNED)
     acc1 = column(row, 5, tl.float32, ALIGNED)
     acc2 = column(row, 6, tl.float32, ALIGNED)
+    walk_all(start, end, _usam_accumulate_block, (p, g, b, g0, acc1, acc2, a, c1, c2), (DTYPE, MEASURE, FIRST, LAST),
+         nothing(), nothing(), BLOCK, TAIL, STAGES)
+
+
+@triton.jit
+def _usam_accumulate_kernel(
+    chunks, tensors, n_chunks, losses, i, n, rho, lam,
+    DTYPE: tl.constexpr, MEASURE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+):
     a = _sample_weight(losses, i, n, rho, MEASURE)
     c1 = a * 0.0
     c2 = a * 0.0
@@ -141,18 +163,24 @@ def _usam_accumulate_kernel(
         else:
             x = total / n
             c1 = lam * (-2.0 / (x * x * x))
-    walk(start, end, _usam_accumulate_block, (p, g, b, g0, acc1, acc2, a, c1, c2), (DTYPE, MEASURE, FIRST, LAST),
-         nothing(), BLOCK)
+    if PERSISTENT:
+        for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+            _usam_accumulate_chunk(chunks, tensors, c, a, c1, c2, DTYPE, MEASURE, FIRST, LAST, ALIGNED, CHUNK, BLOCK, TAIL,
+                                   STAGES)
+    else:
+        _usam_accumulate_chunk(chunks, tensors, tl.program_id(0).to(tl.int64), a, c1, c2, DTYPE, MEASURE, FIRST, LAST,
+                               ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
 
 
 def perturb(table: PointerTable, dtype, seed: int, rho: float, h: float, start: bool, uniform: bool,
             explicit: bool) -> None:
     if table.n_chunks == 0:
         return
-    _usam_perturb_kernel[(table.n_chunks,)](
-        table.chunks, table.tensors, int(seed), float(rho), float(h),
+    cfg, grid = launch.for_table(table, "usam_perturb")
+    _usam_perturb_kernel[(grid,)](
+        table.chunks, table.tensors, table.n_chunks * cfg.split, int(seed), float(rho), float(h),
         DTYPE=TL_DTYPES[dtype], START=bool(start), UNIFORM=bool(uniform), EXPLICIT=bool(explicit),
-        ALIGNED=table.aligned, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, PERSISTENT=cfg.persistent, **cfg.kwargs(),
     )
 
 
@@ -160,8 +188,9 @@ def accumulate(table: PointerTable, dtype, losses, i: int, n: int, rho: float, l
                first: bool, last: bool) -> None:
     if table.n_chunks == 0:
         return
-    _usam_accumulate_kernel[(table.n_chunks,)](
-        table.chunks, table.tensors, losses, int(i), int(n), float(rho), float(lam),
+    cfg, grid = launch.for_table(table, "usam_accumulate")
+    _usam_accumulate_kernel[(grid,)](
+        table.chunks, table.tensors, table.n_chunks * cfg.split, losses, int(i), int(n), float(rho), float(lam),
         DTYPE=TL_DTYPES[dtype], MEASURE=MEASURE_CODES[measure], FIRST=bool(first), LAST=bool(last),
-        ALIGNED=table.aligned, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, PERSISTENT=cfg.persistent, **cfg.kwargs(),
     )

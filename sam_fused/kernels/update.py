@@ -31,9 +31,9 @@ import triton.language as tl
 
 from .. import constants
 from ..spec import Update
-from .table import (BLOCK, CHUNK, COL_AUX, COL_BACKUP, COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, NUM_WARPS, OPT_RESTORE,
-                    OPT_SGD, TL_DTYPES,
-                    PointerTable, chunk_of, column, load, nothing, store, to_dtype, walk)
+from . import launch
+from .table import (COL_AUX, COL_BACKUP, COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, OPT_RESTORE, OPT_SGD,
+                    TL_DTYPES, PointerTable, chunk_of, column, load, nothing, store, to_dtype, walk_all)
 
 
 @triton.jit
@@ -100,27 +100,38 @@ def _update_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _restore_update_kernel(
-    chunks, tensors, inv_scale_ptr, found_inf_ptr, coef_ptr,
-    sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
-    bias_correction2_sqrt,
-    DTYPE: tl.constexpr, OPT: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMP: tl.constexpr,
-    COMBINE: tl.constexpr, ALIGNED: tl.constexpr,
-):
-    row, start, end = chunk_of(chunks, tensors, tl.program_id(0).to(tl.int64), CHUNK, NCOL)
+def _update_chunk(chunks, tensors, c, coef_ptr, scalars, DTYPE: tl.constexpr, OPT: tl.constexpr,
+                  HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMP: tl.constexpr, COMBINE: tl.constexpr,
+                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+                  STAGES: tl.constexpr):
+    row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
     p = column(row, COL_PARAM, DTYPE, ALIGNED)
     g = column(row, COL_GRAD, DTYPE, ALIGNED)
     src = column(row, COL_BACKUP, DTYPE, ALIGNED)
     s1 = column(row, COL_STATE1, DTYPE, ALIGNED)
     s2 = column(row, COL_STATE2, DTYPE, ALIGNED)
     ax = p
+    if COMBINE != 0:
+        ax = column(row, COL_AUX, DTYPE, ALIGNED)
+    walk_all(start, end, _update_block, (p, g, src, s1, s2, ax) + scalars, (DTYPE, OPT, HAS_MOMENTUM, NESTEROV, AMP, COMBINE),
+         nothing(), nothing(), BLOCK, TAIL, STAGES)
+
+
+@triton.jit
+def _restore_update_kernel(
+    chunks, tensors, n_chunks, inv_scale_ptr, found_inf_ptr, coef_ptr,
+    sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+    bias_correction2_sqrt,
+    DTYPE: tl.constexpr, OPT: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMP: tl.constexpr,
+    COMBINE: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+):
     grad_mul = 1.0
     c0 = 1.0
     c1 = 0.0
     c2 = 0.0
     c3 = 0.0
     if COMBINE != 0:
-        ax = column(row, COL_AUX, DTYPE, ALIGNED)
         c0 = tl.load(coef_ptr)
         c1 = tl.load(coef_ptr + 1)
         c2 = tl.load(coef_ptr + 2)
@@ -133,9 +144,15 @@ def _restore_update_kernel(
         skip = tl.load(found_inf_ptr) != 0.0
     else:
         skip = False
-    args = (p, g, src, s1, s2, ax, skip, sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2,
-            one_minus_beta2, eps, step_size, bias_correction2_sqrt, grad_mul, c0, c1, c2, c3)
-    walk(start, end, _update_block, args, (DTYPE, OPT, HAS_MOMENTUM, NESTEROV, AMP, COMBINE), nothing(), BLOCK)
+    scalars = (skip, sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+               bias_correction2_sqrt, grad_mul, c0, c1, c2, c3)
+    if PERSISTENT:
+        for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+            _update_chunk(chunks, tensors, c, coef_ptr, scalars, DTYPE, OPT, HAS_MOMENTUM, NESTEROV, AMP, COMBINE,
+                          ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
+    else:
+        _update_chunk(chunks, tensors, tl.program_id(0).to(tl.int64), coef_ptr, scalars, DTYPE, OPT, HAS_MOMENTUM,
+                      NESTEROV, AMP, COMBINE, ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
 
 
 def restore_update(table: PointerTable, dtype, u: Update, amp=None, coef=None, combine: int = 0) -> None:
@@ -145,8 +162,10 @@ def restore_update(table: PointerTable, dtype, u: Update, amp=None, coef=None, c
         return
     inv_scale, found_inf = amp if amp is not None else (table.tensors, table.tensors)
     combine = combine if u.opt != constants.OPT_RESTORE else 0
-    _restore_update_kernel[(table.n_chunks,)](
-        table.chunks, table.tensors, inv_scale, found_inf, table.tensors if coef is None else coef, *u.scalars(),
+    cfg, grid = launch.for_table(table, "update")
+    _restore_update_kernel[(grid,)](
+        table.chunks, table.tensors, table.n_chunks * cfg.split, inv_scale, found_inf,
+        table.tensors if coef is None else coef, *u.scalars(),
         DTYPE=TL_DTYPES[dtype], OPT=u.opt, HAS_MOMENTUM=u.momentum != 0, NESTEROV=bool(u.nesterov),
-        AMP=amp is not None, COMBINE=combine, ALIGNED=table.aligned, num_warps=NUM_WARPS,
+        AMP=amp is not None, COMBINE=combine, ALIGNED=table.aligned, PERSISTENT=cfg.persistent, **cfg.kwargs(),
     )
