@@ -116,8 +116,8 @@ def _pass_fns(numels, device, dtype) -> tuple[dict, list]:
         if base == "sgd":
             sq, norm = be._scalars(device)
             aux, out = ZeroBuffers(), be._dots_out(device)
-            fns["norm"] = lambda be=be, plan=plan: be.launch_sq(plan.buckets, None, sq, norm, None, None)
-            fns["perturb"] = lambda be=be, plan=plan: [be.launch_perturb(b, norm, None, None) for b in plan.buckets]
+            fns["norm"] = lambda be=be, plan=plan: be.launch_sq(plan.buckets, None, sq, norm, None)
+            fns["perturb"] = lambda be=be, plan=plan: [be.launch_perturb(b, norm, None) for b in plan.buckets]
             fns["dots"] = lambda be=be, plan=plan: be.launch_dots(plan.buckets, aux, out, None)
     params = _params(numels, device, dtype, seed=3)
     mopt = MSAM(params, torch.optim.SGD, rho=1e-6, lr=1e-6, momentum=0.9, backend="triton")
