@@ -274,3 +274,11 @@ def test_the_default_compare_trains_on_digits(tmp_path, capsys):
     assert "warning" not in out and data["collapsed"] == {k: [] for k in ("sgd", "sam", "asam", "msam")}
     for r in data["per_seed"][0].values():
         assert r["train_acc"] > 0.9 and r["test_acc"] > 0.7  # chance is ~0.1
+
+
+def test_the_long_phases_report_progress(tmp_path, capsys):
+    """The landscapes and spectra say which model they are at, one line each, as they go."""
+    assert main(["compare", *SMALL, "--optimizer", "sgd", "--optimizer", "sam", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    for what in ("1-D loss landscape", "2-D loss landscape", "Hessian spectrum"):
+        assert err.count(what) == 2, err

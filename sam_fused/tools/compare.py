@@ -428,17 +428,28 @@ def _run(args) -> int:
     labels = {key: label_of(key, radii[key], collapse_word(flags[key])) for key in per_seed[0]}
     # the pictures of the first seed: its own collapse
     first = {key: label_of(key, radii[key], "collapsed" if flags[key][0] else "") for key in per_seed[0]}
-    print(f"      loss landscapes and spectra (seed {seeds[0]}) ...", file=sys.stderr)
     steps = args.landscape_steps
-    one = {n: loss_landscape(m, F.cross_entropy, first_data, dims=1, steps=steps, span=1.0, seed=seeds[0])
-           for n, m in first_models.items()}
-    two = {n: loss_landscape(m, F.cross_entropy, first_data, dims=2, steps=max(steps // 2 + 1, 5), span=1.0,
-                             seed=seeds[0]) for n, m in first_models.items()}
+    phase_start, n_models = time.perf_counter(), len(first_models)
+
+    def phase(what: str, k: int, name: str) -> None:  # one line per model of the long phases
+        print(f"      {what} (seed {seeds[0]}), {k + 1}/{n_models}: {first[name]} "
+              f"[{time.perf_counter() - phase_start:.0f} s]", file=sys.stderr, flush=True)
+
+    one, two = {}, {}
+    for k, (n, m) in enumerate(first_models.items()):
+        phase("1-D loss landscape", k, n)
+        one[n] = loss_landscape(m, F.cross_entropy, first_data, dims=1, steps=steps, span=1.0, seed=seeds[0])
+    for k, (n, m) in enumerate(first_models.items()):
+        phase("2-D loss landscape", k, n)
+        two[n] = loss_landscape(m, F.cross_entropy, first_data, dims=2, steps=max(steps // 2 + 1, 5), span=1.0,
+                                seed=seeds[0])
     files = [plot_landscapes({first[n]: l for n, l in one.items()}, args.out / "landscape_1d.png"),
              plot_landscapes({first[n]: l for n, l in two.items()}, args.out / "landscape_2d.png")]
-    spectra = {first[n]: hessian_spectrum(m, F.cross_entropy, first_data, num_probes=2,
-                                          lanczos_steps=args.lanczos_steps, seed=seeds[0])
-               for n, m in first_models.items()}
+    spectra = {}
+    for k, (n, m) in enumerate(first_models.items()):
+        phase("Hessian spectrum", k, n)
+        spectra[first[n]] = hessian_spectrum(m, F.cross_entropy, first_data, num_probes=2,
+                                             lanczos_steps=args.lanczos_steps, seed=seeds[0])
     files.append(_plot_spectra(spectra, args.out / "spectrum.png"))
 
     summary = summarize(per_seed)
