@@ -42,6 +42,22 @@ def _check_phase(phase):
                      f"function of the step count, got {phase!r}")
 
 
+def _probe(p: Tensor) -> tuple:
+    """What tells later whether ``p.grad`` was added to in place: weak references to the parameter
+    and its gradient, and the gradient's version counter now."""
+    return weakref.ref(p), weakref.ref(p.grad), p.grad._version
+
+
+def _added_to_once(probe: tuple | None) -> bool:
+    """The probed gradient is still the parameter's, changed in place exactly once since: one
+    backward accumulated into it (a ``zero_grad()`` and then a backward change it twice;
+    ``set_to_none`` makes a new one)."""
+    if probe is None:
+        return False
+    p, g = probe[0](), probe[1]()
+    return p is not None and g is not None and p.grad is g and g._version == probe[2] + 1
+
+
 class FusedSAM(SAMOptimizer):
     """Sharpness-Aware Minimization (Foret et al., ICLR 2021) around any base optimizer.
 
@@ -230,8 +246,7 @@ class FusedSAM(SAMOptimizer):
             self._backend.plans.end_pass()
         self._perturbed = plan
         if not zero_grad and plan.active:  # a second backward that adds to these is warned of in second_step
-            g = plan.active[0].grad
-            self._grad_probe = (weakref.ref(plan.active[0]), weakref.ref(g), g._version)
+            self._grad_probe = _probe(plan.active[0])
         if self._perturbation_checks > 0 and norm is not None and not _capturing():
             self._measure_perturbation(plan)
         if grad_scaler is not None:
@@ -248,10 +263,7 @@ class FusedSAM(SAMOptimizer):
         tensor, changed in place exactly once: an accumulation; a zero_grad() then a backward
         changes it twice, set_to_none makes a new one)."""
         probe = self.__dict__.pop("_grad_probe", None)
-        if probe is None or self.__dict__.get("_warned_accumulated", False):
-            return
-        p, g, version = (probe[0](), probe[1](), probe[2])
-        if p is not None and g is not None and p.grad is g and g._version == version + 1:
+        if not self.__dict__.get("_warned_accumulated", False) and _added_to_once(probe):
             self._warned_accumulated = True
             warnings.warn(
                 f"{type(self).__name__}: the second backward added its gradient to the first one (first_step() without "
@@ -495,20 +507,18 @@ class FusedSAM(SAMOptimizer):
         """Remember one gradient this step leaves behind (the next closure must clear it)."""
         p = next((p for g in self.param_groups for p in g["params"] if p.grad is not None), None)
         if p is not None and not self.__dict__.get("_warned_left", False):
-            self._left_probe = (weakref.ref(p), weakref.ref(p.grad), p.grad._version)
+            self._left_probe = _probe(p)
 
     def _check_closure_backward(self, left) -> None:
         """Warn (once each) when the closure ran no backward that reached a parameter, or when its
         backward added to the gradient the last step left (the same tensor, changed in place
         exactly once: no zero_grad() before the backward)."""
-        if left is not None and not self.__dict__.get("_warned_left", False):
-            p, g, version = left[0](), left[1](), left[2]
-            if p is not None and g is not None and p.grad is g and g._version == version + 1:
-                self._warned_left = True
-                warnings.warn(
-                    f"{type(self).__name__}.step(closure): the closure's backward added to the gradient the last step "
-                    "left (taken at w + e), so this step's first gradient is the sum of both. Call opt.zero_grad() at "
-                    "the start of the closure (said once)", stacklevel=4)
+        if not self.__dict__.get("_warned_left", False) and _added_to_once(left):
+            self._warned_left = True
+            warnings.warn(
+                f"{type(self).__name__}.step(closure): the closure's backward added to the gradient the last step "
+                "left (taken at w + e), so this step's first gradient is the sum of both. Call opt.zero_grad() at "
+                "the start of the closure (said once)", stacklevel=4)
         if self._watch.flag.seen or self.__dict__.get("_warned_no_backward", False):
             return
         self._warned_no_backward = True
