@@ -40,7 +40,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..plan import FLOAT_DTYPES, Buffers, PlanCache, StepPlan, local
+from ..distributed import local
+from ..plan import FLOAT_DTYPES, Buffers, PlanCache, StepPlan
 from .amp import Amp, check_amp
 from .optim_state import FUSED_KINDS, check_all_state, check_state, state_keys
 

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from ..constants import OPT_ADAM, OPT_RESTORE, OPT_SGD
 from ..layout import is_dense
-from ..plan import Bucket, Buffers, StepPlan, local
+from ..distributed import local
+from ..plan import Bucket, Buffers, StepPlan
 from ..spec import Update
 from . import reference
 from .base import FUSED_KINDS as _FUSED

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from ..constants import NORM_EPS, OPT_SGD
-from ..plan import StepPlan, local
+from ..distributed import local
+from ..plan import StepPlan
 from ..spec import Update
 from .amp import Amp
 from .optim_state import check_state, state_keys

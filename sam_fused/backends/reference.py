@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from ..constants import NORM_EPS as EPS
-from ..plan import StepPlan, local
+from ..distributed import local
+from ..plan import StepPlan
 from .base import Amp, Backend, Combo, base_step, check_all_state
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..plan import local, shard_slices
+from ..distributed import local, shard_slices
 from .base import Backend, GroupWork
 
 MEASURES = ("frob", "trace", "det")

@@ -11,7 +11,8 @@ from torch import Tensor
 from ..kernels import universal as K
 from ..kernels.table import TL_DTYPES, PointerTable
 from ..layout import same_layout
-from ..plan import MAX_PLANS, local, shard_start
+from ..distributed import local, shard_start
+from ..plan import MAX_PLANS
 from .base import GroupWork
 from .universal_reference import UniversalTorchBackend, loss_tensor, sample_seed
 

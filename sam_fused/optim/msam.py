@@ -12,7 +12,8 @@ from torch import Tensor
 from ..backends import BACKENDS
 from ..backends.base import FUSED_KINDS, check_amp
 from ..backends.msam import first_moment, perturb_, restore_, run_step
-from ..plan import StepPlan, local
+from ..distributed import local
+from ..plan import StepPlan
 from .base import SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
 
 MAX_RHO = 100.0  # see MSAM's docstring: the arithmetic restore's bound

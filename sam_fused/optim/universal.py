@@ -35,7 +35,7 @@ from torch import Tensor
 from ..backends import ALGORITHMS, make_backend
 from ..backends.universal_reference import MEASURES, loss_tensor
 from ..backends.base import GroupWork, unhooked_step
-from ..plan import local, mesh_mean
+from ..distributed import local, mesh_mean
 from .base import SAMOptimizer, _check_nonneg, _check_positive, _eager
 
 
