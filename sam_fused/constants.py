@@ -32,7 +32,7 @@ CHUNK = 65536
 BLOCK = 4096
 
 # The folded scalars of the restore + update pass, in the order both kernel families take them
-# (spec.Update.scalars() computes them once on the host; csrc/sam_math.h's UpdateScalars mirrors
+# (update_scalars.UpdateScalars.scalars() computes them once on the host; csrc/sam_math.h's UpdateScalars mirrors
 # the order). SGD: d = g * sign + l2 * w; m = m * keep + coef * d; d = nesterov ? d + momentum * m
 # : m; w -= lr * d. Adam: d = g * sign + l2 * w; w *= decay; m += one_minus_beta1 * (d - m);
 # v = v * beta2 + one_minus_beta2 * d^2; w -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps).

@@ -29,7 +29,7 @@ from ..constants import OPT_ADAM, OPT_RESTORE, OPT_SGD
 from ..layout import is_dense
 from ..distributed import local
 from ..plan import Bucket, Buffers, StepPlan
-from ..spec import Update
+from ..update_scalars import Update
 from . import reference
 from .base import FUSED_KINDS as _FUSED
 from .base import Amp, Backend, Combo, base_step, check_all_state, check_state, state_keys as _state_keys

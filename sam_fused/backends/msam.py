@@ -8,7 +8,7 @@ was taken there. The restore uses that ``r``: the rho that made the perturbation
 optimizer per group (``rho_of`` below), not the group's rho now, which may have been edited since
 (a schedule, ``RhoFollowsLR``). Per parameter with a
 gradient, in fp32 (fp64 for fp64 parameters), with the base optimizer's folded scalars
-(``spec.Update.scalars()``):
+(``update_scalars.UpdateScalars.scalars()``):
 
     x = g * inv_scale             (AMP; else the gradient as it is)
     d = x + l2 * w                (SGD and Adam's L2 weight decay: at the weights where g was taken)
@@ -33,7 +33,7 @@ from torch import Tensor
 from ..constants import NORM_EPS, OPT_SGD
 from ..distributed import local
 from ..plan import StepPlan
-from ..spec import Update
+from ..update_scalars import Update
 from .amp import Amp
 from .optim_state import check_state, state_keys
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..plan import Bucket, Buffers
-from ..spec import Update
+from ..update_scalars import Update
 from ..constants import CHUNK
 from .base import Amp, Combo
 from .flat import FlatBackend

@@ -18,7 +18,7 @@ from ..kernels.perturb import perturb as perturb_kernel
 from ..kernels.table import TL_DTYPES, PointerTable
 from ..kernels.update import restore_update
 from ..plan import Bucket, Buffers
-from ..spec import Update
+from ..update_scalars import Update
 from .base import Amp, Combo
 from .flat import FlatBackend
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..spec import Update
+from ..update_scalars import Update
 from . import launch
 from .table import (COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, NORM_EPS, OPT_SGD, TL_DTYPES, PointerTable,
                     chunk_of, column, load, nothing, store, to_dtype, walk_all)

@@ -9,7 +9,7 @@ when it was not perturbed); the kernel reads it, so the restore costs no pass of
                  exp_avg_sq in column 5                          W w, m, v           (28 B)
 
 Math in fp32, stored in the parameter's dtype, same formulas and state as ``torch.optim``. The
-scalars come folded from the host (``spec.Update.scalars()``, shared with the C++ kernels):
+scalars come folded from the host (``update_scalars.UpdateScalars.scalars()``, shared with the C++ kernels):
 maximize, decoupled weight decay and the first momentum step are values, not branches, so a
 scheduler that changes any hyperparameter never recompiles; only the update kind, momentum on or
 off and nesterov are compile-time constants.
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from ..spec import Update
+from ..update_scalars import Update
 from . import launch
 from .table import (COL_AUX, COL_BACKUP, COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, OPT_RESTORE, OPT_SGD,
                     TL_DTYPES, PointerTable, chunk_of, column, load, nothing, store, to_dtype, walk_all)
