@@ -13,7 +13,7 @@ from .constants import OPT_ADAM, OPT_SGD, UPDATE_SCALARS
 
 
 @dataclass(frozen=True)
-class Update:
+class UpdateScalars:
     opt: int
     lr: float = 0.0
     weight_decay: float = 0.0

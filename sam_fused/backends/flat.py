@@ -29,7 +29,7 @@ from ..constants import OPT_ADAM, OPT_RESTORE, OPT_SGD
 from ..layout import is_dense
 from ..distributed import local
 from ..plan import Bucket, Buffers, StepPlan
-from ..update_scalars import Update
+from ..update_scalars import UpdateScalars
 from . import reference
 from .base import FUSED_KINDS as _FUSED
 from .base import Amp, Backend, Combo, base_step, check_all_state, check_state, state_keys as _state_keys
@@ -68,7 +68,7 @@ class FlatBackend(Backend):
         """``backup = w; w += e`` over the bucket; with ``save``, also ``save = g * inv_scale``."""
         raise NotImplementedError
 
-    def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None, combo: Combo | None = None) -> None:
+    def launch_update(self, bucket: Bucket, update: UpdateScalars, amp: Amp | None, combo: Combo | None = None) -> None:
         """Restore + update over the bucket; with ``combo`` the gradient is ``c0 g + c1 aux`` (row
         ``bucket.index`` of ``combo.coef``) and, with ``combo.write``, aux becomes ``c2 g + c3 aux``."""
         raise NotImplementedError
@@ -77,7 +77,7 @@ class FlatBackend(Backend):
         """``out = [sum g.g, sum g.aux, sum aux.aux]`` over the buckets, a 3-element fp32 device tensor."""
         raise NotImplementedError
 
-    def launch_msam_update(self, bucket: Bucket, update: Update, restore_rho: float | None, inv: Tensor,
+    def launch_msam_update(self, bucket: Bucket, update: UpdateScalars, restore_rho: float | None, inv: Tensor,
                            amp: Amp | None, sq: Tensor, accumulate: bool) -> None:
         """Momentum-SAM's first pass over the bucket (``backends/msam.py``): the restore
         ``w + restore_rho * inv * m`` (unless ``restore_rho`` is None), the update, and the sum of
@@ -100,7 +100,7 @@ class FlatBackend(Backend):
             if not self._check_state(bucket, kind, state, fresh):
                 return None
 
-        def make() -> list[tuple[Bucket, Update]]:
+        def make() -> list[tuple[Bucket, UpdateScalars]]:
             from .msam import init_state
 
             for p in fresh:
@@ -110,7 +110,7 @@ class FlatBackend(Backend):
                 self._fill_state(bucket, kind, state)
                 if kind == "sgd":  # the buffers start at zero, as the authors start them: no first-step variant
                     group = bucket.group
-                    launches.append((bucket, Update(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"],
+                    launches.append((bucket, UpdateScalars(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"],
                                                     momentum=group["momentum"])))
                 else:
                     launches += self._adam(bucket)
@@ -170,7 +170,7 @@ class FlatBackend(Backend):
         if plan is None:
             return
         for bucket in plan.buckets:
-            self.launch_update(bucket, Update(OPT_RESTORE), None)
+            self.launch_update(bucket, UpdateScalars(OPT_RESTORE), None)
         for _, p, backup in plan.slow:
             local(p).detach().copy_(backup)
 
@@ -217,7 +217,7 @@ class FlatBackend(Backend):
             p.detach().copy_(dst)
 
     # ------------------------------------------------------------------ the update's launches
-    def _update_launches(self, kind: str, from_backup: bool, plan: StepPlan) -> list[tuple[Bucket, Update]] | None:
+    def _update_launches(self, kind: str, from_backup: bool, plan: StepPlan) -> list[tuple[Bucket, UpdateScalars]] | None:
         """The (bucket, update) launches of a fused update, after checking every state tensor; None
         when some tensor cannot be indexed flat with its parameter (the generic path then runs)."""
         state = self.opt.base_optimizer.state
@@ -306,9 +306,9 @@ class FlatBackend(Backend):
         bucket.state1, bucket.state2 = cols[0], cols[1]
         bucket.version += 1
 
-    def _sgd(self, bucket: Bucket, fresh_ids: set[int]) -> list[tuple[Bucket, Update]]:
+    def _sgd(self, bucket: Bucket, fresh_ids: set[int]) -> list[tuple[Bucket, UpdateScalars]]:
         group = bucket.group
-        update = Update(
+        update = UpdateScalars(
             OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
         )
@@ -323,7 +323,7 @@ class FlatBackend(Backend):
         rest = [i for i in range(len(owners)) if id(owners[i]) not in fresh_ids]
         return [(bucket.rows(first), replace(update, first=True)), (bucket.rows(rest), update)]
 
-    def _adam(self, bucket: Bucket) -> list[tuple[Bucket, Update]]:
+    def _adam(self, bucket: Bucket) -> list[tuple[Bucket, UpdateScalars]]:
         base = self.opt.base_optimizer
         group = bucket.group
         cached = bucket.cache.get("state_dicts")
@@ -342,12 +342,12 @@ class FlatBackend(Backend):
                      decoupled=decoupled, maximize=group["maximize"])
         if uniform is not None:
             bucket.cache["adam_step"] = (self._updates, uniform, steps[0])
-            return [(bucket, Update(OPT_ADAM, step=uniform, **hyper))]
+            return [(bucket, UpdateScalars(OPT_ADAM, step=uniform, **hyper))]
         bucket.cache.pop("adam_step", None)
         by_step: dict[float, list[int]] = {}
         for i, v in enumerate(values):
             by_step.setdefault(v, []).append(i)
-        return [(bucket.rows(rows), Update(OPT_ADAM, step=v, **hyper)) for v, rows in by_step.items()]
+        return [(bucket.rows(rows), UpdateScalars(OPT_ADAM, step=v, **hyper)) for v, rows in by_step.items()]
 
 
 def _self_sourced(plan: StepPlan) -> list[Bucket]:

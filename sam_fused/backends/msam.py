@@ -33,7 +33,7 @@ from torch import Tensor
 from ..constants import NORM_EPS, OPT_SGD
 from ..distributed import local
 from ..plan import StepPlan
-from ..update_scalars import Update
+from ..update_scalars import UpdateScalars
 from .amp import Amp
 from .optim_state import check_state, state_keys
 
@@ -65,14 +65,14 @@ def init_state(kind: str, st: dict, p: Tensor) -> None:
         st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
 
 
-def update_of(kind: str, group: dict, step: float = 1.0, decoupled: bool = False) -> Update:
+def update_of(kind: str, group: dict, step: float = 1.0, decoupled: bool = False) -> UpdateScalars:
     """The folded update of one group (and, for Adam, one step count)."""
     from ..constants import OPT_ADAM
 
     if kind == "sgd":
-        return Update(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"])
+        return UpdateScalars(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"])
     beta1, beta2 = group["betas"]
-    return Update(OPT_ADAM, lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
+    return UpdateScalars(OPT_ADAM, lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
                   eps=group["eps"], step=step, decoupled=decoupled)
 
 
@@ -90,7 +90,7 @@ def perturb_(p: Tensor, m: Tensor, rho: float, inv: Tensor) -> None:
     t.copy_(t.to(dt) - (inv.to(dt) * rho) * m.to(dt))
 
 
-def update_(kind: str, u: Update, p: Tensor, st: dict, restore: bool, rho: float, inv: Tensor,
+def update_(kind: str, u: UpdateScalars, p: Tensor, st: dict, restore: bool, rho: float, inv: Tensor,
             inv_scale: Tensor | None) -> Tensor:
     """The first pass on one parameter (see the module docstring); returns the sum of squares of
     its new first moment (as stored), an fp64 0-dim tensor."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..plan import Bucket, Buffers
-from ..update_scalars import Update
+from ..update_scalars import UpdateScalars
 from ..constants import CHUNK
 from .base import Amp, Combo
 from .flat import FlatBackend
@@ -67,7 +67,7 @@ class NativeBackend(FlatBackend):
                          [] if save is None else bucket.buffers(save), norm=norm, rho=float(g["rho"]),
                          adaptive=bool(g["adaptive"]), eta=float(g["eta"]), inv_scale=inv_scale)
 
-    def launch_update(self, bucket: Bucket, u: Update, amp: Amp | None, combo: Combo | None = None) -> None:
+    def launch_update(self, bucket: Bucket, u: UpdateScalars, amp: Amp | None, combo: Combo | None = None) -> None:
         inv_scale, found_inf = amp if amp is not None else (None, None)
         combine, aux, coef = 0, [], None
         if combo is not None and u.opt:
@@ -79,7 +79,7 @@ class NativeBackend(FlatBackend):
         )
 
     # ------------------------------------------------------------------ Momentum-SAM
-    def launch_msam_update(self, bucket: Bucket, u: Update, restore_rho: float | None, inv: Tensor,
+    def launch_msam_update(self, bucket: Bucket, u: UpdateScalars, restore_rho: float | None, inv: Tensor,
                            amp: Amp | None, sq: Tensor, accumulate: bool) -> None:
         inv_scale, found_inf = amp if amp is not None else (None, None)
         self._C.msam_update_(

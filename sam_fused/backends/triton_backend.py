@@ -18,7 +18,7 @@ from ..kernels.perturb import perturb as perturb_kernel
 from ..kernels.table import TL_DTYPES, PointerTable
 from ..kernels.update import restore_update
 from ..plan import Bucket, Buffers
-from ..update_scalars import Update
+from ..update_scalars import UpdateScalars
 from .base import Amp, Combo
 from .flat import FlatBackend
 
@@ -79,7 +79,7 @@ class TritonBackend(FlatBackend):
         perturb_kernel(bucket_table(bucket, save), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"],
                        inv_scale, save is not None)
 
-    def launch_update(self, bucket: Bucket, update: Update, amp: Amp | None, combo: Combo | None = None) -> None:
+    def launch_update(self, bucket: Bucket, update: UpdateScalars, amp: Amp | None, combo: Combo | None = None) -> None:
         if combo is None:
             restore_update(bucket_table(bucket), bucket.dtype, update, amp)
             return

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..update_scalars import Update
+from ..update_scalars import UpdateScalars
 from . import launch
 from .table import (COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, NORM_EPS, OPT_SGD, TL_DTYPES, PointerTable,
                     chunk_of, column, load, nothing, store, to_dtype, walk_all)
@@ -153,7 +153,7 @@ def programs(table: PointerTable) -> int:
     return launch.for_table(table, "msam_update")[1] if table.n_chunks else 0
 
 
-def update(table: PointerTable, partials: Tensor, dtype, u: Update, restore: bool, rho: float, inv: Tensor,
+def update(table: PointerTable, partials: Tensor, dtype, u: UpdateScalars, restore: bool, rho: float, inv: Tensor,
            amp=None) -> None:
     """Pass 1 over the table; ``programs(table)`` partial sums into ``partials[0:...]`` (fp64).
     ``rho``: the radius of the perturbation the restore undoes (the one that made it)."""

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from ..update_scalars import Update
+from ..update_scalars import UpdateScalars
 from . import launch
 from .table import (COL_AUX, COL_BACKUP, COL_GRAD, COL_PARAM, COL_STATE1, COL_STATE2, NCOL, OPT_RESTORE, OPT_SGD,
                     TL_DTYPES, PointerTable, chunk_of, column, load, nothing, store, to_dtype, walk_all)
@@ -155,7 +155,7 @@ def _restore_update_kernel(
                       NESTEROV, AMP, COMBINE, ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
 
 
-def restore_update(table: PointerTable, dtype, u: Update, amp=None, coef=None, combine: int = 0) -> None:
+def restore_update(table: PointerTable, dtype, u: UpdateScalars, amp=None, coef=None, combine: int = 0) -> None:
     """One launch over the table with the folded scalars of ``u``; ``amp`` = (inv_scale, found_inf)
     or None; ``combine`` 1 or 2 with ``coef`` (4 fp32 values on the device) for GSAM / LookSAM."""
     if table.n_chunks == 0:
