@@ -124,6 +124,8 @@ def main() -> None:
         if rank == 0:
             print(f"ZeRO-3 refused: {refused}; weights unchanged: {unchanged}")
             print(f"  {message}")
+    torch.distributed.barrier()  # every rank done before the group goes away
+    torch.distributed.destroy_process_group()  # gloo's threads joined here, not at interpreter exit
 
 
 if __name__ == "__main__":

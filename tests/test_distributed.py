@@ -157,3 +157,21 @@ def test_torchrun_examples(example, args, expect):
     root = Path(__file__).resolve().parents[1]
     stdout = torchrun(root / "examples" / example, *args, pythonpath=[root])
     assert expect in stdout, stdout[-2000:]
+
+
+def test_every_multi_process_script_destroys_its_group():
+    """A script that starts a process group ends it (barrier, destroy_process_group): left to the
+    interpreter's exit, gloo's threads were torn down unjoined and a rank died with SIGABRT
+    ("terminate called without an active exception") after its work was done."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = [*sorted((root / "examples").glob("*.py")), *sorted((root / "tests").glob("*worker*.py"))]
+    starts = ("init_process_group", "init_distributed", "WORLD_SIZE")  # the last: launched by torchrun
+    checked = 0
+    for path in scripts:
+        text = path.read_text()
+        if any(s in text for s in starts):
+            checked += 1
+            assert "destroy_process_group()" in text, f"{path.name} starts a process group and never destroys it"
+    assert checked >= 5, checked

@@ -66,6 +66,9 @@ def main(out: str, per_device: int, variant: str, deepspeed_stage: int | None = 
         if trainer.args.process_index == 0:
             torch.save([p.detach().clone() for p in model.parameters()], out)
             print(f"world {trainer.args.world_size}: saved")
+        if torch.distributed.is_initialized():  # join gloo's threads now, not at interpreter exit
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
