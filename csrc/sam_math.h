@@ -80,7 +80,7 @@ SAM_HD acc_t adam_element(const UpdateScalars<acc_t>& u, acc_t w, acc_t d, acc_t
   return w - u.step_size * (m / (std::sqrt(v) / u.bias_correction2_sqrt + u.eps));
 }
 
-// Momentum-SAM's first pass on one element (sam_fused/backends/msam.py): d = g * sign + l2 * w at
+// Momentum-SAM's first pass on one element (sam_fused/backends/reference.py, MSAM_RULES): d = g * sign + l2 * w at
 // the perturbed weights, the restore w + r * m with the old m (RESTORE), then SGD's m = m * keep +
 // coef * d, w -= lr * m, or Adam's step followed by AdamW's decay w *= decay (the authors' order).
 // Returns the new weight; updates m (and v for Adam).

@@ -57,7 +57,7 @@ def cached(backend, dtype, opt_name):
 
 # ---------------------------------------------------------------------- float64 transcriptions
 def msam64(opt_name, steps=STEPS, dtype=torch.float32, missing_step=harness.NO_GRAD_STEP, rho_at=None):
-    """The rules of backends/msam.py in float64: returns (stored weights, true weights, states).
+    """The rules of backends/reference.py (MSAM_RULES) in float64: returns (stored weights, true weights, states).
     ``rho_at(step, group)``: the groups' rho at each step (default RHOS); a perturbation is undone
     with the rho that made it."""
     weights, coefs = problem(0)

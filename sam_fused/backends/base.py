@@ -21,7 +21,7 @@ also writes the (unscaled) gradient into the ``save`` buffers, and ``dots(plan, 
 inv_scale)`` sums ``g.g, g.aux, aux.aux`` over every parameter with a gradient into a 3-element
 fp32 device tensor (``reduce`` may change it in place: the FSDP2 all-reduce).
 
-Momentum-SAM (``backends/msam.py`` holds its reference ops and the order of its step):
+Momentum-SAM (its reference ops in ``backends/reference.py``, the order of its step in ``optim/msam.py``):
 ``msam_update(launches, inv, inv_next, amp, extra, device)`` runs its first pass over fused
 (bucket, update, restore_rho) launches (``restore_rho``: the rho of the perturbation to undo, the
 one that made it whatever the group says now; None: nothing to undo) and returns the sum of
@@ -110,19 +110,13 @@ class Backend:
                            combo: Combo | None = None) -> None:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ Momentum-SAM (backends/msam.py)
+    # ------------------------------------------------------------------ Momentum-SAM
     def msam_update(self, launches, inv: Tensor, inv_next: Tensor, amp: Amp | None, extra: Tensor | None,
                     device: torch.device) -> Tensor:
-        """Momentum-SAM's first pass over fused ``launches`` ((bucket, update, restore_rho) triples; none
-        here: the reference ops did every parameter and summed ``extra``): returns the sum of squares
-        of the new first moments (fp64, 0-dim, on ``device``) and writes ``inv_next``."""
-        if launches:
-            raise NotImplementedError(f"backend {self.name!r} has no fused Momentum-SAM pass")
-        sq = extra if extra is not None else torch.zeros((), dtype=torch.float64, device=device)
-        from .msam import next_inv
-
-        next_inv(sq, inv, None if amp is None else amp[1], out=inv_next)
-        return sq
+        """Momentum-SAM's first pass over fused ``launches`` ((bucket, update, restore_rho) triples;
+        none when the reference ops did every parameter and summed ``extra``): returns the sum of
+        squares of the new first moments (fp64, 0-dim, on ``device``) and writes ``inv_next``."""
+        raise NotImplementedError(f"backend {self.name!r} has no Momentum-SAM pass")
 
     def msam_perturb(self, bucket, inv_next: Tensor, amp: Amp | None) -> None:
         """Momentum-SAM's second pass over a fused launch's bucket: ``w -= rho * inv_next * m``."""

@@ -79,7 +79,7 @@ class FlatBackend(Backend):
 
     def launch_msam_update(self, bucket: Bucket, update: UpdateScalars, restore_rho: float | None, inv: Tensor,
                            amp: Amp | None, sq: Tensor, accumulate: bool) -> None:
-        """Momentum-SAM's first pass over the bucket (``backends/msam.py``): the restore
+        """Momentum-SAM's first pass over the bucket (the rules: ``backends/reference.py``, the order: ``optim/msam.py``): the restore
         ``w + restore_rho * inv * m`` (unless ``restore_rho`` is None), the update, and the sum of
         squares of the new first moments into ``sq`` (fp64; added to it with ``accumulate``)."""
         raise NotImplementedError
@@ -101,8 +101,7 @@ class FlatBackend(Backend):
                 return None
 
         def make() -> list[tuple[Bucket, UpdateScalars]]:
-            from .msam import init_state
-
+            init_state = reference.msam_init_state
             for p in fresh:
                 init_state(kind, state[p], p)
             launches = []
@@ -121,8 +120,8 @@ class FlatBackend(Backend):
     def msam_update(self, launches, inv: Tensor, inv_next: Tensor, amp: Amp | None, extra: Tensor | None,
                     device: torch.device) -> Tensor:
         if not launches:
-            return super().msam_update(launches, inv, inv_next, amp, extra, device)
-        from .msam import next_inv
+            return reference.msam_sum(extra, inv, inv_next, amp, device)
+        next_inv = reference.msam_next_inv
 
         sq, _ = self._scalars(device)
         for i, (bucket, update, restore_rho) in enumerate(launches):

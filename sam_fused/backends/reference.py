@@ -25,9 +25,18 @@ import torch
 from torch import Tensor
 
 from ..constants import NORM_EPS as EPS
+from ..constants import NORM_EPS, OPT_SGD
 from ..distributed import local
 from ..plan import StepPlan
+from ..update_scalars import UpdateScalars
 from .base import Amp, Backend, Combo, base_step, check_all_state
+
+try:
+    from torch.optim.optimizer import _get_scalar_dtype
+except ImportError:  # older torch
+
+    def _get_scalar_dtype() -> torch.dtype:
+        return torch.get_default_dtype()
 
 
 def _math_dtype(p: Tensor) -> torch.dtype:
@@ -120,3 +129,127 @@ class TorchBackend(Backend):
         check_all_state(self.opt, plan)  # torch.optim would raise half-way, with state half-written
         self.restore(perturbed)
         base_step(self.opt, plan, amp, combo)
+
+    def msam_update(self, launches, inv: Tensor, inv_next: Tensor, amp: Amp | None, extra: Tensor | None,
+                    device: torch.device) -> Tensor:
+        """No launches here: the reference ops did every parameter and summed ``extra``."""
+        return msam_sum(extra, inv, inv_next, amp, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Momentum-SAM (optim/msam.py holds the order of its step; the kernels: kernels/momentum.py)
+MSAM_RULES = """Momentum-SAM's step over a plan: the reference ops (the oracle) and the order every backend follows.
+
+Momentum-SAM (Becker et al., 2024) perturbs along the momentum instead of a fresh gradient, so a
+step needs one forward/backward. Between steps every parameter that took part in the last step
+sits at ``w - r m`` (``r = rho * inv``, ``inv = 1 / (||m|| + 1e-12)`` of that step, ``rho`` its
+group's rho at that step, ``m`` SGD's momentum buffer or Adam's ``exp_avg``); the gradient ``g``
+was taken there. The restore uses that ``r``: the rho that made the perturbation, kept by the
+optimizer per group (``rho_of`` below), not the group's rho now, which may have been edited since
+(a schedule, ``RhoFollowsLR``). Per parameter with a
+gradient, in fp32 (fp64 for fp64 parameters), with the base optimizer's folded scalars
+(``update_scalars.UpdateScalars.scalars()``):
+
+    x = g * inv_scale             (AMP; else the gradient as it is)
+    d = x + l2 * w                (SGD and Adam's L2 weight decay: at the weights where g was taken)
+    w = w + r * m                 (the restore, with the old r and m; only for a perturbed parameter)
+    SGD:   m = momentum * m + d;  w = w - lr * m
+    Adam:  m = m + (1 - beta1) (d - m);  v = beta2 v + (1 - beta2) d^2
+           w = w - step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps)
+           w = w * (1 - lr * weight_decay)       (AdamW: the decay after the step, as the authors)
+    sq += m^2                     (of m as stored, summed in fp64)
+
+then ``inv = 1 / (sqrt(sq) + 1e-12)`` (fp32; all-reduced first under FSDP2; 0 when the norm is not
+finite) and, per parameter, ``w = w - rho * inv * m``. With AMP, an inf or NaN found leaves weights, momentum, perturbation
+and ``inv`` as they were. A parameter perturbed at the last step that has no gradient now is put
+back (``w + r m``) and stays there until it has one."""
+
+
+def msam_moment(kind: str, st: dict) -> Tensor:
+    """The buffer Momentum-SAM perturbs along: SGD's momentum buffer, Adam's exp_avg."""
+    return st["momentum_buffer" if kind == "sgd" else "exp_avg"]
+
+def msam_init_state(kind: str, st: dict, p: Tensor) -> None:
+    """The state the authors start from: a zero momentum (SGD), torch.optim.Adam's fresh state."""
+    t = p.detach()  # a DTensor under FSDP2 (sharded like its parameter), as torch.optim keeps it
+    if kind == "sgd":
+        st["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+    else:
+        st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+
+def msam_update_of(kind: str, group: dict, step: float = 1.0, decoupled: bool = False) -> UpdateScalars:
+    """The folded update of one group (and, for Adam, one step count)."""
+    from ..constants import OPT_ADAM
+
+    if kind == "sgd":
+        return UpdateScalars(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"])
+    beta1, beta2 = group["betas"]
+    return UpdateScalars(OPT_ADAM, lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
+                  eps=group["eps"], step=step, decoupled=decoupled)
+
+def msam_restore_(p: Tensor, m: Tensor, rho: float, inv: Tensor) -> None:
+    """``w = w + rho * inv * m`` (one parameter back from its perturbation)."""
+    t = local(p).detach()
+    dt = _math_dtype(t)
+    t.copy_(t.to(dt) + (inv.to(dt) * rho) * m.to(dt))
+
+def msam_perturb_(p: Tensor, m: Tensor, rho: float, inv: Tensor) -> None:
+    """``w = w - rho * inv * m``."""
+    t = local(p).detach()
+    dt = _math_dtype(t)
+    t.copy_(t.to(dt) - (inv.to(dt) * rho) * m.to(dt))
+
+def msam_update_(kind: str, u: UpdateScalars, p: Tensor, st: dict, restore: bool, rho: float, inv: Tensor,
+            inv_scale: Tensor | None) -> Tensor:
+    """The first pass on one parameter (see the module docstring); returns the sum of squares of
+    its new first moment (as stored), an fp64 0-dim tensor."""
+    t = local(p).detach()
+    dt = _math_dtype(t)
+    (sign, lr, l2, decay, momentum, keep, coef, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+     bc2) = u.scalars()
+    w = t.to(dt)
+    x = local(p.grad).to(dt)
+    if inv_scale is not None:
+        x = x * inv_scale.reshape(()).to(dt)
+    d = x * sign + w * l2
+    m_t = msam_moment(kind, st)
+    m = m_t.to(dt)
+    if restore:
+        w = w + (inv.to(dt) * rho) * m
+    if kind == "sgd":
+        m = m * keep + d * coef
+        w = w - m * lr
+    else:
+        v_t = st["exp_avg_sq"]
+        v = v_t.to(dt)
+        m = m + (d - m) * one_minus_beta1
+        v = v * beta2 + d * d * one_minus_beta2
+        w = w - (m / (v.sqrt() / bc2 + eps)) * step_size
+        w = w * decay
+        v_t.copy_(v)
+    m_t.copy_(m)
+    t.copy_(w)
+    return m_t.to(torch.float64).square().sum()
+
+def msam_next_inv(sq: Tensor, inv: Tensor, found_inf: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``1 / (sqrt(sq) + 1e-12)`` in fp32 (``sq`` fp64); 0 when the norm is not finite (an inf or
+    NaN gradient without AMP: no parameter is perturbed, so the non-finite values stay where the
+    base optimizer put them instead of reaching every weight through the norm); ``inv`` itself
+    when AMP found an inf."""
+    norm = sq.sqrt().to(torch.float32)
+    new = torch.where(torch.isfinite(norm), torch.reciprocal(norm + NORM_EPS), torch.zeros_like(norm))
+    if found_inf is not None:
+        new = torch.where(found_inf.reshape(()) != 0, inv.reshape(()), new)
+    if out is None:
+        return new
+    out.copy_(new)
+    return out
+
+
+def msam_sum(extra: Tensor | None, inv: Tensor, inv_next: Tensor, amp: Amp | None, device: torch.device) -> Tensor:
+    """The sum of squares of the reference ops (``extra``; zero when none ran) and ``inv_next`` from it."""
+    sq = extra if extra is not None else torch.zeros((), dtype=torch.float64, device=device)
+    msam_next_inv(sq, inv, None if amp is None else amp[1], out=inv_next)
+    return sq

@@ -1,4 +1,4 @@
-"""Momentum-SAM's two passes (the math: ``backends/msam.py``).
+"""Momentum-SAM's two passes (the math: ``backends/reference.py``, ``MSAM_RULES``).
 
 Pass 1 (one persistent launch per bucket, 512 programs at most by default, each walking chunks
 k, k + G, ...): per element, the restore ``w + r m`` with the old first moment and the old ``r``

@@ -11,7 +11,10 @@ from torch import Tensor
 
 from ..backends import BACKENDS
 from ..backends.base import FUSED_KINDS, check_amp
-from ..backends.msam import first_moment, perturb_, restore_, run_step
+from ..backends.amp import Amp
+from ..backends.optim_state import check_state, state_keys
+from ..backends.reference import (msam_init_state, msam_moment, msam_next_inv, msam_perturb_, msam_restore_,
+                                  msam_update_, msam_update_of)
 from ..distributed import local
 from ..plan import StepPlan
 from .base import SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
@@ -243,7 +246,7 @@ class MSAM(SAMOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in self._msam_perturbed:
-                    out.append((rho_of[id(group)], p, local(first_moment(self._kind, self.state[p]))))
+                    out.append((rho_of[id(group)], p, local(msam_moment(self._kind, self.state[p]))))
         return out
 
     @_unwrapping
@@ -256,7 +259,7 @@ class MSAM(SAMOptimizer):
             raise RuntimeError("MSAM.restore() inside unperturbed()")
         pairs = self._perturbed_pairs()
         for rho, p, m in pairs:
-            restore_(p, m, rho, self._inv)
+            msam_restore_(p, m, rho, self._inv)
         self._msam_perturbed = {}
         self._fast_plan = None
         return bool(pairs)
@@ -274,7 +277,7 @@ class MSAM(SAMOptimizer):
             for rho, p, m in self._perturbed_pairs():
                 t = local(p).detach()
                 before = t.clone()
-                restore_(p, m, rho, self._inv)
+                msam_restore_(p, m, rho, self._inv)
                 saved.append((rho, p, m, before, t._version))
         self._outside = saved
         try:
@@ -287,7 +290,7 @@ class MSAM(SAMOptimizer):
                     if t._version == version:
                         t.copy_(before)
                     else:  # the block changed the weights: perturb what it wrote (the same radius)
-                        perturb_(p, m, rho, self._inv)
+                        msam_perturb_(p, m, rho, self._inv)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -378,3 +381,109 @@ class MSAM(SAMOptimizer):
         self._outside = None
         self._msam_perturbed = {id(p): p for p in self._msam_perturbed}
         self.__dict__.setdefault("_msam_rho", [])
+
+
+# ------------------------------------------------------------------ the order of a step, on every backend
+class MomentumPass:
+    """What one Momentum-SAM step does, decided before the first write: ``ref``, the (group, param)
+    pairs the reference ops take (every pair on the torch backend); ``stale``, (group, param) of
+    parameters perturbed at the last step without a gradient now (put back, not updated);
+    ``skip_on_device``, whether AMP's found_inf is left to the kernels."""
+
+    def __init__(self, ref, stale, skip_on_device: bool) -> None:
+        self.ref, self.stale, self.skip_on_device = ref, stale, skip_on_device
+
+def plan_pass(backend, opt, plan: StepPlan, kind: str, perturbed: dict, fast: bool, amp: Amp | None,
+              rho_of: dict):
+    """Check every state tensor the step will touch (raises before any write) and decide what runs
+    where. ``perturbed``: id(param) -> param of the parameters perturbed now; ``fast``: they are
+    exactly ``plan.active`` (the steady state: nothing to compare); ``rho_of``: id(group) -> the rho
+    its perturbation was made with. AMP's found_inf is left to the kernels only when no group's rho
+    changed since (a skipped step keeps the old perturbation, and so its radius: the optimizer then
+    needs to know on the host whether the step was skipped). Returns a callable that makes
+    the launches (it creates missing state and counts Adam's steps: call it only once the step is
+    certain), and the :class:`MomentumPass` skeleton."""
+    state = opt.base_optimizer.state
+    prepare = getattr(backend, "msam_prepare", None)
+    make = prepare(kind, plan) if prepare is not None else None
+    ref = [(g, p) for g, p, _ in plan.slow]
+    if make is None:  # no fused launches: every parameter by the reference ops
+        ref = [(b.group, p) for b in plan.buckets for p in b.owners] + ref
+    for group, p in ref:
+        st = state.get(p)
+        if st:
+            check_state(kind, local(p), _local_state(st), state_keys(kind, group))
+    stale = []
+    if not fast and perturbed:
+        active = set(map(id, plan.active))
+        stale = [(g, p) for g in opt.param_groups for p in g["params"] if id(p) in perturbed and id(p) not in active]
+        for group, p in stale:
+            st = state.get(p)
+            if not st or "momentum_buffer" not in st and "exp_avg" not in st:
+                raise RuntimeError("a perturbed parameter lost its optimizer state: its perturbation cannot be undone")
+            check_state(kind, local(p), _local_state(st), state_keys(kind, group))
+    skip_on_device = (amp is not None and kind == "sgd" and fast and not ref and make is not None
+                      and all(rho_of[id(g)] == g["rho"] for g in opt.param_groups))
+    return make, MomentumPass(ref, stale, skip_on_device)
+
+def _local_state(st: dict) -> dict:
+    return {k: local(v) if isinstance(v, Tensor) else v for k, v in st.items()}
+
+def run_step(backend, opt, plan: StepPlan, kind: str, inv: Tensor, inv_next: Tensor, amp: Amp | None,
+             perturbed: dict, fast: bool, reduce, rho_of: dict) -> bool:
+    """One Momentum-SAM step (both passes) with ``inv`` the old inverse norm and ``rho_of``
+    (id(group) -> rho) the radius each group's perturbation was made with; ``inv_next`` receives
+    the new one, and the new perturbation has each group's rho now. Returns False when AMP's
+    found_inf was read on the host and the step skipped (nothing written); True otherwise (with an
+    inf found on the device, the kernels wrote nothing and ``inv_next`` = ``inv``)."""
+    make, work = plan_pass(backend, opt, plan, kind, perturbed, fast, amp, rho_of)
+    if amp is not None and not work.skip_on_device and float(amp[1]) != 0.0:
+        return False
+    # every check has passed: from here on, only writes
+    state = opt.base_optimizer.state
+    decoupled = isinstance(opt.base_optimizer, torch.optim.AdamW)
+    for group, p in work.stale:
+        msam_restore_(p, local(msam_moment(kind, state[p])), rho_of[id(group)], inv)
+    launches = make() if make is not None else []
+    if not fast and launches:
+        launches = _split_restore(launches, perturbed, rho_of)
+    else:
+        launches = [(b, u, rho_of[id(b.group)] if perturbed else None) for b, u in launches]
+    extra = None
+    inv_scale = None if amp is None else amp[0]
+    for group, p in work.ref:
+        st = state[p]
+        if st.get("momentum_buffer" if kind == "sgd" else "exp_avg") is None:
+            msam_init_state(kind, st, p)
+        step = 1.0
+        if kind == "adam":
+            st["step"] += 1
+            step = float(st["step"])
+        u = msam_update_of(kind, group, step, group.get("decoupled_weight_decay", decoupled))
+        s = msam_update_(kind, u, p, _local_state(st), id(p) in perturbed, rho_of[id(group)], inv, inv_scale)
+        extra = s if extra is None else extra + s
+    sq = backend.msam_update(launches, inv, inv_next, amp, extra, plan.locals[0].device)
+    if reduce is not None:
+        reduce(sq)
+        msam_next_inv(sq, inv, None if amp is None else amp[1], out=inv_next)
+    for bucket, _, _ in launches:
+        backend.msam_perturb(bucket, inv_next, amp)
+    for group, p in work.ref:  # never with a device-side skip (skip_on_device excludes them)
+        msam_perturb_(p, local(msam_moment(kind, state[p])), group["rho"], inv_next)
+    return True
+
+def _split_restore(launches, perturbed: dict, rho_of: dict):
+    """Each launch split into its perturbed rows (restored with their group's old rho) and the
+    others (not), as needed: (bucket, update, restore_rho or None) triples."""
+    out = []
+    for bucket, u in launches:
+        flags = [id(p) in perturbed for p in bucket.owners]
+        rho = rho_of[id(bucket.group)]
+        if all(flags):
+            out.append((bucket, u, rho))
+        elif not any(flags):
+            out.append((bucket, u, None))
+        else:
+            out.append((bucket.rows([i for i, f in enumerate(flags) if f]), u, rho))
+            out.append((bucket.rows([i for i, f in enumerate(flags) if not f]), u, None))
+    return out
