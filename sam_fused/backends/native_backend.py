@@ -13,10 +13,10 @@ from ..plan import Bucket, Buffers
 from ..update_scalars import UpdateScalars
 from ..constants import CHUNK
 from .base import Amp, Combo
-from .flat import FlatBackend
+from .fused import FusedBackend
 
 
-class NativeBackend(FlatBackend):
+class NativeBackend(FusedBackend):
     dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
     def __init__(self, optimizer, module, name: str) -> None:

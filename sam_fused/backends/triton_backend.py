@@ -20,7 +20,7 @@ from ..kernels.update import restore_update
 from ..plan import Bucket, Buffers
 from ..update_scalars import UpdateScalars
 from .base import Amp, Combo
-from .flat import FlatBackend
+from .fused import FusedBackend
 
 
 def bucket_table(bucket: Bucket, aux: Buffers | None = None) -> PointerTable:
@@ -40,7 +40,7 @@ def bucket_table(bucket: Bucket, aux: Buffers | None = None) -> PointerTable:
     return table
 
 
-class TritonBackend(FlatBackend):
+class TritonBackend(FusedBackend):
     name = "triton"
     dtypes = tuple(TL_DTYPES)
 

@@ -44,7 +44,7 @@ except ImportError:  # older torch: Adam keeps its step count in the default flo
 
 
 
-class FlatBackend(Backend):
+class FusedBackend(Backend):
     """Base of the fused backends; subclasses supply the launches and their dtypes."""
 
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
