@@ -1,6 +1,7 @@
 """What every backend shares: the cached step plans (and with them the backups), and the contract.
 
-A backend implements the passes of a SAM step over a :class:`~sam_fused.plan.StepPlan`:
+**The SAM contract** (FusedSAM, GSAM, LookSAM): a backend implements the passes of a SAM step over a
+:class:`~sam_fused.plan.StepPlan`:
 
 ``perturb(plan, reduce_sq, inv_scale)``
     the sum of squares of the (ASAM-weighted) gradients into a 0-dim fp64 device tensor (with
@@ -21,13 +22,22 @@ also writes the (unscaled) gradient into the ``save`` buffers, and ``dots(plan, 
 inv_scale)`` sums ``g.g, g.aux, aux.aux`` over every parameter with a gradient into a 3-element
 fp32 device tensor (``reduce`` may change it in place: the FSDP2 all-reduce).
 
-Momentum-SAM (its reference ops in ``backends/reference.py``, the order of its step in ``optim/msam.py``):
-``msam_update(launches, inv, inv_next, amp, extra, device)`` runs its first pass over fused
-(bucket, update, restore_rho) launches (``restore_rho``: the rho of the perturbation to undo, the
-one that made it whatever the group says now; None: nothing to undo) and returns the sum of
-squares of the new first moments, and
-``msam_perturb(bucket, inv_next, amp)`` its second; the reference backend has no launches (every
-parameter takes the reference ops).
+**The Momentum-SAM contract** (MSAM; its step order in ``optim/msam.py``, its reference ops in
+``reference.py``):
+
+``msam_prepare(kind, plan)``
+    checks the state of the parameters the kernels would take and returns a callable making the
+    (bucket, update) launches, or None (no fused launches: the reference ops take every parameter);
+``msam_update(launches, inv, inv_next, amp, extra, device)``
+    the first pass over (bucket, update, restore_rho) launches (``restore_rho``: the rho of the
+    perturbation to undo, the one that made it whatever the group says now; None: nothing to undo):
+    restore, update, and the sum of squares of the new first moments (plus ``extra``, the reference
+    ops' share), returned; ``inv_next`` written from it;
+``msam_perturb(bucket, inv_next, amp)``
+    the second pass: ``w -= rho * inv_next * m``.
+
+**The universal contract** (Frob/Trace/Det-SAM) is ``universal_reference.UniversalTorchBackend``'s
+sample passes, with the Triton backend beside it.
 
 Every check happens before the first write; no pass synchronizes with the device unless stated.
 """
@@ -41,9 +51,8 @@ import torch
 from torch import Tensor
 
 from ..distributed import local
-from ..plan import FLOAT_DTYPES, Buffers, PlanCache, StepPlan
-from .amp import Amp, check_amp
-from .optim_state import FUSED_KINDS, check_all_state, check_state, state_keys
+from ..plan import Buffers, PlanCache, StepPlan
+from .amp import Amp
 
 
 
@@ -111,6 +120,12 @@ class Backend:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ Momentum-SAM
+    def msam_prepare(self, kind: str, plan: StepPlan):
+        """Momentum-SAM: check the state of the parameters the kernels would take (raises before any
+        write) and return a callable making the (bucket, update) launches, or None: no fused
+        launches (the reference ops take every parameter)."""
+        return None
+
     def msam_update(self, launches, inv: Tensor, inv_next: Tensor, amp: Amp | None, extra: Tensor | None,
                     device: torch.device) -> Tensor:
         """Momentum-SAM's first pass over fused ``launches`` ((bucket, update, restore_rho) triples;
@@ -198,5 +213,4 @@ def combine_grads(opt, plan: StepPlan, combo: Combo, inv_scale: Tensor | None = 
             g.copy_(combined)
 
 
-__all__ = ["Amp", "Backend", "Combo", "GroupWork", "combine_grads", "FLOAT_DTYPES", "FUSED_KINDS", "base_step", "check_all_state", "check_amp",
-           "check_state", "state_keys"]
+__all__ = ["Backend", "Combo", "GroupWork", "base_step", "combine_grads", "unhooked_step"]

@@ -25,21 +25,17 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..constants import OPT_ADAM, OPT_RESTORE, OPT_SGD
+from ..constants import OPT_RESTORE
 from ..layout import is_dense
 from ..distributed import local
 from ..plan import Bucket, Buffers, StepPlan
 from ..update_scalars import UpdateScalars
 from . import reference
-from .base import FUSED_KINDS as _FUSED
-from .base import Amp, Backend, Combo, base_step, check_all_state, check_state, state_keys as _state_keys
-
-try:
-    from torch.optim.optimizer import _get_scalar_dtype
-except ImportError:  # older torch: Adam keeps its step count in the default float dtype
-
-    def _get_scalar_dtype() -> torch.dtype:
-        return torch.get_default_dtype()
+from .amp import Amp
+from .base import Backend, Combo, base_step
+from .optim_state import FUSED_KINDS as _FUSED
+from .optim_state import check_all_state, check_state, init_state, update_scalars
+from .optim_state import state_keys as _state_keys
 
 
 
@@ -101,16 +97,13 @@ class FusedBackend(Backend):
                 return None
 
         def make() -> list[tuple[Bucket, UpdateScalars]]:
-            init_state = reference.msam_init_state
             for p in fresh:
                 init_state(kind, state[p], p)
             launches = []
             for bucket in plan.buckets:
                 self._fill_state(bucket, kind, state)
                 if kind == "sgd":  # the buffers start at zero, as the authors start them: no first-step variant
-                    group = bucket.group
-                    launches.append((bucket, UpdateScalars(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"],
-                                                    momentum=group["momentum"])))
+                    launches.append((bucket, update_scalars(kind, bucket.group, self.opt.base_optimizer)))
                 else:
                     launches += self._adam(bucket)
             return launches
@@ -235,7 +228,7 @@ class FusedBackend(Backend):
                 return None
         plan.cache["staged_now"] = [(p, b, not from_backup) for p, b in staged]
         for p in fresh:  # nothing below raises: create the state torch.optim would create
-            _init_state(kind, state[p], p)
+            init_state(kind, state[p], p)
         fresh_ids = {id(p) for p in fresh}
         launches = []
         for bucket in buckets:
@@ -307,10 +300,7 @@ class FusedBackend(Backend):
 
     def _sgd(self, bucket: Bucket, fresh_ids: set[int]) -> list[tuple[Bucket, UpdateScalars]]:
         group = bucket.group
-        update = UpdateScalars(
-            OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-        )
+        update = update_scalars("sgd", group, self.opt.base_optimizer)
         if not fresh_ids or not group["momentum"]:
             return [(bucket, update)]
         owners = bucket.owners
@@ -335,18 +325,14 @@ class FusedBackend(Backend):
         else:
             values = torch.stack(steps).tolist()
             uniform = values[0] if all(v == values[0] for v in values) else None
-        decoupled = group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW))
-        beta1, beta2 = group["betas"]
-        hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                     decoupled=decoupled, maximize=group["maximize"])
         if uniform is not None:
             bucket.cache["adam_step"] = (self._updates, uniform, steps[0])
-            return [(bucket, UpdateScalars(OPT_ADAM, step=uniform, **hyper))]
+            return [(bucket, update_scalars("adam", group, base, uniform))]
         bucket.cache.pop("adam_step", None)
         by_step: dict[float, list[int]] = {}
         for i, v in enumerate(values):
             by_step.setdefault(v, []).append(i)
-        return [(bucket.rows(rows), UpdateScalars(OPT_ADAM, step=v, **hyper)) for v, rows in by_step.items()]
+        return [(bucket.rows(rows), update_scalars("adam", group, base, v)) for v, rows in by_step.items()]
 
 
 def _self_sourced(plan: StepPlan) -> list[Bucket]:
@@ -365,12 +351,3 @@ def _same(a: list | None, b: list | None) -> bool:
     return a is b or (a is not None and b is not None and all(map(operator.is_, a, b)))
 
 
-def _init_state(kind: str, st: dict, p: Tensor) -> None:
-    if kind == "sgd":
-        # torch starts the buffer at the first gradient; the kernels write it (zeros: the native
-        # kernels compute 0 * 0 + 1 * g there, with no branch)
-        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    else:  # as torch.optim.Adam initializes its state
-        st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

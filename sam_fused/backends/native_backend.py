@@ -12,7 +12,8 @@ from torch import Tensor
 from ..plan import Bucket, Buffers
 from ..update_scalars import UpdateScalars
 from ..constants import CHUNK
-from .base import Amp, Combo
+from .amp import Amp
+from .base import Combo
 from .fused import FusedBackend
 
 

@@ -7,7 +7,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..constants import OPT_ADAM, OPT_SGD
 from ..plan import StepPlan
+from ..update_scalars import UpdateScalars
+
+try:
+    from torch.optim.optimizer import _get_scalar_dtype
+except ImportError:  # older torch: Adam keeps its step count in the default float dtype
+
+    def _get_scalar_dtype() -> torch.dtype:
+        return torch.get_default_dtype()
 
 FUSED_KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 
@@ -55,3 +64,31 @@ def check_all_state(opt, plan: StepPlan) -> None:
         st = base.state.get(p)
         if st:
             check_state(kind, p, st, state_keys(kind, group))
+
+
+def init_state(kind: str, st: dict, p: Tensor) -> None:
+    """Create the state torch.optim would create at a parameter's first step: SGD's momentum buffer
+    (zeros: the kernels write ``0 * 0 + 1 * g`` there, with no branch, as torch starts it at the
+    first gradient; Momentum-SAM's authors start it at zero too), Adam's step count and moments.
+    Under FSDP2 ``p`` is a DTensor and so is its state, sharded like it, as torch.optim keeps it."""
+    t = p.detach()
+    if kind == "sgd":
+        st["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+    else:
+        st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+
+
+def update_scalars(kind: str, group: dict, base: torch.optim.Optimizer, step: float = 1.0,
+                   first: bool = False) -> UpdateScalars:
+    """The fused update of one param group of ``base`` (SGD, Adam or AdamW; for Adam, at the step
+    count ``step`` after its increment; for SGD, ``first``: no momentum buffer yet)."""
+    if kind == "sgd":
+        return UpdateScalars(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                             dampening=group.get("dampening", 0.0), nesterov=group.get("nesterov", False),
+                             maximize=group.get("maximize", False), first=first)
+    beta1, beta2 = group["betas"]
+    return UpdateScalars(OPT_ADAM, lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
+                         eps=group["eps"], step=step, maximize=group.get("maximize", False),
+                         decoupled=group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW)))

@@ -25,18 +25,13 @@ import torch
 from torch import Tensor
 
 from ..constants import NORM_EPS as EPS
-from ..constants import NORM_EPS, OPT_SGD
+from ..constants import NORM_EPS
 from ..distributed import local
 from ..plan import StepPlan
 from ..update_scalars import UpdateScalars
-from .base import Amp, Backend, Combo, base_step, check_all_state
-
-try:
-    from torch.optim.optimizer import _get_scalar_dtype
-except ImportError:  # older torch
-
-    def _get_scalar_dtype() -> torch.dtype:
-        return torch.get_default_dtype()
+from .amp import Amp
+from .base import Backend, Combo, base_step
+from .optim_state import check_all_state
 
 
 def _math_dtype(p: Tensor) -> torch.dtype:
@@ -168,26 +163,6 @@ back (``w + r m``) and stays there until it has one."""
 def msam_moment(kind: str, st: dict) -> Tensor:
     """The buffer Momentum-SAM perturbs along: SGD's momentum buffer, Adam's exp_avg."""
     return st["momentum_buffer" if kind == "sgd" else "exp_avg"]
-
-def msam_init_state(kind: str, st: dict, p: Tensor) -> None:
-    """The state the authors start from: a zero momentum (SGD), torch.optim.Adam's fresh state."""
-    t = p.detach()  # a DTensor under FSDP2 (sharded like its parameter), as torch.optim keeps it
-    if kind == "sgd":
-        st["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
-    else:
-        st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-        st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
-
-def msam_update_of(kind: str, group: dict, step: float = 1.0, decoupled: bool = False) -> UpdateScalars:
-    """The folded update of one group (and, for Adam, one step count)."""
-    from ..constants import OPT_ADAM
-
-    if kind == "sgd":
-        return UpdateScalars(OPT_SGD, lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"])
-    beta1, beta2 = group["betas"]
-    return UpdateScalars(OPT_ADAM, lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
-                  eps=group["eps"], step=step, decoupled=decoupled)
 
 def msam_restore_(p: Tensor, m: Tensor, rho: float, inv: Tensor) -> None:
     """``w = w + rho * inv * m`` (one parameter back from its perturbation)."""

@@ -19,7 +19,8 @@ from ..kernels.table import TL_DTYPES, PointerTable
 from ..kernels.update import restore_update
 from ..plan import Bucket, Buffers
 from ..update_scalars import UpdateScalars
-from .base import Amp, Combo
+from .amp import Amp
+from .base import Combo
 from .fused import FusedBackend
 
 

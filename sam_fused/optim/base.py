@@ -21,7 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends import make_backend
 from ..nn import frozen_running_stats
-from ..backends.base import FUSED_KINDS
+from ..backends.optim_state import FUSED_KINDS
 from ..plan import StepPlan
 
 _UNMADE: list = []  # the _eager wrappers whose torch.compiler.disable is not made yet

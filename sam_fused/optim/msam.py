@@ -10,11 +10,10 @@ import torch
 from torch import Tensor
 
 from ..backends import BACKENDS
-from ..backends.base import FUSED_KINDS, check_amp
-from ..backends.amp import Amp
-from ..backends.optim_state import check_state, state_keys
-from ..backends.reference import (msam_init_state, msam_moment, msam_next_inv, msam_perturb_, msam_restore_,
-                                  msam_update_, msam_update_of)
+from ..backends.amp import check_amp
+from ..backends.amp import Amp, passed_by_scaler
+from ..backends.optim_state import FUSED_KINDS, check_state, init_state, state_keys, update_scalars
+from ..backends.reference import msam_moment, msam_next_inv, msam_perturb_, msam_restore_, msam_update_
 from ..distributed import local
 from ..plan import StepPlan
 from .base import SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
@@ -228,15 +227,8 @@ class MSAM(SAMOptimizer):
 
     def _scaler_amp(self):
         """(inv_scale, found_inf) when called by ``GradScaler.step(opt)``, else None."""
-        if "found_inf" not in self.__dict__:
-            return None
-        found_inf = self.found_inf.reshape(1).to(torch.float32)
-        scale = self.__dict__.get("grad_scale")
-        if scale is None:  # scaler.unscale_(opt) ran: the gradients are unscaled already
-            inv_scale = torch.ones(1, dtype=torch.float32, device=found_inf.device)
-        else:
-            inv_scale = torch.reciprocal(scale.reshape(1).to(torch.float32))
-        return inv_scale, found_inf
+        passed = passed_by_scaler(self)
+        return None if passed is None else (torch.reciprocal(passed[0]), passed[1])
 
     # ------------------------------------------------------------------ the weights
     def _perturbed_pairs(self) -> list[tuple[float, Tensor, Tensor]]:
@@ -384,7 +376,7 @@ class MSAM(SAMOptimizer):
 
 
 # ------------------------------------------------------------------ the order of a step, on every backend
-class MomentumPass:
+class MSAMPass:
     """What one Momentum-SAM step does, decided before the first write: ``ref``, the (group, param)
     pairs the reference ops take (every pair on the torch backend); ``stale``, (group, param) of
     parameters perturbed at the last step without a gradient now (put back, not updated);
@@ -402,10 +394,9 @@ def plan_pass(backend, opt, plan: StepPlan, kind: str, perturbed: dict, fast: bo
     changed since (a skipped step keeps the old perturbation, and so its radius: the optimizer then
     needs to know on the host whether the step was skipped). Returns a callable that makes
     the launches (it creates missing state and counts Adam's steps: call it only once the step is
-    certain), and the :class:`MomentumPass` skeleton."""
+    certain), and the :class:`MSAMPass` skeleton."""
     state = opt.base_optimizer.state
-    prepare = getattr(backend, "msam_prepare", None)
-    make = prepare(kind, plan) if prepare is not None else None
+    make = backend.msam_prepare(kind, plan)
     ref = [(g, p) for g, p, _ in plan.slow]
     if make is None:  # no fused launches: every parameter by the reference ops
         ref = [(b.group, p) for b in plan.buckets for p in b.owners] + ref
@@ -424,7 +415,7 @@ def plan_pass(backend, opt, plan: StepPlan, kind: str, perturbed: dict, fast: bo
             check_state(kind, local(p), _local_state(st), state_keys(kind, group))
     skip_on_device = (amp is not None and kind == "sgd" and fast and not ref and make is not None
                       and all(rho_of[id(g)] == g["rho"] for g in opt.param_groups))
-    return make, MomentumPass(ref, stale, skip_on_device)
+    return make, MSAMPass(ref, stale, skip_on_device)
 
 def _local_state(st: dict) -> dict:
     return {k: local(v) if isinstance(v, Tensor) else v for k, v in st.items()}
@@ -441,7 +432,6 @@ def run_step(backend, opt, plan: StepPlan, kind: str, inv: Tensor, inv_next: Ten
         return False
     # every check has passed: from here on, only writes
     state = opt.base_optimizer.state
-    decoupled = isinstance(opt.base_optimizer, torch.optim.AdamW)
     for group, p in work.stale:
         msam_restore_(p, local(msam_moment(kind, state[p])), rho_of[id(group)], inv)
     launches = make() if make is not None else []
@@ -454,12 +444,12 @@ def run_step(backend, opt, plan: StepPlan, kind: str, inv: Tensor, inv_next: Ten
     for group, p in work.ref:
         st = state[p]
         if st.get("momentum_buffer" if kind == "sgd" else "exp_avg") is None:
-            msam_init_state(kind, st, p)
+            init_state(kind, st, p)
         step = 1.0
         if kind == "adam":
             st["step"] += 1
             step = float(st["step"])
-        u = msam_update_of(kind, group, step, group.get("decoupled_weight_decay", decoupled))
+        u = update_scalars(kind, group, opt.base_optimizer, step)
         s = msam_update_(kind, u, p, _local_state(st), id(p) in perturbed, rho_of[id(group)], inv, inv_scale)
         extra = s if extra is None else extra + s
     sq = backend.msam_update(launches, inv, inv_next, amp, extra, plan.locals[0].device)

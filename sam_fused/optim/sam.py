@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from ..backends import BACKENDS
-from ..backends.base import Combo, check_amp, unhooked_step
+from ..backends.amp import check_amp, passed_by_scaler
+from ..backends.base import Combo, unhooked_step
 from ..plan import Buffers, StepPlan
 from .base import BackwardWatch, SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
 
@@ -580,11 +581,7 @@ class FusedSAM(SAMOptimizer):
     def _scaler_plain_step(self) -> None:
         """``scaler.step(opt)`` on a step the schedule makes plain: the base update on the unscaled
         gradients of the one backward, skipped (and not counted) when they hold an inf or NaN."""
-        found_inf = self.found_inf.reshape(1).to(torch.float32)
-        grad_scale = self.grad_scale
-        if grad_scale is None:  # scaler.unscale_(opt) ran: the gradients are unscaled already
-            grad_scale = torch.ones(1, dtype=torch.float32, device=found_inf.device)
-        grad_scale = grad_scale.reshape(1).to(torch.float32)
+        grad_scale, found_inf = passed_by_scaler(self)
         plan = self._step_plan()
         try:
             check_amp(plan, (grad_scale, found_inf))
@@ -618,11 +615,7 @@ class FusedSAM(SAMOptimizer):
                     "first_step(grad_scaler=scaler)"
                 )
             scaler, found_first, _ = self._amp_first
-            found_inf = self.found_inf.reshape(1).to(torch.float32)
-            grad_scale = self.grad_scale
-            if grad_scale is None:  # scaler.unscale_(opt) ran: the gradients are unscaled already
-                grad_scale = torch.ones(1, dtype=torch.float32, device=found_inf.device)
-            grad_scale = grad_scale.reshape(1).to(torch.float32)
+            grad_scale, found_inf = passed_by_scaler(self)
             tracked = None
             if found_first is not None:  # scaler.update() must see the first pass's inf too
                 tracked = scaler._per_optimizer_states[id(self)]["found_inf_per_device"].get(found_first.device)
