@@ -25,7 +25,7 @@ timeout "${2:-130}" python3 -m sam_fused bench --model transformer --transformer
   --host-tensors 100,1000 --steps 15 --json "$out/bench-efficient-$gpu-$day.json" > "$out/bench-efficient.txt" 2>&1
 echo "bench rc=$?"
 timeout "${1:-100}" python3 -m pytest -q -p no:cacheprovider --timeout 90 --maxfail=20 \
-  tests/test_gpu.py tests/test_efficient.py tests/test_plan.py tests/test_parity.py tests/test_amp.py \
+  tests/test_gpu.py tests/test_gsam_looksam.py tests/test_plan.py tests/test_parity.py tests/test_amp.py \
   > "$out/tests.log" 2>&1
 echo "tests rc=$?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -25

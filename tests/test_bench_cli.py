@@ -47,13 +47,13 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert train["usam-det"]["extra_bytes_per_param"] == 12.0
     assert "throughput / sam-torch's" in text and "usam-trace" not in {r["variant"] for r in data["optimizer_step"]}
     # interval and randomized SAM: training rows only, no extra memory beyond SAM's backup
-    assert {"esam-interval5", "esam-rst0.5"} <= set(train) and "esam-rst0.5" not in variants
-    assert train["esam-interval5"]["extra_bytes_per_param"] == 4.0
+    assert {"interval", "rst"} <= set(train) and "rst" not in variants
+    assert train["interval"]["extra_bytes_per_param"] == 4.0
     # GSAM: the backup and the saved gradient; LookSAM: backup, g_v and the saved gradient (fp32)
-    assert train["esam-gsam"]["extra_bytes_per_param"] == 8.0
-    assert train["esam-looksam5"]["extra_bytes_per_param"] == 12.0
+    assert train["gsam"]["extra_bytes_per_param"] == 8.0
+    assert train["looksam"]["extra_bytes_per_param"] == 12.0
     # Momentum-SAM: nothing beyond SGD's momentum buffer (its restore is arithmetic)
-    assert train["esam-msam"]["extra_bytes_per_param"] == 0.0
+    assert train["msam"]["extra_bytes_per_param"] == 0.0
     host = data["host_cost"]
     assert [(r["tensors"], r["grads"]) for r in host] == [(n, g) for n in (10, 30) for g in ("in place", "new", "backward")]
     for r in host:
@@ -186,7 +186,7 @@ def test_roofline_mixes_have_the_documented_shapes():
 def test_the_tables_have_a_legend():
     from sam_fused.tools.bench.cli import legend
 
-    lines = legend(["sgd", "sgd-fused", "sam-baseline", "sam-torch", "sam-cpu", "esam-gsam"])
+    lines = legend(["sgd", "sgd-fused", "sam-baseline", "sam-torch", "sam-cpu", "gsam"])
     text = "\n".join(lines)
     assert "oracle" in text and "not to be fast" in text and "Python loop" in text and "fused=True" in text
     assert len(lines) == 6 and legend(["sgd"]) == legend(["adamw"])

@@ -132,7 +132,7 @@ class TorchBackend(Backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# Momentum-SAM (optim/msam.py holds the order of its step; the kernels: kernels/momentum.py)
+# Momentum-SAM (optim/msam.py holds the order of its step; the kernels: kernels/msam.py)
 MSAM_RULES = """Momentum-SAM's step over a plan: the reference ops (the oracle) and the order every backend follows.
 
 Momentum-SAM (Becker et al., 2024) perturbs along the momentum instead of a fresh gradient, so a

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels import momentum
+from ..kernels import msam
 from ..kernels.dots import dots_partials, dots_programs, finalize_dots
 from ..kernels.norm import finalize, norm_programs, sq_partials
 from ..kernels.perturb import perturb as perturb_kernel
@@ -104,19 +104,19 @@ class TritonBackend(FusedBackend):
             return super().msam_update(launches, inv, inv_next, amp, extra, device)
         sq, _ = self._scalars(device)
         tables = [bucket_table(b) for b, _, _ in launches]
-        counts = [momentum.programs(t) for t in tables]
+        counts = [msam.programs(t) for t in tables]
         partials = self._sq_partials_for(sum(counts) + 1, device)
         off = 0
         for table, (bucket, update, restore_rho), k in zip(tables, launches, counts):
-            momentum.update(table, partials[off:], bucket.dtype, update, restore_rho is not None,
-                            0.0 if restore_rho is None else restore_rho, inv, amp)
+            msam.update(table, partials[off:], bucket.dtype, update, restore_rho is not None,
+                       0.0 if restore_rho is None else restore_rho, inv, amp)
             off += k
         if extra is not None:
             partials[off : off + 1].copy_(extra.reshape(1))
             off += 1
-        momentum.finalize(partials, off, sq, inv, inv_next, None if amp is None else amp[1])
+        msam.finalize(partials, off, sq, inv, inv_next, None if amp is None else amp[1])
         return sq
 
     def launch_msam_perturb(self, bucket: Bucket, inv_next: Tensor, amp: Amp | None) -> None:
-        momentum.perturb(bucket_table(bucket), bucket.dtype, bucket.group["rho"], inv_next,
-                         None if amp is None else amp[1])
+        msam.perturb(bucket_table(bucket), bucket.dtype, bucket.group["rho"], inv_next,
+                     None if amp is None else amp[1])

@@ -223,12 +223,13 @@ def environment(device: torch.device) -> dict:
 # The efficient SAM family: (class, its keywords, step(closure) calls timed as one round: a whole
 # cycle of an interval; for RST enough calls that each round holds about the expected share of
 # SAM steps)
+# rows named as `sam-fused compare` names the optimizers
 EFFICIENT = {
-    "esam-interval5": (FusedSAM, dict(interval=5), 5),
-    "esam-rst0.5": (FusedSAM, dict(sam_probability=0.5), 10),
-    "esam-gsam": (GSAM, dict(alpha=0.4), 1),
-    "esam-looksam5": (LookSAM, dict(k=5, alpha=0.7), 5),
-    "esam-msam": (MSAM, dict(rho=3.0), 1),  # the authors' rho; one forward/backward per step
+    "interval": (FusedSAM, dict(interval=5), 5),
+    "rst": (FusedSAM, dict(sam_probability=0.5), 10),
+    "gsam": (GSAM, dict(alpha=0.4), 1),
+    "looksam": (LookSAM, dict(k=5, alpha=0.7), 5),
+    "msam": (MSAM, dict(rho=3.0), 1),  # the authors' rho; one forward/backward per step
 }
 
 
@@ -269,7 +270,12 @@ def variants(device: torch.device, base: str, backends: list[str]) -> list[str]:
 
 
 def is_sam(variant: str) -> bool:
-    return variant.startswith(("sam-", "usam-", "esam-"))
+    return variant.startswith(("sam-", "usam-")) or variant in EFFICIENT
+
+
+def needs_closure(variant: str) -> bool:
+    """The universal and efficient rows: timed in training only (their step takes a closure)."""
+    return variant.startswith("usam-") or variant in EFFICIENT
 
 
 def make_optimizer(variant: str, params, base: str):
@@ -302,7 +308,7 @@ def _sam_or_plain_step(name: str, opt, closure=None):
 
 
 def optimizer_step_table(workload, variant_names, base, device, dtype, warmup, reps, copy_gbs, progress):
-    variant_names = [n for n in variant_names if not n.startswith(("usam-", "esam-"))]  # they need a closure
+    variant_names = [n for n in variant_names if not needs_closure(n)]
     params = list(workload.model.parameters())
     n_params = sum(p.numel() for p in params)
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -403,9 +409,9 @@ def legend(names) -> list[str]:
                      "are tested against, written to be read, not to be fast (do not pick it for speed)",
         "sam-fast": "sam-cpu, sam-cuda, sam-triton: FusedSAM's fused backends (native C++ on the CPU or CUDA, "
                     "Triton kernels over device pointer tables)",
-        "esam": "esam-*: the efficient family in training (interval5: SAM every 5th step; rst0.5: randomized SAM, "
-                "p = 0.5; gsam; looksam5: LookSAM, k = 5; msam: Momentum-SAM, one forward/backward per step), per step "
-                "over whole cycles",
+        "efficient": "interval, rst, gsam, looksam, msam: the efficient family in training (interval: SAM every 5th "
+                     "step; rst: randomized SAM, p = 0.5; gsam: GSAM, alpha 0.4; looksam: LookSAM, k = 5; msam: "
+                     "Momentum-SAM, one forward/backward per step), per step over whole cycles",
         "usam": "usam-*: the universal class (Frob-, Trace-, Det-SAM, n = 2 samples)",
     }
     keys = set()
@@ -418,8 +424,10 @@ def legend(names) -> list[str]:
             keys.add(n)
         elif n.startswith("sam-"):
             keys.add("sam-fast")
-        elif n.startswith(("esam-", "usam-")):
-            keys.add(n[:4])
+        elif n in EFFICIENT:
+            keys.add("efficient")
+        elif n.startswith("usam-"):
+            keys.add("usam")
     return ["  " + text[k] for k in text if k in keys]
 
 
@@ -527,7 +535,7 @@ def report(env, copy_gbs, step_rows, train_rows, host_rows=(), pass_rows=()) -> 
         rs = [r for r in train_rows if (r["model"], r["setting"], r["batch_size"]) == key]
         out.append(f"Training: {key[0]}, {key[1]}, batch {key[2]}  (throughput relative to SGD: SGD = 1, higher is "
                    "better; 0.5 would mean no cost beyond SAM's second forward/backward pass)" + mark)
-        universal = any(r["variant"].startswith(("usam-", "esam-")) for r in rs)
+        universal = any(needs_closure(r["variant"]) for r in rs)
         sam = _the_sam(rs)
         headers = (["variant", "median ms", "spread", "samples/s", "throughput / SGD's [quartiles]"]
                    + ([f"throughput / {sam['variant']}'s"] if universal and sam else [])
