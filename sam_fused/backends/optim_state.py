@@ -92,3 +92,19 @@ def update_scalars(kind: str, group: dict, base: torch.optim.Optimizer, step: fl
     return UpdateScalars(OPT_ADAM, lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
                          eps=group["eps"], step=step, maximize=group.get("maximize", False),
                          decoupled=group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW)))
+
+
+def check_checkpoint_state(base: torch.optim.Optimizer, state_dict: dict) -> None:
+    """For SGD, Adam and AdamW: every parameter's state in a checkpoint is the state ``base`` keeps
+    (before anything is loaded: torch.optim would fail half-way with a bare KeyError)."""
+    kind = FUSED_KINDS.get(type(base))
+    if kind is None:
+        return
+    needed = {"sgd": (), "adam": ("step", "exp_avg", "exp_avg_sq")}[kind]
+    allowed = {"sgd": {"momentum_buffer"}, "adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}[kind]
+    for index, st in state_dict.get("state", {}).items():
+        if st and (any(k not in st for k in needed) or not set(st) <= allowed):
+            raise ValueError(
+                f"this checkpoint's state of parameter {index} has {sorted(st)}, not the state of "
+                f"{type(base).__name__}: was it saved by another optimizer?"
+            )

@@ -21,7 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backends import make_backend
 from ..nn import frozen_running_stats
-from ..backends.optim_state import FUSED_KINDS
+from ..backends.optim_state import check_checkpoint_state
 from ..plan import StepPlan
 
 _UNMADE: list = []  # the _eager wrappers whose torch.compiler.disable is not made yet
@@ -395,16 +395,7 @@ class SAMOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): call restore() first")
-        kind = FUSED_KINDS.get(type(self.base_optimizer))
-        if kind is not None:  # torch.optim would fail half-way with a bare KeyError
-            needed = {"sgd": (), "adam": ("step", "exp_avg", "exp_avg_sq")}[kind]
-            allowed = {"sgd": {"momentum_buffer"}, "adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}[kind]
-            for index, st in state_dict.get("state", {}).items():
-                if st and (any(k not in st for k in needed) or not set(st) <= allowed):
-                    raise ValueError(
-                        f"this checkpoint's state of parameter {index} has {sorted(st)}, not the state of "
-                        f"{type(self.base_optimizer).__name__}: was it saved by another optimizer?"
-                    )
+        check_checkpoint_state(self.base_optimizer, state_dict)  # torch.optim would fail half-way with a KeyError
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
