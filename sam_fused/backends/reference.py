@@ -95,6 +95,63 @@ def perturb_(group: dict, p: Tensor, backup: Tensor, norm: Tensor, inv_scale: Te
     p.detach().copy_(torch.where(ok, w + e, w))
 
 
+def preconditioner(group: dict, st: dict | None, dt: torch.dtype) -> Tensor | None:
+    """``1 / (sqrt(v_hat) + eps)`` of Adam's state ``st`` after its last update (``v_hat =
+    exp_avg_sq / (1 - beta2^step)``, the denominator Adam's own step divides by; the group's beta2
+    and eps), in ``dt``; None before the parameter's first update (no second moment yet: the
+    identity, so that step is SAM's)."""
+    if not st or "exp_avg_sq" not in st or float(st["step"]) == 0.0:
+        return None
+    bc2 = 1.0 - group["betas"][1] ** float(st["step"])
+    v = local(st["exp_avg_sq"]).to(dt)
+    return torch.reciprocal(v.sqrt() / bc2**0.5 + group["eps"])
+
+
+def _precondition_triples(plan: StepPlan):
+    """(group, parameter as written, its gradient, its backup, the parameter keying the state) of
+    every parameter of a perturbing plan, buckets and the rest alike."""
+    for b in plan.buckets:
+        yield from ((b.group, p, g, backup, owner) for p, g, backup, owner in zip(b.params, b.grads(), b.backups,
+                                                                                 b.owners))
+    for group, p, backup in plan.slow:
+        yield group, local(p), local(p.grad), backup, p
+
+
+def precondition_perturb(state, plan: StepPlan, reduce_sq=None, inv_scale: Tensor | None = None) -> Tensor:
+    """The preconditioned perturbation, over every parameter of ``plan`` (``state``: the Adam base
+    optimizer's): with ``P^-1 = preconditioner(...)`` (1 where None),
+
+        norm = || P^-1 g ||_2   (fp64 sum of squares, ``reduce_sq`` in place, then fp32)
+        e    = rho * P^-1 g / (norm + 1e-12),   backup = w,   w <- w + e   (untouched when not finite)
+
+    so that ``||e|| = rho`` as SAM's, along the direction Adam's own step would take with ``g``.
+    Returns the norm."""
+    triples = list(_precondition_triples(plan))
+    device = plan.locals[0].device
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for group, p, g, _, owner in triples:
+        x = _unscaled(g.to(torch.float64), inv_scale)
+        inv_p = preconditioner(group, state.get(owner), torch.float64)
+        if inv_p is not None:
+            x = x * inv_p
+        sq += x.square().sum().to(device)
+    if reduce_sq is not None:
+        reduce_sq(sq)
+    norm = sq.sqrt().float()
+    for group, p, g, backup, owner in triples:
+        backup.copy_(p.detach())
+        dt = _math_dtype(p)
+        n = norm.to(device=p.device, dtype=dt)
+        ok = torch.isfinite(n)
+        scale = torch.where(ok, group["rho"] / (n + EPS), torch.zeros_like(n))
+        w = p.detach().to(dt)
+        x = _unscaled(g.to(dt), inv_scale)
+        inv_p = preconditioner(group, state.get(owner), dt)
+        e = (x if inv_p is None else x * inv_p) * scale
+        p.detach().copy_(torch.where(ok, w + e, w))
+    return norm
+
+
 class TorchBackend(Backend):
     """Pure-PyTorch reference: one op per tensor, the base optimizer's own ``step()`` for the update.
     Every parameter takes the reference ops (``dtypes`` is empty: the plan puts all in ``slow``)."""

@@ -17,8 +17,8 @@ head's). Everything else is :class:`~sam_fused.FusedSAM`'s: the fused perturb pa
 ``w + e`` in one pass), the fused restore + update, ASAM (``adaptive``), the schedules, phases and
 ``perturb=False`` groups, GradScaler, checkpoints and refusals.
 
-The preconditioned perturbation of the same paper is not offered here yet: ``e`` is SAM's (or
-ASAM's).
+The paper's preconditioned perturbation, ``precondition=True`` (Adam/AdamW bases): ``e = rho *
+P^-1 g / ||P^-1 g||`` with ``P`` Adam's denominator (see :class:`~sam_fused.FusedSAM`).
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ class GSAM(FusedSAM):
         self._values: dict = {}
 
     _subsets = False
+    _preconditions = False
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)

@@ -112,6 +112,7 @@ class LookSAM(FusedSAM):
         return self.interval
 
     _subsets = False
+    _preconditions = False
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)

@@ -14,6 +14,7 @@ from torch.amp.grad_scaler import OptState
 from ..backends import BACKENDS
 from ..backends.amp import check_amp, passed_by_scaler
 from ..backends.base import Combo, unhooked_step
+from ..backends.reference import precondition_perturb
 from ..plan import Buffers, StepPlan
 from .base import BackwardWatch, SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
 
@@ -90,6 +91,12 @@ class FusedSAM(SAMOptimizer):
             None)`` in steps), or a function of the step count returning whether SAM is on. Inside
             the window ``interval`` / ``sam_probability`` still apply. Counted in ``"sam_step"``
             like them.
+        precondition: the preconditioned perturbation (Singh et al., ICML 2025, arXiv 2502.02407):
+            ``e = rho * P^-1 g / ||P^-1 g||``, ``P = sqrt(v / (1 - beta2^t)) + eps`` from the
+            Adam/AdamW base's ``exp_avg_sq`` after its last update (the identity for a parameter
+            without one yet: the first step is SAM's). Adam and AdamW bases only; not with
+            ``adaptive``. The perturbation runs in the reference ops on every backend (the
+            restore + update stays fused); see ``docs/language-models.md``.
         **base_kwargs: handed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     ``interval``, ``sam_probability`` and ``phase`` act in every form of the step:
@@ -133,9 +140,21 @@ class FusedSAM(SAMOptimizer):
         sam_probability: float | None = None,
         seed: int = 0,
         phase: "tuple[int, int | None] | Callable[[int], bool] | None" = None,
+        precondition: bool = False,
         **base_kwargs,
     ) -> None:
         _check_nonneg("rho", rho)
+        if not isinstance(precondition, bool):
+            raise TypeError(f"precondition must be True or False, got {precondition!r}")
+        if precondition:
+            if not self._preconditions:
+                raise ValueError(f"{type(self).__name__} has no preconditioned perturbation (FusedSAM and FunctionalSAM do)")
+            if base_optimizer not in (torch.optim.Adam, torch.optim.AdamW):
+                raise ValueError(
+                    "precondition=True preconditions the perturbation by Adam's second moment: the base optimizer must "
+                    f"be torch.optim.Adam or torch.optim.AdamW, got {getattr(base_optimizer, '__name__', base_optimizer)!r}")
+            if adaptive:
+                raise ValueError("precondition=True and adaptive=True exclude each other (two different metrics)")
         _check_nonneg("eta", eta)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
@@ -150,6 +169,7 @@ class FusedSAM(SAMOptimizer):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.phase = _check_phase(phase)
+        self.precondition = precondition
         self.interval, self.sam_probability, self.seed = interval, sam_probability, seed
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, perturb=True, **self._variant_defaults)
         super().__init__(params, base_optimizer, defaults, backend, base_kwargs)
@@ -183,10 +203,17 @@ class FusedSAM(SAMOptimizer):
         if not group["perturb"] and not self._subsets:
             raise ValueError(f"{type(self).__name__} perturbs every group (perturb=False is FusedSAM's, SAM and "
                              "ASAM): its gradient combination needs both gradients of every parameter")
+        if self.__dict__.get("precondition"):
+            if group.get("amsgrad", False):
+                raise ValueError("precondition=True reads Adam's exp_avg_sq: amsgrad (which divides by its running "
+                                 "maximum instead) is not supported")
+            if group["adaptive"]:
+                raise ValueError("precondition=True and adaptive=True exclude each other (two different metrics)")
 
     # Whether param groups may be left unperturbed (perturb=False); the gradient combinations of
     # GSAM and LookSAM are defined over every parameter.
     _subsets = True
+    _preconditions = True  # GSAM and LookSAM combine the two gradients in their own metric: no
 
     # Buffers the first step fills with the (unscaled) first gradient in its perturb pass (GSAM,
     # LookSAM). None: nothing is saved.
@@ -240,8 +267,12 @@ class FusedSAM(SAMOptimizer):
         try:
             norm = None
             if plan.active:
-                extra = {} if self._save is None else {"save": self._save}
-                norm = self._backend.perturb(plan, self._backend.plans.params.reduce_sq, inv_scale, **extra)
+                reduce_sq = self._backend.plans.params.reduce_sq
+                if self.precondition:
+                    norm = precondition_perturb(self.base_optimizer.state, plan, reduce_sq, inv_scale)
+                else:
+                    extra = {} if self._save is None else {"save": self._save}
+                    norm = self._backend.perturb(plan, reduce_sq, inv_scale, **extra)
             self._grad_norm = norm
         finally:
             self._backend.plans.end_pass()
