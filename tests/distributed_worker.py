@@ -132,12 +132,15 @@ def run_universal(rank, world, out: Path, backends):
                 torch.save(params, out / f"universal_{backend}_{measure}.pt")
 
 
-EFFICIENT = ("gsam", "looksam", "msam_sgd", "msam_adamw")
+EFFICIENT = ("gsam", "looksam", "msam_sgd", "msam_adamw", "psam")
 
 
 def make_efficient(model, name, backend):
-    from sam_fused import GSAM, MSAM, LookSAM
+    from sam_fused import GSAM, MSAM, FusedSAM, LookSAM
 
+    if name == "psam":  # the preconditioned perturbation: each rank reads its shards of exp_avg_sq
+        cls, kw = OPTIMIZERS["adamw"]
+        return FusedSAM(model.parameters(), cls, rho=0.1, precondition=True, backend=backend, **kw)
     if name.startswith("msam"):
         cls, kw = OPTIMIZERS[name.split("_")[1]]
         return MSAM(model.parameters(), cls, rho=0.5, backend=backend, **kw)
@@ -148,8 +151,9 @@ def make_efficient(model, name, backend):
 
 
 def run_efficient(rank, world, out: Path, backends):
-    """GSAM and LookSAM (k 2: SAM steps and steps in between) and Momentum-SAM on FSDP2, through
-    step(closure): their sums are all-reduced over the shards like the norm."""
+    """GSAM and LookSAM (k 2: SAM steps and steps in between), Momentum-SAM and the preconditioned
+    perturbation on FSDP2, through step(closure): their sums are all-reduced over the shards like
+    the norm."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
