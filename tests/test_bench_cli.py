@@ -54,6 +54,8 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert train["looksam"]["extra_bytes_per_param"] == 12.0
     # Momentum-SAM: nothing beyond SGD's momentum buffer (its restore is arithmetic)
     assert train["msam"]["extra_bytes_per_param"] == 0.0
+    # a 25% SAM phase: SAM's backup; the preconditioned perturbation needs an Adam base (not this run's SGD)
+    assert train["phase"]["extra_bytes_per_param"] == 4.0 and "psam" not in train
     host = data["host_cost"]
     assert [(r["tensors"], r["grads"]) for r in host] == [(n, g) for n in (10, 30) for g in ("in place", "new", "backward")]
     for r in host:
@@ -297,3 +299,13 @@ def test_bottom_line_says_the_json_figures_in_words(tmp_path, capsys):
     assert config["steps"] == 2 and config["warmup"] == 0 and config["backend"] == ["torch"]
     assert config["batch_size"] == {"transformer": {"custom": 2}} and config["transformer_params"] == 1e5
     assert config["host_tensors"] == [] and not [k for k in config if k.startswith("roofline")]
+
+
+def test_the_preconditioned_row_runs_over_adamw():
+    from sam_fused.tools.bench.cli import make_optimizer
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = make_optimizer("psam", [p], "adamw")
+    assert opt.precondition and isinstance(opt.base_optimizer, torch.optim.AdamW)
+    opt.step(lambda: (p ** 2).sum().backward())
+    assert not torch.equal(p.detach(), torch.ones(3))

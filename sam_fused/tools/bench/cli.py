@@ -89,7 +89,8 @@ def add_parser(sub) -> None:
                         "with their cost relative to SGD and to SAM)")
     p.add_argument("--efficient", action="store_true",
                    help="also train with interval SAM (SAM every 5th step), randomized SAM (RST, p = 0.5), GSAM "
-                        "(alpha 0.4), LookSAM (k = 5, alpha 0.7) and Momentum-SAM (rho 3): "
+                        "(alpha 0.4), LookSAM (k = 5, alpha 0.7), Momentum-SAM (rho 3), a 25%% SAM phase and, with "
+                        "--base adamw, the preconditioned perturbation: "
                         "training table only, their throughput relative to SGD and to SAM, per step averaged "
                         "over whole cycles")
     p.add_argument("--host-tensors", default=None,
@@ -230,7 +231,10 @@ EFFICIENT = {
     "gsam": (GSAM, dict(alpha=0.4), 1),
     "looksam": (LookSAM, dict(k=5, alpha=0.7), 5),
     "msam": (MSAM, dict(rho=3.0), 1),  # the authors' rho; one forward/backward per step
+    "phase": (FusedSAM, dict(phase=lambda step: step % 4 == 3), 4),  # a 25% SAM phase: its cost per step
+    "psam": (FusedSAM, dict(precondition=True), 1),  # the preconditioned perturbation: Adam/AdamW bases only
 }
+ADAM_ONLY = {"psam"}
 
 
 def calls_per_round(variant: str) -> int:
@@ -411,7 +415,9 @@ def legend(names) -> list[str]:
                     "Triton kernels over device pointer tables)",
         "efficient": "interval, rst, gsam, looksam, msam: the efficient family in training (interval: SAM every 5th "
                      "step; rst: randomized SAM, p = 0.5; gsam: GSAM, alpha 0.4; looksam: LookSAM, k = 5; msam: "
-                     "Momentum-SAM, one forward/backward per step), per step over whole cycles",
+                     "Momentum-SAM, one forward/backward per step; phase: SAM on 1 step of every 4, the "
+                     "per-step cost of a 25% SAM phase; psam, with --base adamw: the preconditioned "
+                     "perturbation), per step over whole cycles",
         "usam": "usam-*: the universal class (Frob-, Trace-, Det-SAM, n = 2 samples)",
     }
     keys = set()
@@ -595,7 +601,7 @@ def run(args) -> int:
         1e8 if device.type == "cuda" else 2e6)
     names = variants(device, args.base, backends)
     universal = (["usam-frob", "usam-trace", "usam-det"] if args.universal else []) + (
-        list(EFFICIENT) if args.efficient else [])
+        [n for n in EFFICIENT if args.base == "adamw" or n not in ADAM_ONLY] if args.efficient else [])
     workloads = [build(m, device, tparams, dtype) for m in models]
     host_counts = args.host_tensors if args.host_tensors is not None else (
         [100, 1000, 10000] if full else [100, 1000])
