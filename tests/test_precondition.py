@@ -217,3 +217,19 @@ def test_a_resumed_run_continues_identically(backend):
     fresh.load_state_dict(sd)
     fresh.step(lambda: loss_of(qs, x, y).backward())
     assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(ps, qs))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (TRITON_INTERPRET=1 on the CPU)")
+def test_the_triton_backend_fuses_it_in_the_steady_state(monkeypatch):
+    """After the first update, every step's preconditioned perturbation runs in the Triton norm and
+    perturb launches (reading exp_avg_sq from the bucket's table), not in the reference ops."""
+    from sam_fused.backends import reference
+
+    calls = []
+    real = reference.precondition_perturb
+    monkeypatch.setattr(reference, "precondition_perturb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run("triton", STEPS)
+    assert calls == []
+    calls.clear()
+    run("cpu" if "cpu" in BACKENDS else "torch", 2)  # the native kernels have no such launch: the reference ops
+    assert len(calls) == 2

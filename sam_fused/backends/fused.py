@@ -134,20 +134,67 @@ class FusedBackend(Backend):
             self._norm = torch.zeros((), dtype=torch.float32, device=device)
         return self._sq, self._norm
 
+    precondition_kernels = False  # whether launch_sq / launch_perturb take ``pre`` (Adam's denominator)
+
     def perturb(self, plan: StepPlan, reduce_sq=None,
-                inv_scale: Tensor | None = None, save: Buffers | None = None) -> Tensor:
+                inv_scale: Tensor | None = None, save: Buffers | None = None, precondition=None) -> Tensor:
+        pre = None
+        if precondition is not None:  # the Adam base's state: the preconditioned perturbation
+            pre = self._precondition_scalars(plan, precondition)
+            if pre is None:
+                return reference.precondition_perturb(precondition, plan, reduce_sq, inv_scale)
         sq, norm = self._scalars(plan.locals[0].device)
         extra = reference.grad_sq_sum(plan.slow, sq.device, inv_scale) if plan.slow else None
-        self.launch_sq(plan.buckets, extra, sq, norm, inv_scale)
+        if pre is None:
+            self.launch_sq(plan.buckets, extra, sq, norm, inv_scale)
+        else:
+            self.launch_sq(plan.buckets, extra, sq, norm, inv_scale, pre)
         if reduce_sq is not None:
             reduce_sq(sq)
             torch.sqrt(sq, out=norm)
-        for bucket in plan.buckets:
-            self.launch_perturb(bucket, norm, inv_scale, save)
+        for i, bucket in enumerate(plan.buckets):
+            if pre is None:
+                self.launch_perturb(bucket, norm, inv_scale, save)
+            else:
+                self.launch_perturb(bucket, norm, inv_scale, save, pre[i])
         for group, p, backup in plan.slow:
             reference.perturb_(group, p, backup, norm, inv_scale,
                                None if save is None else save.get(p))
         return norm
+
+    def _precondition_scalars(self, plan: StepPlan, state) -> list | None:
+        """Per bucket, (1 / sqrt(1 - beta2^t), eps) for the fused preconditioned passes, or None for a
+        bucket whose parameters have no Adam update yet (the identity: SAM's launch). None for the
+        whole plan when the kernels cannot take it: no such kernels, parameters outside the
+        buckets, a bucket whose exp_avg_sq is not its state-2 column (state created or replaced
+        since its last update) or whose parameters are at different step counts. The reference
+        ops then make the perturbation."""
+        if not self.precondition_kernels or plan.slow:
+            return None
+        out = []
+        for bucket in plan.buckets:
+            sts = [state.get(p) for p in bucket.owners]
+            started = [bool(st) and "exp_avg_sq" in st for st in sts]
+            if not any(started):  # no Adam update yet: SAM's launch
+                out.append(None)
+                continue
+            if not all(started) or bucket.state2 is None or not all(
+                    a is local(st.get("exp_avg_sq")) for a, st in zip(bucket.state2, sts)):
+                return None
+            steps = [st["step"] for st in sts]
+            cached = bucket.cache.get("adam_step")
+            if cached is not None and cached[0] == self._updates and cached[2] is steps[0]:
+                t = cached[1]
+            else:
+                values = torch.stack(steps).tolist()
+                if any(v != values[0] for v in values):
+                    return None
+                t = values[0]
+            if t == 0:
+                return None
+            group = bucket.group
+            out.append(((1.0 - group["betas"][1] ** t) ** -0.5, float(group["eps"])))
+        return out
 
     def local_dots(self, plan: StepPlan, aux: Buffers, inv_scale: Tensor | None) -> Tensor:
         out = self._dots_out(plan.locals[0].device)

@@ -158,7 +158,9 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def perturb(self, plan: StepPlan, reduce_sq=None, inv_scale=None, save=None) -> Tensor:
+    def perturb(self, plan: StepPlan, reduce_sq=None, inv_scale=None, save=None, precondition=None) -> Tensor:
+        if precondition is not None:
+            return precondition_perturb(precondition, plan, reduce_sq, inv_scale)
         sq = grad_sq_sum(plan.slow, plan.locals[0].device, inv_scale)
         if reduce_sq is not None:
             reduce_sq(sq)

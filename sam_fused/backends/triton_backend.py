@@ -60,14 +60,17 @@ class TritonBackend(FusedBackend):
             self._sq_partials = torch.empty(max(n, 64), dtype=torch.float64, device=device)
         return self._sq_partials
 
+    precondition_kernels = True
+
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  inv_scale: Tensor | None) -> None:
+                  inv_scale: Tensor | None, pre: list | None = None) -> None:
         tables = [(bucket_table(b), b) for b in buckets]
         counts = [norm_programs(t) for t, _ in tables]
         partials = self._sq_partials_for(sum(counts) + 1, sq.device)
         off = 0
-        for (table, b), k in zip(tables, counts):
-            sq_partials(table, partials[off:], b.dtype, b.group["adaptive"], b.group["eta"], inv_scale)
+        for i, ((table, b), k) in enumerate(zip(tables, counts)):
+            sq_partials(table, partials[off:], b.dtype, b.group["adaptive"], b.group["eta"], inv_scale,
+                        None if pre is None else pre[i])
             off += k
         if extra is not None:
             partials[off : off + 1].copy_(extra.reshape(1))
@@ -75,10 +78,10 @@ class TritonBackend(FusedBackend):
         finalize(partials, off, sq, norm)
 
     def launch_perturb(self, bucket: Bucket, norm: Tensor,
-                       inv_scale: Tensor | None, save: Buffers | None = None) -> None:
+                       inv_scale: Tensor | None, save: Buffers | None = None, pre=None) -> None:
         g = bucket.group
         perturb_kernel(bucket_table(bucket, save), norm, bucket.dtype, g["rho"], g["adaptive"], g["eta"],
-                       inv_scale, save is not None)
+                       inv_scale, save is not None, pre)
 
     def launch_update(self, bucket: Bucket, update: UpdateScalars, amp: Amp | None, combo: Combo | None = None) -> None:
         if combo is None:

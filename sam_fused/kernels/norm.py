@@ -27,27 +27,31 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch
-from .table import COL_GRAD, COL_PARAM, NCOL, TL_DTYPES, PointerTable, chunk_of, column, load, walk_all
+from .table import COL_GRAD, COL_PARAM, COL_STATE2, NCOL, TL_DTYPES, PointerTable, chunk_of, column, load, walk_all
 
 
 @triton.jit
 def _sq_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
-    p, g, eta, grad_mul = args
+    p, g, v, eta, grad_mul, bc2_inv = args
     ADAPTIVE: tl.constexpr = C[0]
     AMP: tl.constexpr = C[1]
+    PRECOND: tl.constexpr = C[2]
     x = load(g, idx, mask, MASKED).to(tl.float64)
     if AMP:
         x = x * grad_mul
     if ADAPTIVE:
         w = load(p, idx, mask, MASKED).to(tl.float64)
         x = x * (tl.abs(w) + eta)
+    if PRECOND:  # x / (sqrt(v / bc2) + eps), Adam's denominator (eta holds eps)
+        vv = load(v, idx, mask, MASKED).to(tl.float64)
+        x = x / (tl.sqrt(vv) * bc2_inv + eta)
     return acc + x * x
 
 
 @triton.jit
 def _sq_partials_kernel(
-    chunks, tensors, partials, n_chunks, eta, inv_scale_ptr,
-    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
+    chunks, tensors, partials, n_chunks, eta, inv_scale_ptr, bc2_inv,
+    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, PRECOND: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -61,8 +65,11 @@ def _sq_partials_kernel(
         row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
         p = column(row, COL_PARAM, DTYPE, ALIGNED)
         g = column(row, COL_GRAD, DTYPE, ALIGNED)
-        acc, acc_t = walk_all(start, end, _sq_block, (p, g, eta, grad_mul), (ADAPTIVE, AMP), acc, acc_t, BLOCK, TAIL,
-                              STAGES)
+        v = g
+        if PRECOND:
+            v = column(row, COL_STATE2, DTYPE, ALIGNED)
+        acc, acc_t = walk_all(start, end, _sq_block, (p, g, v, eta, grad_mul, bc2_inv), (ADAPTIVE, AMP, PRECOND), acc,
+                              acc_t, BLOCK, TAIL, STAGES)
     if TAIL == BLOCK:  # the tails went into acc
         tl.store(partials + pid, tl.sum(acc, axis=0))
     else:
@@ -84,16 +91,20 @@ def norm_programs(table: PointerTable) -> int:
 
 
 def sq_partials(table: PointerTable, partials: Tensor, dtype, adaptive: bool, eta: float,
-                inv_scale: Tensor | None = None) -> None:
+                inv_scale: Tensor | None = None, precondition: tuple[float, float] | None = None) -> None:
     """Write ``norm_programs(table)`` partial sums of squares into ``partials[0:...]`` (fp64); with AMP's
-    ``inv_scale`` (a one-element fp32 device tensor) the gradients are unscaled as they are read."""
+    ``inv_scale`` (a one-element fp32 device tensor) the gradients are unscaled as they are read.
+    ``precondition`` = (1 / sqrt(1 - beta2^t), eps): each gradient divided by Adam's denominator
+    ``sqrt(v) / sqrt(1 - beta2^t) + eps``, ``v`` the state-2 column (exp_avg_sq); not with ASAM."""
     if table.n_chunks == 0:
         return
     cfg, grid = launch.for_table(table, "norm")
     _sq_partials_kernel[(grid,)](
-        table.chunks, table.tensors, partials, table.n_chunks * cfg.split, float(eta),
-        partials if inv_scale is None else inv_scale,
-        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), AMP=inv_scale is not None, ALIGNED=table.aligned,
+        table.chunks, table.tensors, partials, table.n_chunks * cfg.split,
+        float(eta if precondition is None else precondition[1]), partials if inv_scale is None else inv_scale,
+        1.0 if precondition is None else float(precondition[0]),
+        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), AMP=inv_scale is not None,
+        PRECOND=precondition is not None, ALIGNED=table.aligned,
         **cfg.kwargs(),
     )
 

@@ -14,7 +14,6 @@ from torch.amp.grad_scaler import OptState
 from ..backends import BACKENDS
 from ..backends.amp import check_amp, passed_by_scaler
 from ..backends.base import Combo, unhooked_step
-from ..backends.reference import precondition_perturb
 from ..plan import Buffers, StepPlan
 from .base import BackwardWatch, SAMOptimizer, _called_by_dcp_state_init, _capturing, _check_nonneg, _eager, _unwrapping
 
@@ -95,8 +94,9 @@ class FusedSAM(SAMOptimizer):
             ``e = rho * P^-1 g / ||P^-1 g||``, ``P = sqrt(v / (1 - beta2^t)) + eps`` from the
             Adam/AdamW base's ``exp_avg_sq`` after its last update (the identity for a parameter
             without one yet: the first step is SAM's). Adam and AdamW bases only; not with
-            ``adaptive``. The perturbation runs in the reference ops on every backend (the
-            restore + update stays fused); see ``docs/language-models.md``.
+            ``adaptive``. Fused on the Triton backend (the norm and perturb passes read
+            ``exp_avg_sq``); the native backends run the perturbation in the reference ops; see
+            ``docs/language-models.md``.
         **base_kwargs: handed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     ``interval``, ``sam_probability`` and ``phase`` act in every form of the step:
@@ -268,8 +268,8 @@ class FusedSAM(SAMOptimizer):
             norm = None
             if plan.active:
                 reduce_sq = self._backend.plans.params.reduce_sq
-                if self.precondition:
-                    norm = precondition_perturb(self.base_optimizer.state, plan, reduce_sq, inv_scale)
+                if self.precondition:  # the Adam base's state holds the preconditioner
+                    norm = self._backend.perturb(plan, reduce_sq, inv_scale, precondition=self.base_optimizer.state)
                 else:
                     extra = {} if self._save is None else {"save": self._save}
                     norm = self._backend.perturb(plan, reduce_sq, inv_scale, **extra)
