@@ -56,8 +56,10 @@ const at::Tensor* checked_partials(const char* op, const c10::optional<at::Tenso
 }
 
 void sq_sum(at::Tensor out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-            bool accumulate, const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& partials) {
-  check_lists("sq_sum_", params, {&grads});
+            bool accumulate, const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& partials,
+            const TensorList& precond, double bc2_inv) {
+  check_lists("sq_sum_", params, {&grads, &precond});
+  TORCH_CHECK(precond.empty() || !adaptive, "sq_sum_: precond and adaptive exclude each other");
   TORCH_CHECK(grads.size() == params.size(), "sq_sum_: one grad per parameter");
   // fp64: the sum of squares of gradients whose norm fits fp32 can exceed fp32's range
   TORCH_CHECK(out.numel() == 1 && out.scalar_type() == at::kDouble && out.is_contiguous(),
@@ -66,12 +68,15 @@ void sq_sum(at::Tensor out, const TensorList& params, const TensorList& grads, b
   const at::Tensor* inv = checked_inv_scale("sq_sum_", inv_scale, params);
   const at::Tensor* scratch = checked_partials("sq_sum_", partials, params, at::kDouble);
 #ifdef SAM_FUSED_WITH_CUDA
-  if (on_cuda(params)) return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate, inv, scratch);
+  if (on_cuda(params)) {
+    TORCH_CHECK(precond.empty(), "sq_sum_: the preconditioned norm has no CUDA kernel");
+    return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate, inv, scratch);
+  }
 #else
   on_cuda(params);
   (void)scratch;
 #endif
-  sq_sum_cpu(out, params, grads, adaptive, eta, accumulate, inv);
+  sq_sum_cpu(out, params, grads, adaptive, eta, accumulate, inv, precond, bc2_inv);
 }
 
 void dots(at::Tensor out, const TensorList& grads, const TensorList& aux, bool accumulate,
@@ -94,19 +99,23 @@ void dots(at::Tensor out, const TensorList& grads, const TensorList& aux, bool a
 
 void perturb(const TensorList& params, const TensorList& grads, const TensorList& backups, const TensorList& save,
              const at::Tensor& norm, double rho, bool adaptive, double eta,
-             const c10::optional<at::Tensor>& inv_scale) {
-  check_lists("perturb_", params, {&grads, &backups, &save});
+             const c10::optional<at::Tensor>& inv_scale, const TensorList& precond, double bc2_inv) {
+  check_lists("perturb_", params, {&grads, &backups, &save, &precond});
+  TORCH_CHECK(precond.empty() || !adaptive, "perturb_: precond and adaptive exclude each other");
   TORCH_CHECK(grads.size() == params.size() && backups.size() == params.size(),
               "perturb_: one grad and one backup per parameter");
   TORCH_CHECK(norm.numel() == 1 && (params.empty() || norm.device() == params[0].device()),
               "perturb_: norm must be a one-element tensor on the parameters' device");
   const at::Tensor* inv = checked_inv_scale("perturb_", inv_scale, params);
 #ifdef SAM_FUSED_WITH_CUDA
-  if (on_cuda(params)) return perturb_cuda(params, grads, backups, save, norm, rho, adaptive, eta, inv);
+  if (on_cuda(params)) {
+    TORCH_CHECK(precond.empty(), "perturb_: the preconditioned perturbation has no CUDA kernel");
+    return perturb_cuda(params, grads, backups, save, norm, rho, adaptive, eta, inv);
+  }
 #else
   on_cuda(params);
 #endif
-  perturb_cpu(params, grads, backups, save, norm, rho, adaptive, eta, inv);
+  perturb_cpu(params, grads, backups, save, norm, rho, adaptive, eta, inv, precond, bc2_inv);
 }
 
 void restore_update(const TensorList& params, const TensorList& grads, const TensorList& sources,
@@ -216,13 +225,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sam_fused native kernels: global grad norm, perturb with backup, restore + update";
   m.def("sq_sum_", &sq_sum, "out = sum of (T g)^2 over the tensors (out += with accumulate)", py::arg("out"),
         py::arg("params"), py::arg("grads"), py::kw_only(), py::arg("adaptive"), py::arg("eta"),
-        py::arg("accumulate") = false, py::arg("inv_scale") = py::none(), py::arg("partials") = py::none());
+        py::arg("accumulate") = false, py::arg("inv_scale") = py::none(), py::arg("partials") = py::none(),
+        py::arg("precond") = TensorList{}, py::arg("bc2_inv") = 1.0);
   m.def("dots_", &dots, "out[0..2] (+)= sum g^2, sum g*aux, sum aux^2 (g times inv_scale when given)",
         py::arg("out"), py::arg("grads"), py::arg("aux"), py::kw_only(), py::arg("accumulate") = false,
         py::arg("inv_scale") = py::none(), py::arg("partials") = py::none());
   m.def("perturb_", &perturb, "backup = w; [save = g * inv_scale;] w += e (skipped when norm is not finite)",
         py::arg("params"), py::arg("grads"), py::arg("backups"), py::arg("save"), py::kw_only(), py::arg("norm"),
-        py::arg("rho"), py::arg("adaptive"), py::arg("eta"), py::arg("inv_scale") = py::none());
+        py::arg("rho"), py::arg("adaptive"), py::arg("eta"), py::arg("inv_scale") = py::none(),
+        py::arg("precond") = TensorList{}, py::arg("bc2_inv") = 1.0);
   m.def(
       "restore_update_",
       [](const TensorList& params, const TensorList& grads, const TensorList& sources, const TensorList& state1,

@@ -33,10 +33,12 @@ scalar_t* ptr(const TensorList& list, int64_t i) {
   return list.empty() ? nullptr : static_cast<scalar_t*>(list[i].data_ptr());
 }
 
-// Products and sums in double for every dtype: finite whenever the norm fits fp32.
-template <typename scalar_t, bool ADAPTIVE>
+// Products and sums in double for every dtype: finite whenever the norm fits fp32. PRECOND: each
+// gradient times 1 / (sqrt(v) * bc2_inv + eps), v the preconditioner list (Adam's exp_avg_sq).
+template <typename scalar_t, bool ADAPTIVE, bool PRECOND = false>
 void sq_sum_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads, double eta,
-                   float grad_mul, std::vector<double>& partial) {
+                   float grad_mul, std::vector<double>& partial, const TensorList& precond = {},
+                   double bc2_inv = 1.0) {
   const double m = grad_mul;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
@@ -45,6 +47,13 @@ void sq_sum_chunks(const std::vector<Chunk>& chunks, const TensorList& params, c
       const scalar_t* w = ptr<scalar_t>(params, ch.tensor);
       double lanes[kLanes] = {};
       int64_t i = ch.begin;
+      if constexpr (PRECOND) {
+        const scalar_t* v = ptr<scalar_t>(precond, ch.tensor);
+        for (; i < ch.end; ++i) {
+          const double x = double(g[i]) * m * inverse_adam_denominator<double>(double(v[i]), bc2_inv, eta);
+          lanes[i % kLanes] += x * x;
+        }
+      }
       for (; i + kLanes <= ch.end; i += kLanes) {
         for (int k = 0; k < kLanes; ++k)
           lanes[k] += weighted_square<double>(double(w[i + k]), double(g[i + k]) * m, ADAPTIVE, eta);
@@ -97,10 +106,10 @@ void dots_chunks(const std::vector<Chunk>& chunks, const TensorList& grads, cons
   });
 }
 
-template <typename scalar_t, bool ADAPTIVE>
+template <typename scalar_t, bool ADAPTIVE, bool PRECOND = false>
 void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, const TensorList& grads,
                     const TensorList& backups, const TensorList& save, float norm, double rho, double eta,
-                    float grad_mul) {
+                    float grad_mul, const TensorList& precond = {}, double bc2_inv = 1.0) {
   using acc_t = at::opmath_type<scalar_t>;
   bool ok;
   const acc_t scale = perturb_scale<acc_t>(norm, rho, grad_mul, &ok);
@@ -120,6 +129,15 @@ void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, 
         }
       }
       if (!ok) continue;  // non-finite norm: the weights stay as they are
+      if constexpr (PRECOND) {  // e = g * scale / P (eta holds Adam's eps)
+        const scalar_t* __restrict__ v = ptr<scalar_t>(precond, ch.tensor);
+        for (int64_t i = ch.begin; i < ch.end; ++i) {
+          const acc_t x = acc_t(w[i]);
+          w[i] = scalar_t(x + acc_t(g[i]) * scale *
+                                  inverse_adam_denominator<acc_t>(acc_t(v[i]), acc_t(bc2_inv), acc_t(eta)));
+        }
+        continue;
+      }
       for (int64_t i = ch.begin; i < ch.end; ++i) {
         const acc_t x = acc_t(w[i]);
         w[i] = scalar_t(x + perturbation<acc_t>(x, acc_t(g[i]), scale, ADAPTIVE, acc_t(eta)));
@@ -134,13 +152,15 @@ void perturb_chunks(const std::vector<Chunk>& chunks, const TensorList& params, 
 static float grad_mul_of(const at::Tensor* inv_scale) { return inv_scale == nullptr ? 1.f : *inv_scale->data_ptr<float>(); }
 
 void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                bool accumulate, const at::Tensor* inv_scale) {
+                bool accumulate, const at::Tensor* inv_scale, const TensorList& precond, double bc2_inv) {
   const float grad_mul = grad_mul_of(inv_scale);
   const auto chunks = make_chunks(params);
   std::vector<double> partial(chunks.size(), 0.0);
   if (!chunks.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cpu", [&] {
-      if (adaptive) {
+      if (!precond.empty()) {
+        sq_sum_chunks<scalar_t, false, true>(chunks, params, grads, eta, grad_mul, partial, precond, bc2_inv);
+      } else if (adaptive) {
         sq_sum_chunks<scalar_t, true>(chunks, params, grads, eta, grad_mul, partial);
       } else {
         sq_sum_chunks<scalar_t, false>(chunks, params, grads, eta, grad_mul, partial);
@@ -173,13 +193,16 @@ void dots_cpu(at::Tensor& out, const TensorList& grads, const TensorList& aux, b
 
 void perturb_cpu(const TensorList& params, const TensorList& grads, const TensorList& backups,
                  const TensorList& save, const at::Tensor& norm, double rho, bool adaptive, double eta,
-                 const at::Tensor* inv_scale) {
+                 const at::Tensor* inv_scale, const TensorList& precond, double bc2_inv) {
   const float grad_mul = grad_mul_of(inv_scale);
   const float norm_v = norm.to(at::kFloat).item<float>();  // a CPU tensor: no device synchronization
   const auto chunks = make_chunks(params);
   if (chunks.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "perturb_cpu", [&] {
-    if (adaptive) {
+    if (!precond.empty()) {
+      perturb_chunks<scalar_t, false, true>(chunks, params, grads, backups, save, norm_v, rho, eta, grad_mul, precond,
+                                            bc2_inv);
+    } else if (adaptive) {
       perturb_chunks<scalar_t, true>(chunks, params, grads, backups, save, norm_v, rho, eta, grad_mul);
     } else {
       perturb_chunks<scalar_t, false>(chunks, params, grads, backups, save, norm_v, rho, eta, grad_mul);

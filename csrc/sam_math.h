@@ -33,6 +33,13 @@ SAM_HD acc_t perturbation(acc_t w, acc_t g, acc_t scale, bool adaptive, acc_t et
   return g * scale;
 }
 
+// The preconditioned perturbation's 1 / P, P = Adam's denominator sqrt(v) / sqrt(1 - beta2^t) + eps
+// (bc2_inv = 1 / sqrt(1 - beta2^t), v = exp_avg_sq after the last update).
+template <typename acc_t>
+SAM_HD acc_t inverse_adam_denominator(acc_t v, acc_t bc2_inv, acc_t eps) {
+  return acc_t(1) / (sqrt(v) * bc2_inv + eps);
+}
+
 // (T * g)^2
 template <typename acc_t>
 SAM_HD acc_t weighted_square(acc_t w, acc_t g, bool adaptive, acc_t eta) {

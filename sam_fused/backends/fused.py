@@ -166,9 +166,10 @@ class FusedBackend(Backend):
         """Per bucket, (1 / sqrt(1 - beta2^t), eps) for the fused preconditioned passes, or None for a
         bucket whose parameters have no Adam update yet (the identity: SAM's launch). None for the
         whole plan when the kernels cannot take it: no such kernels, parameters outside the
-        buckets, a bucket whose exp_avg_sq is not its state-2 column (state created or replaced
-        since its last update) or whose parameters are at different step counts. The reference
-        ops then make the perturbation."""
+        buckets, a bucket whose state cannot be walked with its parameters or whose parameters are
+        at different step counts. The reference ops then make the perturbation. A bucket whose
+        columns do not hold the state (a resumed run) takes them from it first, so a resumed run
+        makes the steps the uninterrupted one makes."""
         if not self.precondition_kernels or plan.slow:
             return None
         out = []
@@ -178,9 +179,13 @@ class FusedBackend(Backend):
             if not any(started):  # no Adam update yet: SAM's launch
                 out.append(None)
                 continue
-            if not all(started) or bucket.state2 is None or not all(
-                    a is local(st.get("exp_avg_sq")) for a, st in zip(bucket.state2, sts)):
+            if not all(started):
                 return None
+            if bucket.state2 is None or not all(a is local(st["exp_avg_sq"]) for a, st in zip(bucket.state2, sts)):
+                fresh: list[Tensor] = []  # the columns from the state (a resumed run: before its first update)
+                if not self._check_state(bucket, "adam", state, fresh) or fresh:
+                    return None
+                self._fill_state(bucket, "adam", state)
             steps = [st["step"] for st in sts]
             cached = bucket.cache.get("adam_step")
             if cached is not None and cached[0] == self._updates and cached[2] is steps[0]:

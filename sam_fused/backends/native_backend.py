@@ -26,6 +26,7 @@ class NativeBackend(FusedBackend):
         super().__init__(optimizer)
         self._C = module
         self.name = name
+        self.precondition_kernels = name == "cpu"  # CUDA: the preconditioned perturbation in the reference ops
         self._partials: dict[torch.dtype, Tensor] = {}
 
     def _scratch(self, buckets: list[Bucket], width: int, device: torch.device,
@@ -42,10 +43,14 @@ class NativeBackend(FusedBackend):
         return have
 
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  inv_scale: Tensor | None) -> None:
+                  inv_scale: Tensor | None, pre: list | None = None) -> None:
         scratch = self._scratch(buckets, 1, sq.device, torch.float64)
         for i, b in enumerate(buckets):
             g = b.group
+            if pre is not None and pre[i] is not None:  # eta carries Adam's eps
+                self._C.sq_sum_(sq, b.params, b.grads(), adaptive=False, eta=pre[i][1], accumulate=i > 0,
+                                inv_scale=inv_scale, partials=scratch, precond=b.state2, bc2_inv=pre[i][0])
+                continue
             self._C.sq_sum_(sq, b.params, b.grads(), adaptive=bool(g["adaptive"]), eta=float(g["eta"]),
                             accumulate=i > 0, inv_scale=inv_scale, partials=scratch)
         if not buckets:
@@ -62,8 +67,12 @@ class NativeBackend(FusedBackend):
             out.zero_()
 
     def launch_perturb(self, bucket: Bucket, norm: Tensor,
-                       inv_scale: Tensor | None, save: Buffers | None = None) -> None:
+                       inv_scale: Tensor | None, save: Buffers | None = None, pre=None) -> None:
         g = bucket.group
+        if pre is not None:  # the preconditioned perturbation (eta carries Adam's eps)
+            self._C.perturb_(bucket.params, bucket.grads(), bucket.backups, [], norm=norm, rho=float(g["rho"]),
+                             adaptive=False, eta=pre[1], inv_scale=inv_scale, precond=bucket.state2, bc2_inv=pre[0])
+            return
         self._C.perturb_(bucket.params, bucket.grads(), bucket.backups,
                          [] if save is None else bucket.buffers(save), norm=norm, rho=float(g["rho"]),
                          adaptive=bool(g["adaptive"]), eta=float(g["eta"]), inv_scale=inv_scale)
