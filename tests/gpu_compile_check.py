@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sam_fused.kernels import dots, launch, momentum, norm, perturb, universal, update
+from sam_fused.kernels import dots, launch, msam, norm, perturb, universal, update
 
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
@@ -57,7 +57,7 @@ STORES = {"perturb", "update", "msam_update", "msam_perturb", "usam_perturb", "u
 # Spills ptxas reports for the committed default configuration, (variant, arch) -> bytes stored:
 # known, reported in the table, not failed on (a narrow tail removes them: benchmarks/NOTES.md). Any
 # other spill, or a larger one, fails.
-KNOWN_SPILLS = {(("norm", "fp32", False, True, False), 90): 8, (("norm", "fp32", False, True, False), 80): 8,
+KNOWN_SPILLS = {(("norm", "fp32", False, True, False, False), 90): 8, (("norm", "fp32", False, True, False, False), 80): 8,
                 (("usam_perturb", "fp32", False, False, False), 90): 4,
                 (("msam_update", "fp32", 2, True, False, True), 100): 12,
                 (("usam_accumulate", "fp32", 0, False, False), 89): 4,
@@ -103,13 +103,17 @@ def variants(configs=None):
         if amp and not al:  # AMP (GradScaler) variants only with aligned tables
             continue
         c = dict(DTYPE=DTYPES[dt], ADAPTIVE=ad, AMP=amp, ALIGNED=al)
-        yield ("norm", dt, ad, al, amp), norm._sq_partials_kernel, dict(
+        yield ("norm", dt, ad, al, amp, False), norm._sq_partials_kernel, dict(
             chunks="*i64", tensors="*i64", partials="*fp64", n_chunks="i32", eta=f32, inv_scale_ptr="*fp32"), \
             cx("norm", **c), "norm"
-        for save in (False, True) if (al and not ad) else (False,):  # SAVE (GSAM, LookSAM), aligned
-            yield ("perturb", dt, ad, al, amp, save), perturb._perturb_kernel, dict(
+        if al and not ad:  # the preconditioned norm (Adam's denominator), aligned tables
+            yield ("norm", dt, ad, al, amp, True), norm._sq_pre_partials_kernel, dict(
+                chunks="*i64", tensors="*i64", partials="*fp64", n_chunks="i32", eps=f32, inv_scale_ptr="*fp32",
+                bc2_inv=f32), cx("norm", DTYPE=DTYPES[dt], AMP=amp, ALIGNED=al), "norm"
+        for save, pre in ((False, False), (True, False), (False, True)) if (al and not ad) else ((False, False),):
+            yield ("perturb", dt, ad, al, amp, save, pre), perturb._perturb_kernel, dict(
                 chunks="*i64", tensors="*i64", n_chunks="i32", norm_ptr="*fp32", rho=f32, eta=f32,
-                inv_scale_ptr="*fp32"), cx("perturb", SAVE=save, **c), "perturb"
+                inv_scale_ptr="*fp32", bc2_inv=f32), cx("perturb", SAVE=save, PRECOND=pre, **c), "perturb"
         if not ad:
             yield ("dots", dt, al, amp), dots._dots_partials_kernel, dict(
                 chunks="*i64", tensors="*i64", partials="*fp32", n_chunks="i32", inv_scale_ptr="*fp32"), \
@@ -117,7 +121,7 @@ def variants(configs=None):
     yield ("finalize",), norm._finalize_kernel, dict(partials="*fp64", n="i32", sq="*fp64", norm="*fp32"), dict(
         PBLOCK=1024), None
     for amp in (False, True):
-        yield ("msam_finalize", amp), momentum._finalize_kernel, dict(
+        yield ("msam_finalize", amp), msam._finalize_kernel, dict(
             partials="*fp64", n="i32", sq="*fp64", inv_ptr="*fp32", inv_next_ptr="*fp32", found_inf_ptr="*fp32"), dict(
             AMP=amp, PBLOCK=1024), None
     yield ("finalize_dots",), dots._finalize_dots_kernel, dict(partials="*fp32", n="i32", out="*fp32"), dict(
@@ -143,9 +147,9 @@ def variants(configs=None):
             if amp and not al:
                 continue
             c = cx("msam_update", DTYPE=DTYPES[dt], OPT=opt, RESTORE=restore, AMP=amp, ALIGNED=al)
-            yield ("msam_update", dt, opt, restore, amp, al), momentum._update_kernel, mtypes, c, "msam_update"
+            yield ("msam_update", dt, opt, restore, amp, al), msam._update_kernel, mtypes, c, "msam_update"
         for amp, al in ((False, False), (False, True), (True, True)):
-            yield ("msam_perturb", dt, amp, al), momentum._perturb_kernel, dict(
+            yield ("msam_perturb", dt, amp, al), msam._perturb_kernel, dict(
                 chunks="*i64", tensors="*i64", n_chunks="i32", inv_next_ptr="*fp32", found_inf_ptr="*fp32",
                 rho=f32), cx("msam_perturb", DTYPE=DTYPES[dt], AMP=amp, ALIGNED=al), "msam_perturb"
         for start, uni, expl in itertools.product((False, True), repeat=3):
@@ -161,8 +165,8 @@ def variants(configs=None):
 
 # The fp32 aligned representative of each pass (the table of `make gpu-static`), by its name.
 REPRESENTATIVES = {
-    "norm": ("norm", "fp32", False, True, False),
-    "perturb": ("perturb", "fp32", False, True, False, False),
+    "norm": ("norm", "fp32", False, True, False, False),
+    "perturb": ("perturb", "fp32", False, True, False, False, False),
     "update sgd-mom": ("update", "fp32", 1, 1, 0, 0, 0, True),
     "update adamw": ("update", "fp32", 2, 0, 0, 0, 0, True),
     "restore": ("update", "fp32", 0, 0, 0, 0, 0, True),
@@ -174,10 +178,12 @@ REPRESENTATIVES = {
     "usam_accumulate": ("usam_accumulate", "fp32", 0, False, False),
 }
 # `make test`'s subset (with the representatives): bf16 and fp16 rounding, the unaligned path,
-# AMP, GSAM/LookSAM's combine, ASAM's norm and perturb, and a final sum.
-QUICK_EXTRA = [("update", "bf16", 2, 0, 0, 0, 0, True), ("perturb", "fp16", True, True, True, False),
-               ("update", "fp32", 1, 1, 0, 1, 2, True), ("norm", "bf16", True, False, False),
-               ("perturb", "fp32", False, True, False, True), ("msam_update", "bf16", 2, True, True, True),
+# AMP, GSAM/LookSAM's combine, ASAM's norm and perturb, the preconditioned norm and perturb, and a
+# final sum.
+QUICK_EXTRA = [("update", "bf16", 2, 0, 0, 0, 0, True), ("perturb", "fp16", True, True, True, False, False),
+               ("update", "fp32", 1, 1, 0, 1, 2, True), ("norm", "bf16", True, False, False, False),
+               ("perturb", "fp32", False, True, False, True, False), ("msam_update", "bf16", 2, True, True, True),
+               ("norm", "fp32", False, True, False, True), ("perturb", "fp32", False, True, False, False, True),
                ("finalize",)]
 
 

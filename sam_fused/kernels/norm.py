@@ -32,26 +32,34 @@ from .table import COL_GRAD, COL_PARAM, COL_STATE2, NCOL, TL_DTYPES, PointerTabl
 
 @triton.jit
 def _sq_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
-    p, g, v, eta, grad_mul, bc2_inv = args
+    p, g, eta, grad_mul = args
     ADAPTIVE: tl.constexpr = C[0]
     AMP: tl.constexpr = C[1]
-    PRECOND: tl.constexpr = C[2]
     x = load(g, idx, mask, MASKED).to(tl.float64)
     if AMP:
         x = x * grad_mul
     if ADAPTIVE:
         w = load(p, idx, mask, MASKED).to(tl.float64)
         x = x * (tl.abs(w) + eta)
-    if PRECOND:  # x / (sqrt(v / bc2) + eps), Adam's denominator (eta holds eps)
-        vv = load(v, idx, mask, MASKED).to(tl.float64)
-        x = x / (tl.sqrt(vv) * bc2_inv + eta)
+    return acc + x * x
+
+
+@triton.jit
+def _sq_pre_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
+    v, g, eps, grad_mul, bc2_inv = args
+    AMP: tl.constexpr = C[0]
+    x = load(g, idx, mask, MASKED).to(tl.float64)
+    if AMP:
+        x = x * grad_mul
+    vv = load(v, idx, mask, MASKED).to(tl.float64)
+    x = x / (tl.sqrt(vv) * bc2_inv + eps)  # Adam's denominator sqrt(v / (1 - beta2^t)) + eps
     return acc + x * x
 
 
 @triton.jit
 def _sq_partials_kernel(
-    chunks, tensors, partials, n_chunks, eta, inv_scale_ptr, bc2_inv,
-    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, PRECOND: tl.constexpr, ALIGNED: tl.constexpr,
+    chunks, tensors, partials, n_chunks, eta, inv_scale_ptr,
+    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -65,12 +73,35 @@ def _sq_partials_kernel(
         row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
         p = column(row, COL_PARAM, DTYPE, ALIGNED)
         g = column(row, COL_GRAD, DTYPE, ALIGNED)
-        v = g
-        if PRECOND:
-            v = column(row, COL_STATE2, DTYPE, ALIGNED)
-        acc, acc_t = walk_all(start, end, _sq_block, (p, g, v, eta, grad_mul, bc2_inv), (ADAPTIVE, AMP, PRECOND), acc,
-                              acc_t, BLOCK, TAIL, STAGES)
+        acc, acc_t = walk_all(start, end, _sq_block, (p, g, eta, grad_mul), (ADAPTIVE, AMP), acc, acc_t, BLOCK, TAIL,
+                              STAGES)
     if TAIL == BLOCK:  # the tails went into acc
+        tl.store(partials + pid, tl.sum(acc, axis=0))
+    else:
+        tl.store(partials + pid, tl.sum(acc, axis=0) + tl.sum(acc_t, axis=0))
+
+
+@triton.jit
+def _sq_pre_partials_kernel(
+    chunks, tensors, partials, n_chunks, eps, inv_scale_ptr, bc2_inv,
+    DTYPE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
+):
+    """The preconditioned norm's partial sums: (g / (sqrt(v) * bc2_inv + eps))^2, v the state-2 column."""
+    pid = tl.program_id(0)
+    grad_mul = 1.0
+    if AMP:
+        grad_mul = tl.load(inv_scale_ptr).to(tl.float64)
+    n_programs = tl.num_programs(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_t = tl.zeros([TAIL], dtype=tl.float64)
+    for c in range(pid, n_chunks, n_programs):
+        row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
+        v = column(row, COL_STATE2, DTYPE, ALIGNED)
+        g = column(row, COL_GRAD, DTYPE, ALIGNED)
+        acc, acc_t = walk_all(start, end, _sq_pre_block, (v, g, eps, grad_mul, bc2_inv), (AMP,), acc, acc_t, BLOCK,
+                              TAIL, STAGES)
+    if TAIL == BLOCK:
         tl.store(partials + pid, tl.sum(acc, axis=0))
     else:
         tl.store(partials + pid, tl.sum(acc, axis=0) + tl.sum(acc_t, axis=0))
@@ -99,12 +130,17 @@ def sq_partials(table: PointerTable, partials: Tensor, dtype, adaptive: bool, et
     if table.n_chunks == 0:
         return
     cfg, grid = launch.for_table(table, "norm")
+    inv = partials if inv_scale is None else inv_scale
+    if precondition is not None:
+        _sq_pre_partials_kernel[(grid,)](
+            table.chunks, table.tensors, partials, table.n_chunks * cfg.split, float(precondition[1]), inv,
+            float(precondition[0]), DTYPE=TL_DTYPES[dtype], AMP=inv_scale is not None, ALIGNED=table.aligned,
+            **cfg.kwargs(),
+        )
+        return
     _sq_partials_kernel[(grid,)](
-        table.chunks, table.tensors, partials, table.n_chunks * cfg.split,
-        float(eta if precondition is None else precondition[1]), partials if inv_scale is None else inv_scale,
-        1.0 if precondition is None else float(precondition[0]),
-        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), AMP=inv_scale is not None,
-        PRECOND=precondition is not None, ALIGNED=table.aligned,
+        table.chunks, table.tensors, partials, table.n_chunks * cfg.split, float(eta), inv,
+        DTYPE=TL_DTYPES[dtype], ADAPTIVE=bool(adaptive), AMP=inv_scale is not None, ALIGNED=table.aligned,
         **cfg.kwargs(),
     )
 
