@@ -15,7 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from sam_fused import GSAM, MSAM, FunctionalSAM, FusedSAM, LookSAM  # noqa: E402
-from sam_fused.integrations.transformers import SAMTrainer, phase_window  # noqa: E402
+from sam_fused.integrations.transformers import SAMTrainer  # noqa: E402
+from sam_fused.nn import phase_window  # noqa: E402
 from tolerances import FP32  # noqa: E402
 
 SEQ, VOCAB = 12, 50
@@ -236,9 +237,9 @@ def test_phase_window_maps_fractions_to_steps():
     (dict(sam_phase_start=0.5, sam_phase_stop=0.5), ValueError, "0 <= start < stop <= 1"),
     (dict(sam_phase_start=-0.1), ValueError, "0 <= start < stop <= 1"),
     (dict(sam_phase_stop=1.5), ValueError, "0 <= start < stop <= 1"),
-    (dict(sam_phase_start=True), ValueError, "fraction"),
-    (dict(sam_phase_start="0.5"), ValueError, "fraction"),
-    (dict(sam_phase_stop=float("nan")), ValueError, "fraction"),
+    (dict(sam_phase_start=True), ValueError, "start must be a fraction"),
+    (dict(sam_phase_start="0.5"), ValueError, "start must be a fraction"),
+    (dict(sam_phase_stop=float("nan")), ValueError, "stop must be a fraction"),
     (dict(sam_phase_start=0.5, sam_variant="msam"), ValueError, "MSAM has no phases"),
     (dict(sam_phase_start=0.5, sam_kwargs=dict(phase=(0, 2))), ValueError, "once"),
 ])

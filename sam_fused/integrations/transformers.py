@@ -76,33 +76,15 @@ Checkpoints go through DeepSpeed's own save and load, as the Trainer does them.
 from __future__ import annotations
 
 import contextlib
-import math
 
 from transformers import Trainer
 
+from ..nn import check_phase_fractions, phase_window
 from ..optim import GSAM, MSAM, FunctionalSAM, FusedSAM, LookSAM
 
 VARIANTS = {"sam": (FusedSAM, {}), "asam": (FusedSAM, {"adaptive": True}), "gsam": (GSAM, {}),
             "looksam": (LookSAM, {}), "msam": (MSAM, {}), "functional": (FunctionalSAM, {})}
 _SAM_TYPES = (FusedSAM, MSAM)
-
-
-def _fraction(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a fraction of the training steps (a number in [0, 1]), got {value!r}")
-    return float(value)
-
-
-def phase_window(start: float, stop: float, max_steps: int) -> tuple[int, int | None]:
-    """FusedSAM's ``phase`` for the fractions ``[start, stop)`` of ``max_steps`` optimizer steps:
-    step ``s`` is in it when ``start <= s / max_steps < stop``; no end when ``stop`` is 1. A window
-    that holds no step is refused."""
-    first = math.ceil(round(start * max_steps, 9))  # round: 0.1 * 30 is 3.0000000000000004, step 3 is in
-    last = None if stop >= 1.0 else math.ceil(round(stop * max_steps, 9))
-    if first >= (max_steps if last is None else last):
-        raise ValueError(f"the SAM phase [{start:g}, {stop:g}) of {max_steps} training steps holds no step "
-                         f"(steps {first} to {max_steps if last is None else last}): widen it or train longer")
-    return first, last
 
 
 @contextlib.contextmanager
@@ -139,10 +121,7 @@ class SAMTrainer(Trainer):
                  sam_phase_start: float = 0.0, sam_phase_stop: float = 1.0, **kwargs) -> None:
         if sam_variant not in VARIANTS:
             raise ValueError(f"sam_variant must be one of {sorted(VARIANTS)}, got {sam_variant!r}")
-        start, stop = _fraction("sam_phase_start", sam_phase_start), _fraction("sam_phase_stop", sam_phase_stop)
-        if not 0.0 <= start < stop <= 1.0:
-            raise ValueError(f"sam_phase_start and sam_phase_stop must be fractions of training with 0 <= start < stop "
-                             f"<= 1, got {sam_phase_start!r} and {sam_phase_stop!r}")
+        start, stop = check_phase_fractions(sam_phase_start, sam_phase_stop)
         self.sam_phase = None if (start, stop) == (0.0, 1.0) else (start, stop)
         if self.sam_phase is not None and sam_variant == "msam":
             raise ValueError("sam_phase_start/stop: MSAM has no phases (it perturbs on every step, at the cost of one "
