@@ -1,4 +1,4 @@
-"""Helpers for the models SAM trains: BatchNorm statistics and ASAM's parameter groups.
+"""Helpers for the models SAM trains: BatchNorm statistics, parameter groups, SAM phases.
 
 ``frozen_running_stats(model)``
     A context manager for the second forward pass (at w + e): every BatchNorm layer normalizes
@@ -12,11 +12,15 @@
     Param groups the way the ASAM authors' code treats a model: ``T = |w| + eta`` (adaptive) for
     the parameters whose name contains "weight", plain SAM (``T = 1``) for the others (biases,
     and BatchNorm's shifts); the norm stays global over both.
+``phase_window(start, stop, total_steps)``
+    FusedSAM's ``phase`` for SAM on the fractions ``[start, stop)`` of training: "SAM for the last
+    25% of 1000 steps" is ``phase_window(0.75, 1.0, 1000) == (750, None)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 from torch import nn
@@ -88,3 +92,33 @@ def norm_layer_param_groups(model: nn.Module, include_lora: bool = True, **group
         (perturbed if on else others).append(p)
     groups = [dict(group_options, params=perturbed, perturb=True), dict(group_options, params=others, perturb=False)]
     return [g for g in groups if g["params"]]
+
+
+def check_phase_fractions(start: float, stop: float) -> tuple[float, float]:
+    """``(start, stop)`` as floats when they are fractions of training with ``0 <= start < stop <=
+    1``; else a ValueError that says so."""
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"the SAM phase's {name} must be a fraction of the training steps (a number in [0, 1]), "
+                             f"got {value!r}")
+    if not 0.0 <= start < stop <= 1.0:
+        raise ValueError(f"the SAM phase must be fractions of training with 0 <= start < stop <= 1, got start {start!r} "
+                         f"and stop {stop!r}")
+    return float(start), float(stop)
+
+
+def phase_window(start: float, stop: float, total_steps: int) -> tuple[int, int | None]:
+    """FusedSAM's ``phase=(first, last)`` for SAM on the fractions ``[start, stop)`` of
+    ``total_steps`` optimizer steps: step ``s`` (counted from 0) is in it when ``start <= s /
+    total_steps < stop``; ``last`` is None (no end) when ``stop`` is 1. Refused when the window
+    holds no step."""
+    start, stop = check_phase_fractions(start, stop)
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+    first = math.ceil(round(start * total_steps, 9))  # round: 0.1 * 30 is 3.0000000000000004, step 3 is in
+    last = None if stop == 1.0 else math.ceil(round(stop * total_steps, 9))
+    end = total_steps if last is None else last
+    if first >= end:
+        raise ValueError(f"the SAM phase [{start:g}, {stop:g}) of {total_steps} training steps holds no step (steps "
+                         f"{first} to {end}): widen it or train longer")
+    return first, last

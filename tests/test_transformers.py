@@ -1,7 +1,9 @@
 """SAMTrainer: a tiny GPT-2 built from a config (no download) trained by the Hugging Face Trainer
 with SAM equals a hand-written FusedSAM loop on the same batches: accumulation 1 and 2, gradient
 clipping, the Trainer's AdamW and linear schedule; two forwards per micro-batch; a plain Trainer
-given a FusedSAM gets an error that names SAMTrainer. Skipped without transformers."""
+given a FusedSAM gets an error that names SAMTrainer. Functional-SAM through the Trainer equals a
+hand-written FunctionalSAM loop; SAM phases (fractions of training) give the plain Trainer's steps
+outside the window, and a checkpoint resumes inside it. Skipped without transformers."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sam_fused import GSAM, MSAM, FusedSAM, LookSAM  # noqa: E402
+from sam_fused import GSAM, MSAM, FunctionalSAM, FusedSAM, LookSAM  # noqa: E402
 from sam_fused.integrations.transformers import SAMTrainer  # noqa: E402
+from sam_fused.nn import phase_window  # noqa: E402
+from tolerances import FP32  # noqa: E402
 
 SEQ, VOCAB = 12, 50
 
@@ -54,12 +58,13 @@ class Recording(SAMTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def args_for(tmp_path, accumulation):
+def args_for(tmp_path, accumulation, max_steps=3, **kwargs):
+    kwargs = {"save_strategy": "no", **kwargs}
     return transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
-        max_steps=3, learning_rate=0.05, weight_decay=0.01, max_grad_norm=0.05, optim="adamw_torch",
-        lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-        dataloader_drop_last=True)
+        max_steps=max_steps, learning_rate=0.05, weight_decay=0.01, max_grad_norm=0.05, optim="adamw_torch",
+        lr_scheduler_type="linear", logging_steps=1, report_to=[], use_cpu=True, seed=0,
+        dataloader_drop_last=True, **kwargs)
 
 
 def by_hand(model, trainer_args, seen, variant, rho):
@@ -69,7 +74,8 @@ def by_hand(model, trainer_args, seen, variant, rho):
     groups = [{"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": 0.01},
               {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0}]
     cls, kw = {"sam": (FusedSAM, {}), "gsam": (GSAM, {}), "looksam": (LookSAM, dict(k=2)),
-               "interval": (FusedSAM, dict(interval=2))}[variant]
+               "interval": (FusedSAM, dict(interval=2)), "functional": (FunctionalSAM, {}),
+               "phase": (FusedSAM, dict(phase=(0, 2)))}[variant]
     opt = cls(groups, torch.optim.AdamW, rho=rho, lr=0.05, betas=(0.9, 0.999), eps=1e-8, **kw)
     sched = transformers.get_linear_schedule_with_warmup(opt, 0, 3)
     model.train()
@@ -79,7 +85,14 @@ def by_hand(model, trainer_args, seen, variant, rho):
         if not last:
             continue
         sam = opt.is_sam_step(step_index)
-        for _ in range(2 if sam else 1):
+        if variant == "functional":  # the first pass saves dL/dlogits; the second backpropagates the logits
+            for b, n in window:
+                out = model(**b, num_items_in_batch=n)
+                opt.accumulate(out.loss, out.logits)
+            opt.first_step()
+            for b, n in window:
+                opt.second_backward(model(**b, num_items_in_batch=n).logits)
+        for _ in range(0 if variant == "functional" else 2 if sam else 1):
             for b, n in window:
                 model(**b, num_items_in_batch=n).loss.backward()
             if sam and opt._perturbed is None:
@@ -115,21 +128,158 @@ def test_sam_trainer_equals_a_hand_written_loop(tmp_path, accumulation, variant)
     assert moved > 1e-3  # it trained
 
 
-@pytest.mark.parametrize("variant", ["looksam", "interval"])
+@pytest.mark.parametrize("variant", ["looksam", "interval", "phase"])
 def test_scheduled_variants_take_plain_steps_through_the_trainer(tmp_path, variant):
     """LookSAM (k = 2) and SAM every 2nd step: SAM steps 0 and 2 take two forwards per micro-batch,
-    step 1 one; the weights equal the hand-written loop (LookSAM's step in between uses g_v)."""
+    step 1 one; SAM in the first half of training (sam_phase_stop=0.5 of 3 steps: steps 0 and 1):
+    step 2 one. The weights equal the hand-written loop (LookSAM's step in between uses g_v)."""
     model = tiny_gpt2()
     start = copy.deepcopy(model)
-    kwargs = dict(sam_variant="looksam", sam_kwargs=dict(k=2)) if variant == "looksam" else dict(
-        sam_variant="sam", sam_kwargs=dict(interval=2))
+    kwargs = {"looksam": dict(sam_variant="looksam", sam_kwargs=dict(k=2)),
+              "interval": dict(sam_variant="sam", sam_kwargs=dict(interval=2)),
+              "phase": dict(sam_variant="sam", sam_phase_stop=0.5)}[variant]
     trainer = Recording(model=model, args=args_for(tmp_path, 2), train_dataset=Tokens(), sam_rho=0.5, **kwargs)
     trainer.train()
-    assert trainer.forwards == 2 * 2 + 2 + 2 * 2  # micro-batches: 2 per step; steps 0 and 2 are SAM steps
+    sam_steps = 2  # micro-batches: 2 per step; two SAM steps (0 and 2, or 0 and 1) and one plain step
+    assert trainer.forwards == sam_steps * 2 * 2 + 2
     assert trainer._sam().param_groups[0]["sam_step"] == 3
+    if variant == "phase":
+        assert trainer._sam().phase == (0, 2)
     expected = by_hand(start, trainer.args, trainer.seen, variant, 0.5)
     for (name, p), q in zip(model.named_parameters(), expected.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_functional_sam_through_the_trainer_equals_a_hand_written_loop(tmp_path, accumulation):
+    """sam_variant="functional": the Trainer's forward gives the loss and the logits; the first
+    pass saves dL/dlogits (accumulate), the second backpropagates the logits at w + e with them,
+    the Trainer clips that update gradient and steps: the weights equal FunctionalSAM by hand on the
+    same micro-batches (accumulation 1 and 2, AdamW, linear schedule, clipping), two forwards per
+    micro-batch, and differ from SAM's."""
+    model = tiny_gpt2()
+    start = copy.deepcopy(model)
+    trainer = Recording(model=model, args=args_for(tmp_path, accumulation), train_dataset=Tokens(), sam_rho=0.5,
+                        sam_variant="functional")
+    trainer.train()
+    assert isinstance(trainer._sam(), FunctionalSAM)
+    assert trainer.forwards == 2 * len(trainer.seen) == 2 * 3 * accumulation
+    expected = by_hand(start, trainer.args, trainer.seen, "functional", 0.5)
+    atol, rtol = FP32["fast_vs_reference"]
+    for (name, p), q in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, atol=atol, rtol=rtol, msg=name)
+    sam = by_hand(copy.deepcopy(start), trainer.args, trainer.seen, "sam", 0.5)
+    apart = max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), sam.parameters()))
+    assert apart > 100 * atol  # the update gradient is not SAM's
+
+
+class Steps(transformers.TrainerCallback):
+    """The weights after each optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.weights = model, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.weights.append([p.detach().clone() for p in self.model.parameters()])
+
+
+@pytest.mark.parametrize("variant", ["sam", "functional"])
+def test_phase_fractions_give_the_plain_trainers_steps_outside_the_window(tmp_path, variant):
+    """sam_phase_start=0.5 of 4 steps: steps 0 and 1 are the plain Trainer's, bit for bit on the
+    torch backend (one forward per micro-batch), steps 2 and 3 are SAM steps (two) and leave it."""
+    runs = []
+    for sam in (True, False):
+        model = tiny_gpt2()
+        steps = Steps(model)
+        kw = dict(sam_rho=0.5, sam_variant=variant, sam_kwargs=dict(backend="torch"), sam_phase_start=0.5) if sam else {}
+        cls = Recording if sam else transformers.Trainer
+        trainer = cls(model=model, args=args_for(tmp_path / str(sam), 2, max_steps=4), train_dataset=Tokens(),
+                      callbacks=[steps], **kw)
+        trainer.train()
+        runs.append(steps.weights)
+        if sam:
+            assert trainer._sam().phase == (2, None) and trainer.forwards == 2 * 2 + 2 * 2 * 2
+    assert len(runs[0]) == len(runs[1]) == 4
+    for step in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][step], runs[1][step])), step
+    for step in (2, 3):
+        assert max(float((a - b).abs().max()) for a, b in zip(runs[0][step], runs[1][step])) > 1e-4
+
+
+def test_a_checkpoint_resumes_functional_sam_inside_its_phase(tmp_path):
+    """Functional-SAM in the second half of 4 steps, a checkpoint after step 2 (the last plain
+    one): the resumed run makes steps 2 and 3 as SAM steps (two forwards per micro-batch) and ends
+    at the uninterrupted run's weights, bit for bit."""
+    ends = []
+    for resume in (False, True):
+        model = tiny_gpt2()
+        out = tmp_path / "run"
+        trainer = Recording(model=model, args=args_for(out, 1, max_steps=4, save_strategy="steps", save_steps=2),
+                            train_dataset=Tokens(), sam_rho=0.5, sam_variant="functional", sam_phase_start=0.5)
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
+        assert trainer._sam().param_groups[0]["sam_step"] == 4
+        assert trainer.forwards == (2 * 2 if resume else 2 + 2 * 2)
+        ends.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*ends))
+
+
+def test_phase_window_maps_fractions_to_steps():
+    assert phase_window(0.75, 1.0, 100) == (75, None)
+    assert phase_window(0.1, 0.2, 30) == (3, 6)  # 0.1 * 30 rounds to 3.0000000000000004: step 3 is in
+    assert phase_window(0.0, 0.5, 3) == (0, 2) and phase_window(0.5, 1.0, 3) == (2, None)
+    with pytest.raises(ValueError, match="holds no step"):
+        phase_window(0.9, 0.95, 3)  # steps 3 to 3
+    with pytest.raises(ValueError, match="holds no step"):
+        phase_window(0.9, 1.0, 5)  # ceil(4.5) = 5: no step left
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sam_phase_start=0.5, sam_phase_stop=0.5), ValueError, "0 <= start < stop <= 1"),
+    (dict(sam_phase_start=-0.1), ValueError, "0 <= start < stop <= 1"),
+    (dict(sam_phase_stop=1.5), ValueError, "0 <= start < stop <= 1"),
+    (dict(sam_phase_start=True), ValueError, "start must be a fraction"),
+    (dict(sam_phase_start="0.5"), ValueError, "start must be a fraction"),
+    (dict(sam_phase_stop=float("nan")), ValueError, "stop must be a fraction"),
+    (dict(sam_phase_start=0.5, sam_variant="msam"), ValueError, "MSAM has no phases"),
+    (dict(sam_phase_start=0.5, sam_kwargs=dict(phase=(0, 2))), ValueError, "once"),
+])
+def test_sam_trainer_refuses_phases_that_cannot_work(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SAMTrainer(model=tiny_gpt2(), args=args_for(tmp_path, 1), train_dataset=Tokens(), **kwargs)
+
+
+def test_sam_trainer_refuses_a_phase_for_a_given_optimizer_and_an_empty_window(tmp_path):
+    model = tiny_gpt2()
+    opt = FusedSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3)
+    with pytest.raises(ValueError, match="optimizers="):
+        SAMTrainer(model=model, args=args_for(tmp_path, 1), train_dataset=Tokens(), optimizers=(opt, None),
+                   sam_phase_start=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = SAMTrainer(model=model, args=args_for(tmp_path, 1), train_dataset=Tokens(), sam_phase_start=0.9,
+                         sam_phase_stop=0.95)
+    with pytest.raises(ValueError, match="holds no step"):  # steps 3 to 3 of 3
+        trainer.train()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class NoLogits(torch.nn.Module):
+    """A model whose outputs hold the loss only."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_gpt2()
+
+    def forward(self, input_ids, labels=None, **kwargs):
+        return {"loss": self.inner(input_ids=input_ids, labels=labels).loss}
+
+
+def test_functional_sam_refuses_outputs_without_logits(tmp_path):
+    model = NoLogits()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = SAMTrainer(model=model, args=args_for(tmp_path, 1), train_dataset=Tokens(), sam_variant="functional")
+    with pytest.raises(TypeError, match="outputs.logits"):
+        trainer.train()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_msam_through_the_trainer_trains_evaluates_and_saves_the_true_weights(tmp_path):
@@ -224,21 +374,25 @@ def test_the_trainer_example_learns():
     assert hf_trainer_sam.main(["--steps", "30", "--variant", "gsam"]) < 0.5 * 4.159  # well below guessing
 
 
-def test_ddp_through_accelerate_equals_one_process(tmp_path):
+# Functional-SAM under DDP takes another 7 s (two processes, 2 cores): `make test-full`.
+@pytest.mark.quick_subset(None, [dict(variant="sam")])
+@pytest.mark.parametrize("variant", ["sam", "functional"])
+def test_ddp_through_accelerate_equals_one_process(tmp_path, variant):
     """SAMTrainer under torchrun, two ranks with micro-batches of 4 (DDP through accelerate, gloo),
     equals one process with micro-batches of 8 on the same sequences in order (SGD, accumulation 2,
     clipping, 4 steps): the perturbation uses the gradient averaged over the ranks, as SAM on the
-    global batch does (measured 4e-9 apart; GSAM in place of SAM moves the weights by 4e-3)."""
+    global batch does (measured 4e-9 apart; GSAM in place of SAM moves the weights by 4e-3). So does
+    Functional-SAM, whose logits are taken inside DDP's wrapper, upstream of the loss (4e-9 apart;
+    SAM in its place moves the weights by 7e-4)."""
     from pathlib import Path
 
     import trainer_ddp_worker as worker
     from launch import torchrun
-    from tolerances import FP32
 
     root = Path(__file__).resolve().parents[1]
-    torchrun(Path(__file__).with_name("trainer_ddp_worker.py"), tmp_path / "ddp.pt", 4, "sam",
+    torchrun(Path(__file__).with_name("trainer_ddp_worker.py"), tmp_path / "ddp.pt", 4, variant,
              pythonpath=[root, root / "tests"], timeout=180)
-    worker.main(str(tmp_path / "one.pt"), 8, "sam")
+    worker.main(str(tmp_path / "one.pt"), 8, variant)
     atol, rtol = FP32["distributed_vs_single"]
     for a, b in zip(torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "one.pt")):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)

@@ -10,9 +10,11 @@ The optimizer is the Trainer's own choice (``args.optim``, its weight-decay grou
 rate scheduler), wrapped in :class:`~sam_fused.FusedSAM` (``sam_variant="sam"``; interval or
 randomized SAM with ``sam_kwargs={"interval": 5}`` or ``{"sam_probability": 0.5}``), ASAM
 (``"asam"``), :class:`~sam_fused.GSAM` (``"gsam"``), :class:`~sam_fused.LookSAM`
-(``"looksam"``) or :class:`~sam_fused.MSAM` (``"msam"``: one forward/backward per step, the
+(``"looksam"``), :class:`~sam_fused.MSAM` (``"msam"``: one forward/backward per step, the
 Trainer's own; the model holds the perturbed weights between steps, so evaluation, prediction and
-every save run inside ``MSAM.unperturbed()``, and a checkpoint holds ``w``). What a SAM step does, with ``k = gradient_accumulation_steps`` micro-batches:
+every save run inside ``MSAM.unperturbed()``, and a checkpoint holds ``w``) or
+:class:`~sam_fused.FunctionalSAM` (``"functional"``, below). What a SAM step does, with
+``k = gradient_accumulation_steps`` micro-batches:
 
 1. the Trainer's forward and backward of each micro-batch at ``w`` (gradients accumulated as the
    Trainer accumulates them; the logged loss is this one);
@@ -23,9 +25,30 @@ every save run inside ``MSAM.unperturbed()``, and a checkpoint holds ``w``). Wha
 4. the Trainer's ``optimizer.step()``: the restore and the base update with the second gradient,
    then its scheduler step.
 
-A step the schedule makes plain (interval and randomized SAM, LookSAM's steps in between) is the
-Trainer's own: one pass, then ``optimizer.step()``, which is then the plain step (LookSAM's uses
-its g_v). fp16 goes through the GradScaler flow (``first_step(grad_scaler=...)``; the scaler's step
+Functional-SAM (``"functional"``) runs the same two passes through the Trainer's own forward
+and loss (``compute_loss``): in the first, each micro-batch's loss, as the Trainer scales it for the
+accumulation (and the GradScaler for fp16), goes to ``FunctionalSAM.accumulate(loss, logits)``
+in place of its backward, which saves ``dL/dlogits`` and accumulates the first gradient; in the
+second, at ``w + e``, ``second_backward(logits)`` backpropagates each micro-batch's logits with
+its saved ``dL/dlogits`` (the loss at ``w + e`` is computed and left unused). The model's outputs
+must hold the logits the loss was computed from (``outputs.logits``). ``max_grad_norm`` then
+clips the update gradient ``J(w + e)^T dL/dF(w)``, and ``optimizer.step()`` restores and updates.
+
+SAM phases: ``sam_phase_start`` and ``sam_phase_stop`` (fractions of training, ``0 <= start <
+stop <= 1``) make optimizer step ``s`` (counted from 0) a SAM step when ``start <= s / max_steps
+< stop``, with ``max_steps`` as the Trainer computes it (``args.max_steps``, or the epochs times
+the optimizer steps per epoch): FusedSAM's ``phase=(ceil(start * max_steps), ceil(stop *
+max_steps))``, with no end when ``stop`` is 1 ("SAM for the last 25%" is ``sam_phase_start=0.75``).
+The steps outside are the plain Trainer's (on the ``torch`` backend its weights bit for bit), and
+the step count is in the checkpoint, so a resumed run keeps to the window. Every variant of
+FusedSAM's family takes them (inside the window a schedule still applies: LookSAM's ``k``, an
+interval). Refused with an error that says why: MSAM (it perturbs on every step at one pass's
+cost), DeepSpeed, an optimizer passed in ``optimizers=`` (give it ``phase=`` yourself), a
+``phase`` in ``sam_kwargs`` as well, and a window that holds no step.
+
+A step the schedule makes plain (phases, interval and randomized SAM, LookSAM's steps in between)
+is the Trainer's own: one pass, then ``optimizer.step()``, which is then the plain step (LookSAM's
+uses its g_v). fp16 goes through the GradScaler flow (``first_step(grad_scaler=...)``; the scaler's step
 skips a step with an inf in either pass; LookSAM takes no scaler); bf16 needs nothing more. Under
 DDP (through accelerate) the replayed micro-batches but the last run under ``no_sync``, as the
 Trainer runs the first ones.
@@ -56,11 +79,27 @@ import contextlib
 
 from transformers import Trainer
 
-from ..optim import GSAM, MSAM, FusedSAM, LookSAM
+from ..nn import check_phase_fractions, phase_window
+from ..optim import GSAM, MSAM, FunctionalSAM, FusedSAM, LookSAM
 
 VARIANTS = {"sam": (FusedSAM, {}), "asam": (FusedSAM, {"adaptive": True}), "gsam": (GSAM, {}),
-            "looksam": (LookSAM, {}), "msam": (MSAM, {})}
+            "looksam": (LookSAM, {}), "msam": (MSAM, {}), "functional": (FunctionalSAM, {})}
 _SAM_TYPES = (FusedSAM, MSAM)
+
+
+@contextlib.contextmanager
+def _replaced(obj, name: str, value):
+    """``obj.name`` is ``value`` inside the block (an instance attribute), as it was after."""
+    missing = object()
+    before = obj.__dict__.get(name, missing)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if before is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, before)
 
 
 class SAMTrainer(Trainer):
@@ -70,25 +109,38 @@ class SAMTrainer(Trainer):
         *args, **kwargs: as ``Trainer``; an ``optimizers=(opt, sched)`` given here must hold a
             FusedSAM-family optimizer (or None to let the Trainer choose the base optimizer).
         sam_rho: SAM's radius.
-        sam_variant: ``"sam"``, ``"asam"``, ``"gsam"``, ``"looksam"`` or ``"msam"``.
+        sam_variant: ``"sam"``, ``"asam"``, ``"gsam"``, ``"looksam"``, ``"msam"`` or ``"functional"``.
         sam_kwargs: more arguments of the SAM class (``eta`` for ASAM, ``alpha`` for GSAM,
             ``k`` and ``alpha`` for LookSAM, ``interval`` or ``sam_probability`` for SAM, ``backend``).
+        sam_phase_start, sam_phase_stop: SAM only on the optimizer steps ``s`` with
+            ``start <= s / max_steps < stop`` (fractions, ``0 <= start < stop <= 1``; the default
+            ``0, 1`` is every step), plain Trainer steps outside (module docstring).
     """
 
     def __init__(self, *args, sam_rho: float = 0.05, sam_variant: str = "sam", sam_kwargs: dict | None = None,
-                 **kwargs) -> None:
+                 sam_phase_start: float = 0.0, sam_phase_stop: float = 1.0, **kwargs) -> None:
         if sam_variant not in VARIANTS:
             raise ValueError(f"sam_variant must be one of {sorted(VARIANTS)}, got {sam_variant!r}")
+        start, stop = check_phase_fractions(sam_phase_start, sam_phase_stop)
+        self.sam_phase = None if (start, stop) == (0.0, 1.0) else (start, stop)
+        if self.sam_phase is not None and sam_variant == "msam":
+            raise ValueError("sam_phase_start/stop: MSAM has no phases (it perturbs on every step, at the cost of one "
+                             "pass); use sam_variant 'sam' (or another of FusedSAM's family) for SAM in part of training")
+        if self.sam_phase is not None and "phase" in (sam_kwargs or {}):
+            raise ValueError("give the SAM phase once: sam_phase_start/stop (fractions of training) or "
+                             "sam_kwargs['phase'] (steps), not both")
         self.sam_rho, self.sam_variant, self.sam_kwargs = sam_rho, sam_variant, dict(sam_kwargs or {})
         self._sam_window: list[tuple] = []
         super().__init__(*args, **kwargs)
         self._ds_sam = None
         given = self.optimizer
         if self.is_deepspeed_enabled:
-            if self.sam_variant not in ("sam", "asam") or set(self.sam_kwargs) - {"eta", "backend"}:
+            if (self.sam_variant not in ("sam", "asam") or set(self.sam_kwargs) - {"eta", "backend"}
+                    or self.sam_phase is not None):
                 raise NotImplementedError(
                     f"SAMTrainer under DeepSpeed runs sam_variant 'sam' or 'asam' on every step (sam_kwargs eta, "
-                    f"backend); got {self.sam_variant!r} with {sorted(self.sam_kwargs)}")
+                    f"backend; no phase); got {self.sam_variant!r} with {sorted(self.sam_kwargs)}"
+                    + ("" if self.sam_phase is None else f" and the phase {self.sam_phase}"))
             if given is not None:
                 raise TypeError("SAMTrainer under DeepSpeed builds its SAM step over the engine: pass no optimizer "
                                 "(the Trainer chooses the base optimizer, args.optim)")
@@ -96,10 +148,15 @@ class SAMTrainer(Trainer):
             raise TypeError(f"SAMTrainer's optimizer must be a FusedSAM-family optimizer or MSAM, got "
                             f"{type(given).__name__}; or pass none and let the Trainer choose the base optimizer "
                             "(args.optim)")
+        elif given is not None and self.sam_phase is not None:
+            raise ValueError("sam_phase_start/stop set the phase of the optimizer SAMTrainer builds; the one passed in "
+                             "optimizers= is built already: give it phase=(start_step, stop_step) yourself")
 
     # ------------------------------------------------------------------ the optimizer
     def create_optimizer(self, model=None):
-        """The Trainer's base optimizer (``args.optim``, its decay / no-decay groups), wrapped in SAM."""
+        """The Trainer's base optimizer (``args.optim``, its decay / no-decay groups), wrapped in SAM
+        (with the SAM phase of ``sam_phase_start/stop`` over ``state.max_steps``, which ``train()``
+        has computed by then)."""
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
@@ -123,6 +180,11 @@ class SAMTrainer(Trainer):
             self.optimizer = cls(groups, **kwargs)
             return self.optimizer
         sam_cls, variant_kwargs = VARIANTS[self.sam_variant]
+        if self.sam_phase is not None:
+            if not self.state.max_steps:
+                raise RuntimeError("sam_phase_start/stop are fractions of the training steps, which train() computes: "
+                                   "the optimizer is built inside train()")
+            variant_kwargs = dict(variant_kwargs, phase=phase_window(*self.sam_phase, self.state.max_steps))
         self.optimizer = sam_cls(groups, cls, rho=self.sam_rho, **variant_kwargs, **self.sam_kwargs, **kwargs)
         return self.optimizer
 
@@ -165,12 +227,14 @@ class SAMTrainer(Trainer):
         perturbation and the same micro-batches again at ``w + e`` (module docstring)."""
         if self.is_deepspeed_enabled:
             return self._deepspeed_training_step(model, inputs, num_items_in_batch)
+        opt = self._sam()
+        functional = isinstance(opt, FunctionalSAM) and opt.sam_due()
         self._sam_window.append((inputs, num_items_in_batch, self.current_gradient_accumulation_steps))
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with self._functional_pass(model, opt, second=False) if functional else contextlib.nullcontext():
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if not self.accelerator.gradient_state.sync_gradients:
             return loss
         window, self._sam_window = self._sam_window, []
-        opt = self._sam()
         if isinstance(opt, MSAM):
             return loss  # one pass per step: the Trainer's optimizer.step() is MSAM's step
         if not opt.is_sam_step(opt.param_groups[0].get("sam_step", 0)):
@@ -185,12 +249,44 @@ class SAMTrainer(Trainer):
                 self.current_gradient_accumulation_steps = steps
                 last = i == len(window) - 1
                 sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-                with sync:
+                with sync, self._functional_pass(model, opt, second=True) if functional else contextlib.nullcontext():
                     super().training_step(model, batch, n_items)
         except BaseException:
             opt.restore()  # the weights go back to w exactly; the error propagates
             raise
         return loss
+
+    # ------------------------------------------------------------------ Functional-SAM
+    @contextlib.contextmanager
+    def _functional_pass(self, model, opt: FunctionalSAM, second: bool):
+        """One micro-batch of a Functional-SAM step through the Trainer's ``training_step``: a
+        forward hook on the model (inside DDP's wrapper, whose outputs the loss does not depend on)
+        keeps its logits, and ``accelerator.backward(loss)`` becomes ``opt.accumulate(loss,
+        logits)`` (the first pass; the loss divided and scaled as accelerate's backward would, so
+        the saved ``dL/dlogits`` are those a plain backward would use) or
+        ``opt.second_backward(logits)`` (at ``w + e``)."""
+        accelerator, seen = self.accelerator, {}
+
+        def keep(module, args, outputs):
+            seen["logits"] = outputs.get("logits") if isinstance(outputs, dict) else None
+            if seen["logits"] is None:
+                raise TypeError(f"sam_variant='functional' backpropagates the model's logits: its outputs must hold "
+                                f"them as outputs.logits (a transformers ModelOutput), got {type(outputs).__name__}")
+
+        def backward(loss, **kwargs):
+            if second:
+                opt.second_backward(seen.pop("logits"))
+                return
+            loss = loss / accelerator.gradient_accumulation_steps  # accelerate's own division (1 under the Trainer)
+            scaler = getattr(accelerator, "scaler", None)
+            opt.accumulate(loss if scaler is None else scaler.scale(loss), seen.pop("logits"))
+
+        hook = accelerator.unwrap_model(model).register_forward_hook(keep)
+        try:
+            with _replaced(accelerator, "backward", backward):
+                yield
+        finally:
+            hook.remove()
 
     # ------------------------------------------------------------------ DeepSpeed
     def _deepspeed_sam(self):
