@@ -100,11 +100,16 @@ def run_fsdp(rank, world, out: Path, backends):
 
 
 def universal_steps(model, opt, batches, rank, world):
+    from sam_fused import FunctionalSAM
+
     for x, y in batches:
         xs, ys = local_batch(x, y, rank, world)
 
         def closure():
-            loss = F.cross_entropy(model(xs), ys)
+            out = model(xs)
+            loss = F.cross_entropy(out, ys)
+            if isinstance(opt, FunctionalSAM):  # the forward only: the optimizer runs both passes
+                return loss, out
             loss.backward()
             return loss
 
@@ -132,12 +137,15 @@ def run_universal(rank, world, out: Path, backends):
                 torch.save(params, out / f"universal_{backend}_{measure}.pt")
 
 
-EFFICIENT = ("gsam", "looksam", "msam_sgd", "msam_adamw", "psam")
+EFFICIENT = ("gsam", "looksam", "msam_sgd", "msam_adamw", "psam", "fsam_p")
 
 
 def make_efficient(model, name, backend):
-    from sam_fused import GSAM, MSAM, FusedSAM, LookSAM
+    from sam_fused import GSAM, MSAM, FunctionalSAM, FusedSAM, LookSAM
 
+    if name == "fsam_p":  # Functional-SAM with the preconditioned perturbation
+        cls, kw = OPTIMIZERS["adamw"]
+        return FunctionalSAM(model.parameters(), cls, rho=0.1, precondition=True, backend=backend, **kw)
     if name == "psam":  # the preconditioned perturbation: each rank reads its shards of exp_avg_sq
         cls, kw = OPTIMIZERS["adamw"]
         return FusedSAM(model.parameters(), cls, rho=0.1, precondition=True, backend=backend, **kw)
@@ -151,8 +159,8 @@ def make_efficient(model, name, backend):
 
 
 def run_efficient(rank, world, out: Path, backends):
-    """GSAM and LookSAM (k 2: SAM steps and steps in between), Momentum-SAM and the preconditioned
-    perturbation on FSDP2, through step(closure): their sums are all-reduced over the shards like
+    """GSAM and LookSAM (k 2: SAM steps and steps in between), Momentum-SAM, the preconditioned
+    perturbation and Functional-SAM with it on FSDP2, through step(closure): their sums are all-reduced over the shards like
     the norm."""
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -118,8 +118,9 @@ def test_fsdp2_universal_equals_single_process(runs, backend, measure):
 
 @pytest.mark.parametrize("name", W.EFFICIENT)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fsdp2_gsam_looksam_msam_equal_single_process(runs, backend, name):
-    """Their inner products and norms are global: the local sums all-reduced over the shards."""
+def test_fsdp2_gsam_looksam_msam_psam_fsam_equal_single_process(runs, backend, name):
+    """GSAM, LookSAM, Momentum-SAM, the preconditioned perturbation and Functional-SAM with it: their
+    inner products and norms are global, the local sums all-reduced over the shards."""
     got = torch.load(runs / f"efficient_{backend}_{name}.pt")
     model = W.make_model()
     W.universal_steps(model, W.make_efficient(model, name, "torch"), W.data(4), 0, 1)
