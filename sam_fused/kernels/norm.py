@@ -32,7 +32,8 @@ from .table import COL_GRAD, COL_PARAM, COL_STATE2, NCOL, TL_DTYPES, PointerTabl
 
 @triton.jit
 def _sq_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
-    p, g, eta, grad_mul = args
+    p, g, s = args
+    eta, grad_mul = s
     ADAPTIVE: tl.constexpr = C[0]
     AMP: tl.constexpr = C[1]
     x = load(g, idx, mask, MASKED).to(tl.float64)
@@ -46,7 +47,8 @@ def _sq_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 
 @triton.jit
 def _sq_pre_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
-    v, g, eps, grad_mul, bc2_inv = args
+    v, g, s = args
+    eps, grad_mul, bc2_inv = s
     AMP: tl.constexpr = C[0]
     x = load(g, idx, mask, MASKED).to(tl.float64)
     if AMP:
@@ -57,28 +59,37 @@ def _sq_pre_block(args, C: tl.constexpr, idx, mask, acc, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _sq_partials_kernel(
-    chunks, tensors, partials, n_chunks, eta, inv_scale_ptr,
-    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
-):
+def _write_partials(chunks, tensors, partials, n_chunks, block, scalars, C: tl.constexpr, FIRST: tl.constexpr,
+                    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                    TAIL: tl.constexpr, STAGES: tl.constexpr):
+    """``partials[pid]`` = the sum of ``block``'s squares over this program's chunks, ``block``
+    reading (the column FIRST, the gradient, ``scalars``)."""
     pid = tl.program_id(0)
-    grad_mul = 1.0
-    if AMP:
-        grad_mul = tl.load(inv_scale_ptr).to(tl.float64)
     n_programs = tl.num_programs(0)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     acc_t = tl.zeros([TAIL], dtype=tl.float64)
     for c in range(pid, n_chunks, n_programs):
         row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
-        p = column(row, COL_PARAM, DTYPE, ALIGNED)
+        a = column(row, FIRST, DTYPE, ALIGNED)
         g = column(row, COL_GRAD, DTYPE, ALIGNED)
-        acc, acc_t = walk_all(start, end, _sq_block, (p, g, eta, grad_mul), (ADAPTIVE, AMP), acc, acc_t, BLOCK, TAIL,
-                              STAGES)
+        acc, acc_t = walk_all(start, end, block, (a, g, scalars), C, acc, acc_t, BLOCK, TAIL, STAGES)
     if TAIL == BLOCK:  # the tails went into acc
         tl.store(partials + pid, tl.sum(acc, axis=0))
     else:
         tl.store(partials + pid, tl.sum(acc, axis=0) + tl.sum(acc_t, axis=0))
+
+
+@triton.jit
+def _sq_partials_kernel(
+    chunks, tensors, partials, n_chunks, eta, inv_scale_ptr,
+    DTYPE: tl.constexpr, ADAPTIVE: tl.constexpr, AMP: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
+):
+    grad_mul = 1.0
+    if AMP:
+        grad_mul = tl.load(inv_scale_ptr).to(tl.float64)
+    _write_partials(chunks, tensors, partials, n_chunks, _sq_block, (eta, grad_mul), (ADAPTIVE, AMP), COL_PARAM, DTYPE,
+                    ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
 
 
 @triton.jit
@@ -88,23 +99,11 @@ def _sq_pre_partials_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr, STAGES: tl.constexpr,
 ):
     """The preconditioned norm's partial sums: (g / (sqrt(v) * bc2_inv + eps))^2, v the state-2 column."""
-    pid = tl.program_id(0)
     grad_mul = 1.0
     if AMP:
         grad_mul = tl.load(inv_scale_ptr).to(tl.float64)
-    n_programs = tl.num_programs(0)
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_t = tl.zeros([TAIL], dtype=tl.float64)
-    for c in range(pid, n_chunks, n_programs):
-        row, start, end = chunk_of(chunks, tensors, c, CHUNK, NCOL)
-        v = column(row, COL_STATE2, DTYPE, ALIGNED)
-        g = column(row, COL_GRAD, DTYPE, ALIGNED)
-        acc, acc_t = walk_all(start, end, _sq_pre_block, (v, g, eps, grad_mul, bc2_inv), (AMP,), acc, acc_t, BLOCK,
-                              TAIL, STAGES)
-    if TAIL == BLOCK:
-        tl.store(partials + pid, tl.sum(acc, axis=0))
-    else:
-        tl.store(partials + pid, tl.sum(acc, axis=0) + tl.sum(acc_t, axis=0))
+    _write_partials(chunks, tensors, partials, n_chunks, _sq_pre_block, (eps, grad_mul, bc2_inv), (AMP,), COL_STATE2,
+                    DTYPE, ALIGNED, CHUNK, BLOCK, TAIL, STAGES)
 
 
 @triton.jit
