@@ -148,8 +148,8 @@ def test_functional_sam_takes_the_same_perturbation(backend):
     ps, opt = run(backend, 2, cls=FunctionalSAM)
     qs, ref = run(backend, 2)
     x, y = data()
-    for o, params in ((opt, ps), (ref, qs)):
-        o.zero_grad()
+    opt.zero_grad()
+    ref.zero_grad()
     w1, b1, w2, _ = ps
     out = torch.tanh(x @ w1.T + b1) @ w2.T
     # both from the same weights and state: copy FunctionalSAM's into FusedSAM's
@@ -208,9 +208,8 @@ def test_a_resumed_run_continues_identically(backend):
     sd = copy.deepcopy(opt.state_dict())
     saved = [p.detach().clone() for p in ps]
     x, y = data()
-    for o in (opt,):
-        o.zero_grad()
-        o.step(lambda: loss_of(ps, x, y).backward())
+    opt.zero_grad()
+    opt.step(lambda: loss_of(ps, x, y).backward())
     qs = [torch.nn.Parameter(w) for w in saved]
     fresh = FusedSAM([{"params": qs[:2]}, {"params": qs[2:], "lr": LR}], torch.optim.AdamW, rho=RHO,
                      precondition=True, backend=backend, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)

@@ -53,15 +53,16 @@ class FusedBackend(Backend):
 
     # ------------------------------------------------------------------ the launches
     def launch_sq(self, buckets: list[Bucket], extra: Tensor | None, sq: Tensor, norm: Tensor,
-                  inv_scale: Tensor | None) -> None:
+                  inv_scale: Tensor | None, pre: list | None = None) -> None:
         """``sq = sum over buckets of (T g)^2 [+ extra]`` and ``norm = sqrt(sq)``, into the given 0-dim
-        device tensors (sq fp64, so that it cannot overflow where the norm fits fp32; norm fp32); each bucket's group says ``adaptive`` and ``eta``; ``g`` is the
+        device tensors (sq fp64, so that it cannot overflow where the norm fits fp32; norm fp32); each bucket's group says ``adaptive`` and ``eta``; ``pre[i]`` (with ``precondition_kernels``), when not None: bucket i's ``(1 / sqrt(1 - beta2^t), eps)``, each ``g`` divided by Adam's denominator (state 2 the second moment); ``g`` is the
         gradient, times ``inv_scale`` (AMP) when given."""
         raise NotImplementedError
 
     def launch_perturb(self, bucket: Bucket, norm: Tensor,
-                       inv_scale: Tensor | None, save: Buffers | None = None) -> None:
-        """``backup = w; w += e`` over the bucket; with ``save``, also ``save = g * inv_scale``."""
+                       inv_scale: Tensor | None, save: Buffers | None = None, pre=None) -> None:
+        """``backup = w; w += e`` over the bucket; with ``save``, also ``save = g * inv_scale``; with
+        ``pre`` (see ``launch_sq``), ``e`` along the preconditioned gradient."""
         raise NotImplementedError
 
     def launch_update(self, bucket: Bucket, update: UpdateScalars, amp: Amp | None, combo: Combo | None = None) -> None:
@@ -145,18 +146,12 @@ class FusedBackend(Backend):
                 return reference.precondition_perturb(precondition, plan, reduce_sq, inv_scale)
         sq, norm = self._scalars(plan.locals[0].device)
         extra = reference.grad_sq_sum(plan.slow, sq.device, inv_scale) if plan.slow else None
-        if pre is None:
-            self.launch_sq(plan.buckets, extra, sq, norm, inv_scale)
-        else:
-            self.launch_sq(plan.buckets, extra, sq, norm, inv_scale, pre)
+        self.launch_sq(plan.buckets, extra, sq, norm, inv_scale, pre)
         if reduce_sq is not None:
             reduce_sq(sq)
             torch.sqrt(sq, out=norm)
         for i, bucket in enumerate(plan.buckets):
-            if pre is None:
-                self.launch_perturb(bucket, norm, inv_scale, save)
-            else:
-                self.launch_perturb(bucket, norm, inv_scale, save, pre[i])
+            self.launch_perturb(bucket, norm, inv_scale, save, None if pre is None else pre[i])
         for group, p, backup in plan.slow:
             reference.perturb_(group, p, backup, norm, inv_scale,
                                None if save is None else save.get(p))

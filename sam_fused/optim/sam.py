@@ -213,7 +213,9 @@ class FusedSAM(SAMOptimizer):
     # Whether param groups may be left unperturbed (perturb=False); the gradient combinations of
     # GSAM and LookSAM are defined over every parameter.
     _subsets = True
-    _preconditions = True  # GSAM and LookSAM combine the two gradients in their own metric: no
+    # Whether precondition=True is offered; GSAM and LookSAM combine the two gradients in the
+    # gradient's own metric, so they refuse it.
+    _preconditions = True
 
     # Buffers the first step fills with the (unscaled) first gradient in its perturb pass (GSAM,
     # LookSAM). None: nothing is saved.
