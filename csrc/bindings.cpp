@@ -69,8 +69,7 @@ void sq_sum(at::Tensor out, const TensorList& params, const TensorList& grads, b
   const at::Tensor* scratch = checked_partials("sq_sum_", partials, params, at::kDouble);
 #ifdef SAM_FUSED_WITH_CUDA
   if (on_cuda(params)) {
-    TORCH_CHECK(precond.empty(), "sq_sum_: the preconditioned norm has no CUDA kernel");
-    return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate, inv, scratch);
+    return sq_sum_cuda(out, params, grads, adaptive, eta, accumulate, inv, scratch, precond, bc2_inv);
   }
 #else
   on_cuda(params);
@@ -109,8 +108,7 @@ void perturb(const TensorList& params, const TensorList& grads, const TensorList
   const at::Tensor* inv = checked_inv_scale("perturb_", inv_scale, params);
 #ifdef SAM_FUSED_WITH_CUDA
   if (on_cuda(params)) {
-    TORCH_CHECK(precond.empty(), "perturb_: the preconditioned perturbation has no CUDA kernel");
-    return perturb_cuda(params, grads, backups, save, norm, rho, adaptive, eta, inv);
+    return perturb_cuda(params, grads, backups, save, norm, rho, adaptive, eta, inv, precond, bc2_inv);
   }
 #else
   on_cuda(params);

@@ -1,7 +1,9 @@
 // CUDA kernels of the three fused passes, on multi_tensor_apply. Tensor-list slots:
 //   sq_sum:          tl[0] params, tl[1] grads                       -> one fp64 partial per block
+//                    (preconditioned: tl[2] Adam's exp_avg_sq)
 //   dots_:           tl[0] grads, tl[1] aux                          -> three partials per block
 //   perturb_:        tl[0] params, tl[1] grads, tl[2] backups, tl[3] save (GSAM/LookSAM, may be empty)
+//                    (preconditioned: tl[3] Adam's exp_avg_sq; nothing is saved)
 //   restore_update_: tl[0] params, tl[1] grads, tl[2] sources, tl[3] state1, tl[4] state2, tl[5] aux
 // The norm never leaves the device: sq_sum writes partials, a one-block kernel sums them in a
 // fixed order, and perturb_ reads the result through a pointer.
@@ -102,6 +104,35 @@ struct SqSumFunctor {
   }
 };
 
+// The preconditioned norm's partials: sum (g / P)^2 per block, P = sqrt(v) * bc2_inv + eps (sam_math.h,
+// inverse_adam_denominator): 1 / P in the element's math type, products and sums in double, as the
+// CPU kernel computes them.
+template <typename scalar_t>
+struct SqSumPrecondFunctor {
+  __device__ void operator()(MetaTable<3>& meta, double* partials, float eps, float bc2_inv, const float* inv_scale) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const double m = inv_scale == nullptr ? 1.0 : double(*inv_scale);
+    const auto [t, begin, end] = chunk_range(meta);
+    const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
+    const scalar_t* v = slot<scalar_t>(meta.addresses[2][t]);
+    const bool vec = vec_aligned(g) && vec_aligned(v);
+    double acc = 0;
+    scalar_t gv[kVec], vv[kVec];
+    for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
+      load_vec(g, i, end, vec, gv);
+      load_vec(v, i, end, vec, vv);  // zeros past the end: 1 / eps times a zero gradient
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const double x =
+            double(gv[j]) * m * double(inverse_adam_denominator<acc_t>(acc_t(vv[j]), acc_t(bc2_inv), acc_t(eps)));
+        acc += x * x;
+      }
+    }
+    acc = block_sum<double>(acc);
+    if (threadIdx.x == 0) partials[meta.first_block + blockIdx.x] = acc;
+  }
+};
+
 // Per block: sum g^2, sum g * aux, sum aux^2 (g times AMP's inv_scale), into partials[3 * block + k].
 template <typename scalar_t>
 struct DotsFunctor {
@@ -188,6 +219,36 @@ struct PerturbFunctor {
         const acc_t x = acc_t(wv[j]);
         wv[j] = scalar_t(x + perturbation<acc_t>(x, acc_t(gv[j]), scale, adaptive, acc_t(eta)));
       }
+      store_vec(w, i, end, vec, wv);
+    }
+  }
+};
+
+// The preconditioned perturbation: backup = w, w += g * scale / P (P as in SqSumPrecondFunctor).
+template <typename scalar_t>
+struct PerturbPrecondFunctor {
+  __device__ void operator()(MetaTable<4>& meta, const float* norm, float rho, float eps, float bc2_inv,
+                             const float* inv_scale) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto [t, begin, end] = chunk_range(meta);
+    scalar_t* w = slot<scalar_t>(meta.addresses[0][t]);
+    const scalar_t* g = slot<scalar_t>(meta.addresses[1][t]);
+    scalar_t* b = slot<scalar_t>(meta.addresses[2][t]);
+    const scalar_t* v = slot<scalar_t>(meta.addresses[3][t]);
+    bool ok;
+    const acc_t scale = perturb_scale<acc_t>(*norm, rho, inv_scale == nullptr ? 1.f : *inv_scale, &ok);
+    const bool vec = vec_aligned(w) && vec_aligned(g) && vec_aligned(b) && vec_aligned(v);
+    scalar_t wv[kVec], gv[kVec], vv[kVec];
+    for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * blockDim.x) {
+      load_vec(w, i, end, vec, wv);
+      store_vec(b, i, end, vec, wv);
+      if (!ok) continue;  // non-finite norm: the weights stay as they are
+      load_vec(g, i, end, vec, gv);
+      load_vec(v, i, end, vec, vv);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)
+        wv[j] = scalar_t(acc_t(wv[j]) + acc_t(gv[j]) * scale *
+                                            inverse_adam_denominator<acc_t>(acc_t(vv[j]), acc_t(bc2_inv), acc_t(eps)));
       store_vec(w, i, end, vec, wv);
     }
   }
@@ -341,12 +402,19 @@ at::Tensor scratch(const at::Tensor* partials, int64_t n, const at::Tensor& like
 }  // namespace
 
 void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                 bool accumulate, const at::Tensor* inv_scale, const at::Tensor* scratch_in) {
+                 bool accumulate, const at::Tensor* inv_scale, const at::Tensor* scratch_in, const TensorList& precond,
+                 double bc2_inv) {
   const int64_t n = total_chunks(params);
   auto partials = scratch(scratch_in, n, params[0], at::kDouble);
+  const float* inv = inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sq_sum_cuda", [&] {
-    multi_tensor_apply<2>({&params, &grads}, SqSumFunctor<scalar_t>(), partials.data_ptr<double>(), adaptive, eta,
-                          inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
+    if (!precond.empty()) {  // eta carries Adam's eps
+      multi_tensor_apply<3>({&params, &grads, &precond}, SqSumPrecondFunctor<scalar_t>(), partials.data_ptr<double>(),
+                            static_cast<float>(eta), static_cast<float>(bc2_inv), inv);
+    } else {
+      multi_tensor_apply<2>({&params, &grads}, SqSumFunctor<scalar_t>(), partials.data_ptr<double>(), adaptive, eta,
+                            inv);
+    }
   });
   const c10::cuda::CUDAGuard guard(params[0].device());
   final_sum_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(partials.data_ptr<double>(), n,
@@ -370,13 +438,20 @@ void dots_cuda(at::Tensor& out, const TensorList& grads, const TensorList& aux, 
 
 void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
                   const TensorList& save, const at::Tensor& norm, double rho, bool adaptive, double eta,
-                  const at::Tensor* inv_scale) {
+                  const at::Tensor* inv_scale, const TensorList& precond, double bc2_inv) {
   TORCH_CHECK(norm.is_cuda() && norm.scalar_type() == at::kFloat && norm.numel() == 1,
               "perturb_: norm must be a one-element float32 CUDA tensor");
+  TORCH_CHECK(precond.empty() || save.empty(), "perturb_: the preconditioned perturbation saves no gradient");
+  const float* inv = inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "perturb_cuda", [&] {
-    multi_tensor_apply<4>({&params, &grads, &backups, &save}, PerturbFunctor<scalar_t>(), norm.data_ptr<float>(),
-                          static_cast<float>(rho), adaptive, static_cast<float>(eta),
-                          inv_scale == nullptr ? nullptr : inv_scale->data_ptr<float>());
+    if (!precond.empty()) {  // eta carries Adam's eps
+      multi_tensor_apply<4>({&params, &grads, &backups, &precond}, PerturbPrecondFunctor<scalar_t>(),
+                            norm.data_ptr<float>(), static_cast<float>(rho), static_cast<float>(eta),
+                            static_cast<float>(bc2_inv), inv);
+    } else {
+      multi_tensor_apply<4>({&params, &grads, &backups, &save}, PerturbFunctor<scalar_t>(), norm.data_ptr<float>(),
+                            static_cast<float>(rho), adaptive, static_cast<float>(eta), inv);
+    }
   });
 }
 

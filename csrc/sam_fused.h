@@ -53,7 +53,7 @@ using TensorList = std::vector<at::Tensor>;
 
 // inv_scale (AMP): null, or a one-element fp32 tensor on the parameters' device; the gradients are
 // multiplied by it as they are read (sq_sum_) and the perturbation by it (perturb_).
-// precond (the preconditioned perturbation, CPU only): empty, or Adam's exp_avg_sq per parameter; each
+// precond (the preconditioned perturbation; the CUDA kernels take it too): empty, or Adam's exp_avg_sq per parameter; each
 // gradient is then divided by sqrt(v) * bc2_inv + eps, with eps passed as eta.
 void sq_sum_cpu(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
                 bool accumulate, const at::Tensor* inv_scale, const TensorList& precond, double bc2_inv);
@@ -83,12 +83,13 @@ void msam_perturb_cuda(const TensorList& params, const TensorList& m, double rho
 // partials: scratch of at least one float per 65536-element chunk (no allocation in the step),
 // or null (allocated here).
 void sq_sum_cuda(at::Tensor& out, const TensorList& params, const TensorList& grads, bool adaptive, double eta,
-                 bool accumulate, const at::Tensor* inv_scale, const at::Tensor* partials);
+                 bool accumulate, const at::Tensor* inv_scale, const at::Tensor* partials, const TensorList& precond,
+                 double bc2_inv);
 void dots_cuda(at::Tensor& out, const TensorList& grads, const TensorList& aux, bool accumulate,
                const at::Tensor* inv_scale, const at::Tensor* partials);
 void perturb_cuda(const TensorList& params, const TensorList& grads, const TensorList& backups,
                   const TensorList& save, const at::Tensor& norm, double rho, bool adaptive, double eta,
-                  const at::Tensor* inv_scale);
+                  const at::Tensor* inv_scale, const TensorList& precond, double bc2_inv);
 void restore_update_cuda(const TensorList& params, const TensorList& grads, const TensorList& sources,
                          const TensorList& state1, const TensorList& state2, const TensorList& aux,
                          const UpdateArgs& u);

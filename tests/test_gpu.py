@@ -126,14 +126,22 @@ def test_cuda_graph_of_a_whole_training_step_matches_eager(backend):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_preconditioned_perturbation_on_cuda_equals_the_reference():
-    """The fused preconditioned norm and perturb passes on CUDA against the torch reference, 4 steps."""
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_preconditioned_perturbation_on_cuda_equals_the_reference(monkeypatch, backend):
+    """The fused preconditioned norm and perturb passes on CUDA (Triton, and the CUDA C++ kernels)
+    against the torch reference, 4 steps; after the first step none runs in the reference ops."""
+    from sam_fused.backends import available_backends, reference
     from tolerances import FP32
 
+    if backend not in available_backends(torch.device("cuda")):
+        pytest.skip(f"the {backend} backend is not available here")
+    calls = []
+    real = reference.precondition_perturb
+    monkeypatch.setattr(reference, "precondition_perturb", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
-    for backend in ("triton", "torch"):
+    for name in (backend, "torch"):
         params = _params(8)
-        opt = FusedSAM(params, torch.optim.AdamW, rho=0.05, precondition=True, backend=backend, lr=1e-3)
+        opt = FusedSAM(params, torch.optim.AdamW, rho=0.05, precondition=True, backend=name, lr=1e-3)
         gen = torch.Generator(device="cuda").manual_seed(3)
         for _ in range(4):
             for p in params:
@@ -143,6 +151,8 @@ def test_preconditioned_perturbation_on_cuda_equals_the_reference():
                 p.grad = torch.randn(p.shape, device="cuda", generator=gen)
             opt.second_step()
         runs.append([p.detach() for p in params])
+        if name == backend:
+            assert calls == [], f"{backend}: the preconditioned perturbation left the fused launches"
     atol, rtol = FP32["fast_vs_reference"]
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)

@@ -26,7 +26,7 @@ class NativeBackend(FusedBackend):
         super().__init__(optimizer)
         self._C = module
         self.name = name
-        self.precondition_kernels = name == "cpu"  # CUDA: the preconditioned perturbation in the reference ops
+        self.precondition_kernels = True  # the preconditioned norm and perturbation (csrc: precond, bc2_inv)
         self._partials: dict[torch.dtype, Tensor] = {}
 
     def _scratch(self, buckets: list[Bucket], width: int, device: torch.device,

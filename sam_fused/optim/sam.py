@@ -94,9 +94,8 @@ class FusedSAM(SAMOptimizer):
             ``e = rho * P^-1 g / ||P^-1 g||``, ``P = sqrt(v / (1 - beta2^t)) + eps`` from the
             Adam/AdamW base's ``exp_avg_sq`` after its last update (the identity for a parameter
             without one yet: the first step is SAM's). Adam and AdamW bases only; not with
-            ``adaptive``. Fused on the Triton and ``cpu`` backends (the norm and perturb passes
-            read ``exp_avg_sq``); ``cuda`` runs the perturbation in the reference ops; see
-            ``docs/language-models.md``.
+            ``adaptive``. Fused on the Triton, ``cpu`` and ``cuda`` backends (the norm and perturb
+            passes read ``exp_avg_sq``); see ``docs/language-models.md``.
         **base_kwargs: handed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     ``interval``, ``sam_probability`` and ``phase`` act in every form of the step:
