@@ -56,6 +56,10 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     assert train["msam"]["extra_bytes_per_param"] == 0.0
     # a 25% SAM phase: SAM's backup; the preconditioned perturbation needs an Adam base (not this run's SGD)
     assert train["phase"]["extra_bytes_per_param"] == 4.0 and "psam" not in train
+    # Functional-SAM and SAM-ON: SAM's backup (SAM-ON keeps one for every parameter: see FusedSAM's
+    # docstring), and both train: their rows hold a time
+    assert train["fsam"]["extra_bytes_per_param"] == 4.0 and train["samon"]["extra_bytes_per_param"] == 4.0
+    assert train["fsam"]["median_ms"] > 0 and train["samon"]["median_ms"] > 0
     host = data["host_cost"]
     assert [(r["tensors"], r["grads"]) for r in host] == [(n, g) for n in (10, 30) for g in ("in place", "new", "backward")]
     for r in host:

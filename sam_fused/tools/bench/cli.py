@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ... import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
+from ... import GSAM, MSAM, FunctionalSAM, FusedSAM, LookSAM, UniversalSAM, __version__
+from ...nn import norm_layer_param_groups
 from ...backends import available_backends, triton_interpreting
 from .. import args as checks
 from ..common import busy_note, cpu_count, cpu_name, load, plain
@@ -89,7 +90,8 @@ def add_parser(sub) -> None:
                         "with their cost relative to SGD and to SAM)")
     p.add_argument("--efficient", action="store_true",
                    help="also train with interval SAM (SAM every 5th step), randomized SAM (RST, p = 0.5), GSAM "
-                        "(alpha 0.4), LookSAM (k = 5, alpha 0.7), Momentum-SAM (rho 3), a 25%% SAM phase and, with "
+                        "(alpha 0.4), LookSAM (k = 5, alpha 0.7), Momentum-SAM (rho 3), a 25%% SAM phase, "
+                        "Functional-SAM, SAM-ON (the normalization layers perturbed, the rest not) and, with "
                         "--base adamw, the preconditioned perturbation: "
                         "training table only, their throughput relative to SGD and to SAM, per step averaged "
                         "over whole cycles")
@@ -233,8 +235,12 @@ EFFICIENT = {
     "msam": (MSAM, dict(rho=3.0), 1),  # the authors' rho; one forward/backward per step
     "phase": (FusedSAM, dict(phase=lambda step: step % 4 == 3), 4),  # a 25% SAM phase: its cost per step
     "psam": (FusedSAM, dict(precondition=True), 1),  # the preconditioned perturbation: Adam/AdamW bases only
+    "fsam": (FunctionalSAM, {}, 1),  # Functional-SAM: its closure returns (loss, outputs), no backward
+    "samon": (FusedSAM, {}, 1),  # SAM-ON: the norm layers perturbed, the rest perturb=False
 }
 ADAM_ONLY = {"psam"}
+FUNCTIONAL = {"fsam"}  # the closure runs the forward only and returns (loss, outputs)
+SUBSET = {"samon"}  # the optimizer takes norm_layer_param_groups(model)
 
 
 def calls_per_round(variant: str) -> int:
@@ -356,12 +362,18 @@ def train_table(workload, variant_names, base, device, warmup, reps, batch_sizes
         for name in variant_names:
             progress.start(f"{workload.name}: training, {setting} (batch {bs}), {name}: building", 0.1)
             model = copy.deepcopy(workload.model)
-            opts[name] = make_optimizer(name, list(model.parameters()), base)
+            params = norm_layer_param_groups(model) if name in SUBSET else list(model.parameters())
+            opts[name] = make_optimizer(name, params, base)
 
-            def closure(model=model):
-                loss = workload.loss(model, batch)
-                loss.backward()
-                return loss
+            if name in FUNCTIONAL:
+                def closure(model=model):
+                    out = workload.forward(model, batch)
+                    return workload.criterion(out, batch), out
+            else:
+                def closure(model=model):
+                    loss = workload.loss(model, batch)
+                    loss.backward()
+                    return loss
 
             steps[name] = _sam_or_plain_step(name, opts[name], closure)
             progress.finish()
@@ -413,11 +425,12 @@ def legend(names) -> list[str]:
                      "are tested against, written to be read, not to be fast (do not pick it for speed)",
         "sam-fast": "sam-cpu, sam-cuda, sam-triton: FusedSAM's fused backends (native C++ on the CPU or CUDA, "
                     "Triton kernels over device pointer tables)",
-        "efficient": "interval, rst, gsam, looksam, msam: the efficient family in training (interval: SAM every 5th "
+        "efficient": "interval, rst, gsam, looksam, msam, phase, psam, fsam, samon: the efficient family in training (interval: SAM every 5th "
                      "step; rst: randomized SAM, p = 0.5; gsam: GSAM, alpha 0.4; looksam: LookSAM, k = 5; msam: "
                      "Momentum-SAM, one forward/backward per step; phase: SAM on 1 step of every 4, the "
                      "per-step cost of a 25% SAM phase; psam, with --base adamw: the preconditioned "
-                     "perturbation), per step over whole cycles",
+                     "perturbation; fsam: Functional-SAM; samon: SAM-ON, the normalization layers perturbed "
+                     "and the rest not), per step over whole cycles",
         "usam": "usam-*: the universal class (Frob-, Trace-, Det-SAM, n = 2 samples)",
     }
     keys = set()

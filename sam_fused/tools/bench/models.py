@@ -78,8 +78,12 @@ class Workload:
     name: str
     model: nn.Module
     make_batch: Callable[[int], tuple]
-    loss: Callable[[nn.Module, tuple], torch.Tensor]
+    forward: Callable[[nn.Module, tuple], torch.Tensor]  # the model's outputs on a batch
+    criterion: Callable[[torch.Tensor, tuple], torch.Tensor]  # the loss of those outputs
     batch_sizes: dict[str, int]  # "compute-heavy" and "optimizer-heavy"
+
+    def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        return self.criterion(self.forward(model, batch), batch)
 
 
 def build(name: str, device: torch.device, transformer_params: float, dtype=torch.float32) -> Workload:
@@ -93,11 +97,9 @@ def build(name: str, device: torch.device, transformer_params: float, dtype=torc
             x = torch.randn(bs, 3, 32, 32, generator=gen).to(device=device, dtype=dtype)
             return x, torch.randint(0, 10, (bs,), generator=gen).to(device)
 
-        def loss(m, b):
-            return F.cross_entropy(m(b[0]).float(), b[1])
-
         sizes = {"compute-heavy": 256 if gpu else 64, "optimizer-heavy": 8 if gpu else 2}
-        return Workload(name, model, make_batch, loss, sizes)
+        return Workload(name, model, make_batch, lambda m, b: m(b[0]), lambda out, b: F.cross_entropy(out.float(), b[1]),
+                        sizes)
     if name == "transformer":
         vocab, seq = 8192, 64 if gpu else 16
         model = Seq2Seq(transformer_width(transformer_params, vocab=vocab), 6, vocab).to(device=device, dtype=dtype)
@@ -107,11 +109,9 @@ def build(name: str, device: torch.device, transformer_params: float, dtype=torc
             tgt = torch.randint(0, vocab, (bs, seq), generator=gen).to(device)
             return src, tgt
 
-        def loss(m, b):
-            return F.cross_entropy(m(b[0], b[1]).float().flatten(0, 1), b[1].flatten())
-
         sizes = {"compute-heavy": 64 if gpu else 16, "optimizer-heavy": 2 if gpu else 1}
-        return Workload(name, model, make_batch, loss, sizes)
+        return Workload(name, model, make_batch, lambda m, b: m(b[0], b[1]),
+                        lambda out, b: F.cross_entropy(out.float().flatten(0, 1), b[1].flatten()), sizes)
     if name == "many-small":
         # ~1000 small tensors: the case where launches, not bytes, decide.
         model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(500)]).to(device=device, dtype=dtype)
@@ -119,10 +119,8 @@ def build(name: str, device: torch.device, transformer_params: float, dtype=torc
         def make_batch(bs):
             return torch.randn(bs, 32, generator=gen).to(device=device, dtype=dtype), None
 
-        def loss(m, b):
-            return m(b[0]).float().square().mean()
-
-        return Workload(name, model, make_batch, loss, {"compute-heavy": 256, "optimizer-heavy": 4})
+        return Workload(name, model, make_batch, lambda m, b: m(b[0]), lambda out, b: out.float().square().mean(),
+                        {"compute-heavy": 256, "optimizer-heavy": 4})
     raise ValueError(f"unknown model {name!r}")
 
 
