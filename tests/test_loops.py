@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam_fused import GSAM, MSAM, FrobSAM, FusedSAM, LookSAM, available_backends
+from sam_fused import GSAM, MSAM, FrobSAM, FunctionalSAM, FusedSAM, LookSAM, available_backends
 from sam_fused.nn import frozen_running_stats
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,6 +34,7 @@ CLOSURE_ALGOS = {
     "gsam": lambda ps, b: GSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, backend=b),
     "looksam": lambda ps, b: LookSAM(ps, torch.optim.SGD, k=2, lr=0.1, momentum=0.9, backend=b),
     "frobsam": lambda ps, b: FrobSAM(ps, torch.optim.SGD, lr=0.1),
+    "functional": lambda ps, b: FunctionalSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, backend=b),
 }
 
 
@@ -52,6 +53,9 @@ def test_closure_form_counts_batchnorm_once_per_step(backend, algo):
         mean, var = bn.running_mean.clone(), bn.running_var.clone()
 
         def closure():
+            if algo == "functional":  # the forward only, returning (loss, outputs)
+                out = model(x)
+                return F.cross_entropy(out, y), out
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -224,6 +228,33 @@ def test_second_backward_added_to_the_first_is_warned_once():
             warnings.simplefilter("always")
             opt2.second_step(zero_grad=True)
         assert not [m for m in w if "g(w) + g(w + e)" in str(m.message)]
+
+
+@pytest.mark.parametrize("plain_steps", [False, True])
+def test_hand_loop_without_zero_grad_after_second_step_is_warned_once(plain_steps):
+    """first_step()/second_step() by hand, second_step() without zero_grad=True and no zero_grad()
+    before the next backward: the next first gradient is g(w) + the g(w + e) left behind; warned
+    once at that first_step, with the fix (a schedule's plain steps too). A loop that clears the
+    gradients, in place, by set_to_none or by second_step(zero_grad=True), is not warned."""
+    def run(clear):
+        model = _model()
+        kw = dict(interval=2) if plain_steps else {}
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="torch", **kw)
+        x, y = batch(0)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                if clear in ("set_to_none", "in_place"):
+                    opt.zero_grad(set_to_none=clear == "set_to_none")
+                F.cross_entropy(model(x), y).backward()
+                opt.first_step(zero_grad=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.second_step(zero_grad=clear == "second_step")
+        return [m for m in w if "the last second_step() left" in str(m.message)]
+
+    assert len(run(None)) == 1
+    for clear in ("set_to_none", "in_place", "second_step"):
+        assert run(clear) == [], clear
 
 
 def test_closure_without_backward_is_warned_once_with_the_fix():

@@ -464,7 +464,7 @@ class SAMOptimizer(torch.optim.Optimizer):
             self._settle_count()
         state = dict(self.__dict__)
         state["_backend"] = self._backend.name
-        for transient in ("_hooks_active", "_stats_of", "_grad_probe", "_left_probe", "_skipped"):
+        for transient in ("_hooks_active", "_stats_of", "_grad_probe", "_left_probe", "_second_left_probe", "_skipped"):
             state.pop(transient, None)  # weak references and per-step marks: a copy starts without them
         state.pop("_in_step", None)
         state.pop("_watch", None)  # hooks on the parameters: a copy registers its own when it needs them

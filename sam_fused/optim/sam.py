@@ -254,6 +254,7 @@ class FusedSAM(SAMOptimizer):
                 "first_step() called twice: the parameters are already perturbed (or this step's plain update was "
                 "made); call second_step() to end the step, or restore() to undo the perturbation"
             )
+        self._check_left_by_second_step()
         if self._schedules() and not self.sam_due():
             self._first_step_plain(zero_grad, grad_scaler)
             return
@@ -302,6 +303,26 @@ class FusedSAM(SAMOptimizer):
                 f"{type(self).__name__}: the second backward added its gradient to the first one (first_step() without "
                 "zero_grad=True, and no zero_grad() before the second backward), so this update uses g(w) + g(w + e). "
                 "Call first_step(zero_grad=True) (said once)", stacklevel=4)
+
+    def _check_left_by_second_step(self) -> None:
+        """Warn (once) when this first gradient was added to the one a hand-called second_step()
+        without zero_grad=True left (taken at w + e): no zero_grad() before this backward."""
+        probe = self.__dict__.pop("_second_left_probe", None)
+        if not self.__dict__.get("_warned_second_left", False) and _added_to_once(probe):
+            self._warned_second_left = True
+            warnings.warn(
+                f"{type(self).__name__}: this first gradient was added to the one the last second_step() left (taken "
+                "at w + e: second_step() without zero_grad=True, and no zero_grad() before this backward), so the "
+                "perturbation follows g(w) + g(w + e) of the last step. Call second_step(zero_grad=True) or "
+                "opt.zero_grad() before the backward (said once)", stacklevel=4)
+
+    def _leave_second_probe(self, zero_grad: bool) -> None:
+        """After a second_step() that leaves the gradients: remember one, for the next first_step."""
+        if zero_grad or self.__dict__.get("_warned_second_left", False):
+            return
+        p = next((p for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if p is not None:
+            self._second_left_probe = _probe(p)
 
     def sam_due(self) -> bool:
         """Whether the next step is a SAM step of the schedule (``interval``, ``sam_probability``,
@@ -399,6 +420,7 @@ class FusedSAM(SAMOptimizer):
         if self.__dict__.pop("_plain_done", False):  # first_step() made this step's plain update
             if zero_grad:
                 self.zero_grad()
+            self._leave_second_probe(zero_grad)
             return
         if self._perturbed is None:
             raise RuntimeError("second_step() called without a preceding first_step()")
@@ -447,6 +469,7 @@ class FusedSAM(SAMOptimizer):
         self._opt_called = True  # tells LR schedulers that the optimizer has stepped
         if zero_grad:
             self.zero_grad()
+        self._leave_second_probe(zero_grad)
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One SAM step through a closure, or the second step under ``GradScaler.step(opt)``.
@@ -510,6 +533,7 @@ class FusedSAM(SAMOptimizer):
         loss = None
         ran = self._watch.backward_ran(self)
         left = self.__dict__.pop("_left_probe", None)
+        self.__dict__.pop("_second_left_probe", None)  # step(closure) checks what it left itself (left)
         step = self.param_groups[0].get("sam_step", 0)
         if not self.is_sam_step(step):  # a plain base-optimizer step: one forward/backward
             loss = None if ran else closure()
