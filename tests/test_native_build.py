@@ -115,11 +115,12 @@ native.load()
 """
 
 
-def _load_in_a_process(src: Path, ext: Path, cxx: str) -> str:
-    """A fresh process (another shell, another checkout) loading the extension from ``src``; its stderr."""
+def _load_in_a_process(src: Path, ext: Path, cxx: str, python: str = sys.executable) -> str:
+    """A fresh process (another shell, another checkout, another environment's ``python``) loading
+    the extension from ``src``; its stderr."""
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), SAM_FUSED_CUDA="0", CXX=cxx, PYTHONPATH=str(ROOT))
     env.pop("SAM_FUSED_NATIVE", None)
-    run = subprocess.run([sys.executable, "-c", LOAD, str(src)], env=env, capture_output=True, text=True,
+    run = subprocess.run([python, "-c", LOAD, str(src)], env=env, capture_output=True, text=True,
                          cwd=ROOT, timeout=900)
     assert run.returncode == 0, run.stderr
     return run.stderr
@@ -132,17 +133,37 @@ def _state(ext: Path) -> dict:
             for d in sorted(ext.iterdir()) if d.is_dir()}
 
 
+def _second_environment(root: Path) -> str:
+    """A second virtual environment whose torch is the same torch at another path (as two venvs
+    with the same torch wheel have it: its include paths, which build.ninja names, differ), the
+    rest of this environment's packages reachable through a .pth file; its python."""
+    import site
+    import sysconfig
+
+    import torch
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, capture_output=True)
+    python = root / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "torch").symlink_to(Path(torch.__file__).parent, target_is_directory=True)
+    here = [sysconfig.get_paths()["purelib"]] + site.getsitepackages()
+    Path(purelib, "outer.pth").write_text("\n".join(dict.fromkeys(here)) + "\n")
+    return str(python)
+
+
 @pytest.mark.skipif(not HAS_TOOLS, reason="needs ninja and a C++ compiler")
-@pytest.mark.quick_subset(None, [{"sources": "tiny"}])
-@pytest.mark.parametrize("switch", ["checkouts", "compilers"])
+@pytest.mark.quick_subset(None, [{"sources": "tiny", "switch": "checkouts"}, {"sources": "tiny", "switch": "environments"}])
+@pytest.mark.parametrize("switch", ["checkouts", "compilers", "environments"])
 @pytest.mark.parametrize("sources", ["tiny", "csrc"])
 def test_switching_back_and_forth_builds_each_once(tmp_path, sources, switch):
-    """A, B, A, B with one TORCH_EXTENSIONS_DIR: two checkouts (the same sources at two paths), or
-    one checkout built by two compilers (CXX): each builds once, saying so, then loads without a
-    compile (build.ninja, the library and ninja's log untouched). With one build folder for both,
-    each switch recompiled everything, silently."""
-    if sources == "csrc" and switch == "compilers":
-        pytest.skip("the compiler switch is covered by the small sources")
+    """A, B, A, B with one TORCH_EXTENSIONS_DIR: two checkouts (the same sources at two paths),
+    one checkout built by two compilers (CXX), or by two virtual environments (their torch at two
+    paths): each builds once, saying so, then loads without a compile (build.ninja, the library
+    and ninja's log untouched). With one build folder for both, each switch recompiled everything,
+    silently."""
+    if sources == "csrc" and switch != "checkouts":
+        pytest.skip("the compiler and environment switches are covered by the small sources")
     if switch == "compilers" and shutil.which("g++") is None:
         pytest.skip("needs g++ beside c++")
     ext = tmp_path / "ext"
@@ -157,15 +178,17 @@ def test_switching_back_and_forth_builds_each_once(tmp_path, sources, switch):
                 (src / file).write_text(text)
         trees.append(src)
     if switch == "compilers":
-        runs = [(trees[0], "c++"), (trees[0], "g++")] * 2
+        runs = [(trees[0], "c++", sys.executable), (trees[0], "g++", sys.executable)] * 2
+    elif switch == "environments":
+        runs = [(trees[0], "c++", sys.executable), (trees[0], "c++", _second_environment(tmp_path / "venv"))] * 2
     else:
-        runs = [(trees[0], "c++"), (trees[1], "c++")] * 2
-    first = [_load_in_a_process(src, ext, cxx) for src, cxx in runs[:2]]
+        runs = [(trees[0], "c++", sys.executable), (trees[1], "c++", sys.executable)] * 2
+    first = [_load_in_a_process(src, ext, cxx, py) for src, cxx, py in runs[:2]]
     for err in first:
         assert "building the native kernels (CPU)" in err and "built in" in err, err
     built = _state(ext)
     assert len(built) == 2, built
-    again = [_load_in_a_process(src, ext, cxx) for src, cxx in runs[2:]]
+    again = [_load_in_a_process(src, ext, cxx, py) for src, cxx, py in runs[2:]]
     for err in again:
         assert "native kernels" not in err, err  # neither a compile announced nor one found afterwards
     assert _state(ext) == built
