@@ -68,6 +68,57 @@ def test_gradient_swapped_in_place_is_refused(backend, algo, swap):
     assert same(snap(opt, params), before)
 
 
+STATE_SWAP = {  # (optimizer, the state entry a swap replaces)
+    "sam": (lambda ps, b: FusedSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, backend=b), "momentum_buffer"),
+    "msam": (lambda ps, b: MSAM(ps, torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9, backend=b), "momentum_buffer"),
+    "psam": (lambda ps, b: FusedSAM(ps, torch.optim.AdamW, lr=1e-3, precondition=True, backend=b), "exp_avg_sq"),
+}
+
+
+@pytest.mark.quick_subset("triton", [dict(algo="sam", swap="shorter"), dict(algo="msam", swap="float64"),
+                                     dict(algo="psam", swap="moved")])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algo", list(STATE_SWAP))
+@pytest.mark.parametrize("swap", ["shorter", "float64", "moved"])
+def test_state_swapped_in_place_is_refused_or_followed(backend, algo, swap):
+    """``buf.data = x`` keeps the state tensor's object: the kernels' tables must see its new size,
+    dtype and address. Another size or dtype is refused, with the weights and state as they were
+    (FusedSAM: after restore(); its update pass refuses with the parameters still perturbed); the
+    same size and dtype at a new address is read there, as an in-place copy of the values is."""
+    make, key = STATE_SWAP[algo]
+
+    def run(how):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5000, device=DEVICE)), torch.nn.Parameter(torch.randn(7, device=DEVICE))]
+        opt = make(params, backend)
+        sam_step(opt, params)
+        sam_step(opt, params)
+        buf = opt.state[params[0]][key]
+        new = {"shorter": torch.rand(100, device=DEVICE), "float64": torch.rand(5000, device=DEVICE, dtype=torch.float64),
+               "moved": torch.rand(5000, device=DEVICE)}[swap]
+        if how == "copy":
+            buf.copy_(new)
+        else:
+            buf.data = new
+        return opt, params
+
+    opt, params = run("swap")
+    if swap == "moved":
+        sam_step(opt, params)
+        ref_opt, ref = run("copy")
+        sam_step(ref_opt, ref)
+        assert same(snap(opt, params), snap(ref_opt, ref))
+        return
+    before = snap(opt, params)
+    with pytest.raises(RuntimeError, match="does not fit the parameter"):
+        sam_step(opt, params)
+    if not isinstance(opt, MSAM):
+        opt.restore()
+    after = snap(opt, params)
+    assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))
+    assert opt.state[params[0]][key] is not None and after[1].keys() == before[1].keys()
+
+
 # ---------------------------------------------------------------------- checkpoints mid-step
 MID_STEP = {
     "sam": lambda ps, b: FusedSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, backend=b),

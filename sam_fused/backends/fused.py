@@ -176,7 +176,8 @@ class FusedBackend(Backend):
                 continue
             if not all(started):
                 return None
-            if bucket.state2 is None or not all(a is local(st["exp_avg_sq"]) for a, st in zip(bucket.state2, sts)):
+            if bucket.state2 is None or not all(a is local(st["exp_avg_sq"]) for a, st in zip(bucket.state2, sts)) \
+                    or bucket.cache.get("state_sig") != _state_signature((bucket.state1, bucket.state2)):
                 fresh: list[Tensor] = []  # the columns from the state (a resumed run: before its first update)
                 if not self._check_state(bucket, "adam", state, fresh) or fresh:
                     return None
@@ -308,7 +309,8 @@ class FusedBackend(Backend):
         if bucket.state1 is not None and None not in sts:
             cached = (bucket.state1, bucket.state2)
             shards = bucket.owners is not bucket.params and self.plans.params.dtensor  # FSDP2: compare local shards
-            if all(_same([local(st.get(k)) if shards else st.get(k) for st in sts], c) for k, c in zip(keys, cached)):
+            if all(_same([local(st.get(k)) if shards else st.get(k) for st in sts], c) for k, c in zip(keys, cached)) \
+                    and bucket.cache.get("state_sig") == _state_signature(cached):
                 bucket.cache["state_checked"] = True  # _fill_state has nothing to do
                 return True
         bucket.cache.pop("state_dicts")  # some may be created below
@@ -340,10 +342,12 @@ class FusedBackend(Backend):
                 cached = bucket.cache["state_dicts"] = (state, [state[p] for p in bucket.owners])
             sts = cached[1]
         cols = [[local(st[k]) for st in sts] for k in keys] + [None, None]
-        if _same(cols[0], bucket.state1) and _same(cols[1], bucket.state2):
+        sig = _state_signature(cols[:2])
+        if _same(cols[0], bucket.state1) and _same(cols[1], bucket.state2) and bucket.cache.get("state_sig") == sig:
             return
         bucket.state1, bucket.state2 = cols[0], cols[1]
-        bucket.version += 1
+        bucket.cache["state_sig"] = sig
+        bucket.version += 1  # the pointer tables are rebuilt from the new columns
 
     def _sgd(self, bucket: Bucket, fresh_ids: set[int]) -> list[tuple[Bucket, UpdateScalars]]:
         group = bucket.group
@@ -392,6 +396,17 @@ def _self_sourced(plan: StepPlan) -> list[Bucket]:
     if cached is None or cached[0] != key:
         cached = plan.cache["self_sourced"] = (key, [b.rows(range(len(b.params)), b.params) for b in plan.buckets])
     return cached[1]
+
+
+def _state_signature(cols) -> tuple:
+    """What the kernels depend on in the state columns beyond which tensors they are: addresses,
+    element counts and dtypes (``buf.data = x`` changes them under the same object, past every
+    identity check)."""
+    live = [t for col in cols if col is not None for t in col]
+    return list(map(Tensor.data_ptr, live)), list(map(Tensor.numel, live)), list(map(_DTYPE, live))
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _same(a: list | None, b: list | None) -> bool:

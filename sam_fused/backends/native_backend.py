@@ -82,8 +82,9 @@ class NativeBackend(FusedBackend):
         combine, aux, coef = 0, [], None
         if combo is not None and u.opt:
             combine, aux, coef = 2 if combo.write else 1, bucket.buffers(combo.aux), combo.coef[bucket.index]
+        state1, state2 = (bucket.state1 or [], bucket.state2 or []) if u.opt else ([], [])  # the restore reads no state
         self._C.restore_update_(
-            bucket.params, bucket.grads() if u.opt else [], bucket.backups, bucket.state1 or [], bucket.state2 or [],
+            bucket.params, bucket.grads() if u.opt else [], bucket.backups, state1, state2,
             aux, opt=u.opt, has_momentum=u.momentum != 0, nesterov=bool(u.nesterov), scalars=u.scalars(),
             inv_scale=inv_scale, found_inf=found_inf, combine=combine, coef=coef,
         )

@@ -31,7 +31,7 @@ from ..plan import StepPlan
 from ..update_scalars import UpdateScalars
 from .amp import Amp
 from .base import Backend, Combo, base_step
-from .optim_state import check_all_state
+from .optim_state import check_all_state, check_state
 
 
 def _math_dtype(p: Tensor) -> torch.dtype:
@@ -127,6 +127,9 @@ def precondition_perturb(state, plan: StepPlan, reduce_sq=None, inv_scale: Tenso
     so that ``||e|| = rho`` as SAM's, along the direction Adam's own step would take with ``g``.
     Returns the norm."""
     triples = list(_precondition_triples(plan))
+    for _, _, _, _, owner in triples:  # the state read below fits its parameter (raises before any write)
+        if state.get(owner):
+            check_state("adam", owner, state[owner])
     device = plan.locals[0].device
     sq = torch.zeros((), dtype=torch.float64, device=device)
     for group, p, g, _, owner in triples:
