@@ -330,26 +330,65 @@ def test_zero3_and_example(tmp_path):
     assert "resumed run identical: True" in out, out
 
 
-def test_sam_trainer_on_deepspeed_equals_one_process_and_resumes(tmp_path):
-    """SAMTrainer with a DeepSpeed config (ZeRO-2 through accelerate, two ranks with micro-batches
-    of 4, accumulation 2, clipping, a linear schedule, 4 steps) equals the DeepSpeed-free
-    SAMTrainer in one process with micro-batches of 8 on the same sequences; a run resumed from
-    its step-2 checkpoint (DeepSpeed's own save and load) ends bit for bit where it did."""
+# max_grad_norm of the Trainer runs: below the tiny GPT-2's gradient norms here (0.31-0.34
+# measured), so that the clipping acts on every step
+CLIP = 0.2
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """The tiny GPT-2 of tests/trainer_ddp_worker.py, 4 steps, two ranks with micro-batches of 4,
+    accumulation 2, ZeRO-2 (DeepSpeed's clipping at max_grad_norm CLIP, a linear schedule):
+    SAMTrainer (checkpoints every 2 steps), SAMTrainer resumed from checkpoint-2, DeepSpeedSAM by
+    hand without the Trainer, the plain DeepSpeed Trainer (no SAM); and the DeepSpeed-free
+    SAMTrainer in one process with micro-batches of 8 on the same sequences."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     import trainer_ddp_worker as worker
     from launch import torchrun
 
+    tmp = tmp_path_factory.mktemp("trainer")
     root = Path(__file__).resolve().parents[1]
     script = Path(__file__).with_name("trainer_ddp_worker.py")
-    run = tmp_path / "run"
+    run = tmp / "run"
+    paths = [root, root / "tests"]
+    clip = f"max_grad_norm={CLIP}"
     for resume in ("0", "1"):
-        torchrun(script, tmp_path / f"ds{resume}.pt", 4, "sam", 2, 2, run, resume,
-                 pythonpath=[root, root / "tests"], timeout=240)
+        torchrun(script, tmp / f"ds{resume}.pt", 4, "sam", "deepspeed_stage=2", "save_steps=2", f"output_dir={run}",
+                 f"resume={resume}", clip, pythonpath=paths, timeout=240)
     assert (run / "checkpoint-2" / "global_step2").is_dir()  # the engine's checkpoint
-    worker.main(str(tmp_path / "one.pt"), 8, "sam")
-    got, one, resumed = (torch.load(tmp_path / n) for n in ("ds0.pt", "one.pt", "ds1.pt"))
+    for variant in ("hand", "plain"):
+        torchrun(script, tmp / f"{variant}.pt", 4, variant, "deepspeed_stage=2", clip, pythonpath=paths, timeout=240)
+    worker.main(str(tmp / "one.pt"), 8, "sam", max_grad_norm=CLIP)
+    return tmp
+
+
+def test_sam_trainer_on_deepspeed_equals_one_process_and_resumes(trainer_runs):
+    """SAMTrainer with a DeepSpeed config (ZeRO-2 through accelerate) equals the DeepSpeed-free
+    SAMTrainer in one process on the same sequences; a run resumed from its step-2 checkpoint
+    (DeepSpeed's own save and load) ends bit for bit where it did."""
+    got, one, resumed = (torch.load(trainer_runs / n) for n in ("ds0.pt", "one.pt", "ds1.pt"))
     atol, rtol = FP32["deepspeed_vs_single"]
     for a, b in zip(got, one):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
     assert all(torch.equal(a, b) for a, b in zip(got, resumed))
+
+
+def test_sam_trainer_on_deepspeed_equals_hand_driven_deepspeed_sam(trainer_runs):
+    """SAMTrainer on DeepSpeed against DeepSpeedSAM's first_step()/second_step() around the
+    user's own engine.backward calls (same model, base optimizer and groups, schedule, DeepSpeed
+    config, micro-batches): equal within the fp32 tolerance, where the plain DeepSpeed Trainer
+    (no SAM) is more than 100x the tolerance away. The clipping acted in those runs: the engine's
+    pre-clip gradient norm exceeded max_grad_norm on every step, in the Trainer's run as by hand
+    (and the two agree)."""
+    import trainer_ddp_worker as worker
+
+    got, hand, plain = (torch.load(trainer_runs / n) for n in ("ds0.pt", "hand.pt", "plain.pt"))
+    atol, rtol = FP32["deepspeed_vs_single"]
+    for a, b in zip(got, hand):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    assert max_diff(plain, hand) > 100 * atol, max_diff(plain, hand)
+    norms, trainer_norms = (torch.load(trainer_runs / n) for n in ("hand.pt.norms", "ds0.pt.norms"))
+    assert len(norms) == len(trainer_norms) == worker.STEPS
+    assert min(norms) > CLIP, norms
+    assert trainer_norms == pytest.approx(norms, rel=1e-5), (trainer_norms, norms)
