@@ -201,6 +201,10 @@ def refusals(engine, sam, rank, world, gas) -> dict:
         except ValueError as exc:
             found[label] = str(exc)
     try:
+        DeepSpeedSAM(engine, rho=RHO)  # a second one over the same engine
+    except RuntimeError as exc:
+        found["second_wrapper"] = str(exc)
+    try:
         sam.first_step()  # no backward yet
     except RuntimeError as exc:
         found["first_step_without_backward"] = str(exc)

@@ -256,9 +256,11 @@ def test_checkpoint_round_trip_resumes_bit_for_bit(runs):
 def test_refused_calls_leave_weights_bit_identical(runs):
     for r in load(runs, "refusals"):
         found = r["refused"]
-        for label in ("rho_negative", "rho_nan", "eta", "first_step_without_backward", "closure_raised"):
+        for label in ("rho_negative", "rho_nan", "eta", "second_wrapper", "first_step_without_backward",
+                      "closure_raised"):
             assert label in found, (label, found)
         assert "rho must be a finite non-negative" in found["rho_negative"]
+        assert "already wrapped" in found["second_wrapper"]
         assert all(found["weights"]) and len(found["weights"]) == 4
         for label, kind in (("f_detached_outputs", "ValueError"), ("f_unrelated_outputs", "RuntimeError"),
                             ("f_first_step_after_plain_backward", "RuntimeError"),
@@ -392,3 +394,13 @@ def test_sam_trainer_on_deepspeed_equals_hand_driven_deepspeed_sam(trainer_runs)
     assert len(norms) == len(trainer_norms) == worker.STEPS
     assert min(norms) > CLIP, norms
     assert trainer_norms == pytest.approx(norms, rel=1e-5), (trainer_norms, norms)
+
+
+def test_sam_trainer_on_deepspeed_refuses_what_does_not_run_there(trainer_runs):
+    """MSAM, Functional-SAM and GSAM through SAMTrainer on a DeepSpeed config are refused at
+    construction, saying why (MSAM) or what to use instead (Functional-SAM)."""
+    found = torch.load(trainer_runs / "plain.pt.refused")
+    assert set(found) == {"msam", "functional", "gsam"}, found
+    assert all("runs sam_variant 'sam' or 'asam'" in m for m in found.values()), found
+    assert "MSAM does not run over a DeepSpeed engine" in found["msam"]
+    assert "DeepSpeedFunctionalSAM" in found["functional"]

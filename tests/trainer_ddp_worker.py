@@ -122,6 +122,23 @@ def hand_driven(out: str, per_device: int, stage: int, max_grad_norm: float) -> 
     torch.distributed.destroy_process_group()
 
 
+def refused_on_deepspeed(args) -> dict:
+    """SAMTrainer's refusals on a DeepSpeed config: variant -> the NotImplementedError's message.
+    Each refused Trainer has made its Accelerator, whose DeepSpeed state accelerate keeps for the
+    process and refuses to make again: it is cleared after each (as transformers' own tests do)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    found = {}
+    for variant in ("msam", "functional", "gsam"):
+        try:
+            InOrder(model=make_model(), args=args, train_dataset=Tokens(), sam_rho=RHO, sam_variant=variant)
+        except NotImplementedError as exc:
+            found[variant] = str(exc)
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return found
+
+
 def main(out: str, per_device: int, variant: str, deepspeed_stage: int | None = None, save_steps: int = 0,
          output_dir: str | None = None, resume: bool = False, max_grad_norm: float = MAX_GRAD_NORM) -> None:
     """``save_steps``: checkpoints into ``output_dir``; ``resume``: from its checkpoint-2."""
@@ -140,6 +157,10 @@ def main(out: str, per_device: int, variant: str, deepspeed_stage: int | None = 
             ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
             disable_tqdm=True, logging_strategy="no")
         if variant == "plain":
+            if deepspeed_stage is not None:
+                refused = refused_on_deepspeed(args)
+                if int(os.environ.get("RANK", "0")) == 0:
+                    torch.save(refused, f"{out}.refused")
             trainer = PlainInOrder(model=model, args=args, train_dataset=Tokens())
         else:
             trainer = InOrder(model=model, args=args, train_dataset=Tokens(), sam_rho=RHO, sam_variant=variant)

@@ -418,6 +418,9 @@ class DeepSpeedSAM:
         check_version(deepspeed.__version__)
         if not isinstance(engine, DeepSpeedEngine):
             raise TypeError(f"engine must be a DeepSpeedEngine (from deepspeed.initialize), got {type(engine).__name__}")
+        if "backward" in vars(engine):
+            raise RuntimeError("DeepSpeedSAM: this engine's backward is already wrapped (by another DeepSpeedSAM: call "
+                               "its detach() first); two would count every micro-batch twice")
         self.engine = engine
         self.layout = _layout(engine)
         self.gas = int(engine.gradient_accumulation_steps())
@@ -506,7 +509,7 @@ class DeepSpeedSAM:
             if not f:
                 _ref_perturb(w, g, b, norm, self.rho, self.adaptive, self.eta)
         self._perturbed = True
-        self.layout.all_gather()  # the one all-gather: every rank's perturbed partition
+        self.layout.all_gather()  # one all-gather per param group: every rank's perturbed partition
         self.layout.clear_grads()
         self._count = 0
         return self.grad_norm
