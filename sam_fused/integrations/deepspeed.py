@@ -1,4 +1,5 @@
-"""SAM over a DeepSpeed engine: ``DeepSpeedSAM``, for ZeRO stages 0, 1 and 2, fp32 and bf16.
+"""SAM over a DeepSpeed engine: ``DeepSpeedSAM`` (SAM, ASAM) and ``DeepSpeedFunctionalSAM``
+(Functional-SAM), for ZeRO stages 0, 1 and 2, fp32 and bf16.
 
 DeepSpeed has no place for SAM inside its optimizer: the client optimizer's ``step()`` gets no
 closure and sees only a flat fp32 slice of this rank's master weights, whose gradient exists only
@@ -32,9 +33,9 @@ and fp32 gradient accumulation: BF16_Optimizer's ``bf16_partitioned_groups``):
    of it (fp32, or bf16 for bf16 without fp32 accumulation);
 2. the local sum of squares of ``(T *) g_P`` (fp64), **one scalar all-reduce** over the
    data-parallel group, ``norm = sqrt``; ``e_P = rho T^2 g_P / (norm + 1e-12)`` (``T = |w| + eta``
-   for ASAM, 1 for SAM); a backup of the flat working weights, ``P += e_P``, then **one all-gather**
-   of the working weights (DeepSpeed's own ``all_gather_dp_groups``). A non-finite norm leaves the
-   weights untouched, as FusedSAM does;
+   for ASAM, 1 for SAM); a backup of the flat working weights, ``P += e_P``, then the all-gather
+   of the working weights (DeepSpeed's own ``all_gather_dp_groups``: **one all-gather per param
+   group**). A non-finite norm leaves the weights untouched, as FusedSAM does;
 3. the first gradient cleared (the path DeepSpeed itself takes when it skips a step), the second
    ``engine.backward`` at ``w + e``;
 4. the working weights restored from the backup (local, bit for bit) and ``engine.step()``: the
@@ -42,25 +43,58 @@ and fp32 gradient accumulation: BF16_Optimizer's ``bf16_partitioned_groups``):
    second gradient only.
 
 Nothing else is communicated. Stage 0 (no ZeRO, fp32): each rank holds the whole all-reduced
-gradient, so the norm and the perturbation are local and nothing is communicated at all.
+gradient, so the norm and the perturbation are local and SAM communicates nothing of its own.
 
 Kernels: the partition is one flat buffer per param group, which the native kernels
-(``sam_fused._C``'s ``sq_sum_`` and ``perturb_``, backends "cpu" and "cuda") take as a one-tensor
-list, when the gradient has the weights' dtype (fp32; bf16 without fp32 accumulation). Where it has
-not (bf16 weights with an fp32 gradient) and with ``backend="torch"``, the torch reference ops
-(``sam_fused.backends.reference``'s formulas) run, on the whole flat tensor at once. The Triton
-kernels index a per-step pointer table of parameters and are not used here.
+(``sam_fused._C``'s ``sq_sum_`` and ``perturb_``, backends "cpu" and "cuda") take as a list of
+those buffers (one call of each per step over every group), when the gradient has the weights'
+dtype: fp32, and bf16 without fp32 accumulation. Where it has not (bf16 weights with an fp32
+gradient: ``grad_accum_dtype: fp32``), with ``backend="torch"`` and where the native kernels do
+not load, the torch reference ops (``sam_fused.backends.reference``'s formulas) run, on each
+group's flat partition at once. The Triton kernels index a per-step pointer table of parameters
+and are not used here.
 
-Not over the engine: Momentum-SAM perturbs along the base optimizer's first moment, which lives in
-the client optimizer's state over the fp32 master partition, not over the working weights; GSAM's
-and LookSAM's gradient combinations rewrite the gradient that ``engine.step()`` consumes inside
-the engine (and LookSAM keeps a parameter-sized buffer across steps), for which DeepSpeed has no
-hook; FunctionalSAM needs the gradient of a functional of the outputs, a custom backward the
-engine's ``backward`` does not take. ZeRO-3 (parameters partitioned between forwards) and CPU/NVMe
-offload (gradients and master weights on the host, reached through other internals) are refused.
+Communication per step, beyond the engine's own for two backward passes and one ``engine.step()``
+(counted in tests/test_deepspeed.py, which wraps every collective): one all-reduce of an fp64
+scalar and, per param group, one ``all_gather_into_tensor`` of this rank's perturbed partition
+into the group's flat working weights (``G`` groups: ``G`` all-gathers; torch without
+``all_gather_into_tensor`` would make DeepSpeed split each into bucket-sized ``all_gather`` calls).
 
-DeepSpeed keeps what SAM needs in internal attributes; versions in ``TESTED`` are the ones these
-paths were checked against, and any other one is refused at construction.
+Functional-SAM (:class:`DeepSpeedFunctionalSAM`): the same step, with the second pass
+backpropagating the outputs at ``w + e`` with the output gradient ``dL/dF(w)`` of the first:
+``engine.backward`` takes any scalar, so the second pass is ``engine.backward((F(w + e) *
+dL/dF(w)).sum())``, whose gradient is ``J(w + e)^T dL/dF(w)``. ``dL/dF(w)`` is read by a tensor
+hook during the first pass's own ``engine.backward(loss)`` (no extra pass, and the engine's
+gradient-accumulation scaling is in it); the second pass's backward is unscaled
+(``scale_wrt_gas=False``), so its output gradient is the first pass's exactly.
+
+Not over the engine:
+
+* Momentum-SAM (``MSAM``) perturbs the working weights to ``w - r m`` with ``m`` the base
+  optimizer's momentum buffer (``exp_avg`` for Adam), which here lives in the client optimizer's
+  state over this rank's fp32 master partition (``optimizer.state[single_partition_of_fp32_groups[i]]``;
+  BF16_Optimizer: ``fp32_groups_flat_partition[i]``), aligned with the working partition, so the
+  perturbation itself would fit. What does not is where it has to be written: after the engine's
+  update of the master weights and before the engine's own all-gather of the working weights,
+  both inside ``DeepSpeedZeroOptimizer.step()`` (``BF16_Optimizer.step()``), which offers no hook
+  between them. Done after ``engine.step()`` it costs a second all-gather of the whole working
+  weights every step (MSAM's point is SAM at the cost of one pass); the internal it needs is that
+  point inside ``step()`` (the all-gather of ``bit16_groups_flat`` after the fp32-to-bit16 copy).
+  Two more semantic gaps: MSAM's SGD rule decays the perturbed weights (``g + wd (w - r m)``) where
+  the engine decays its master ``w``, and between steps the module holds ``w - r m``, which
+  ``engine.save_checkpoint`` writes beside the fp32 master ``w`` and ``load_checkpoint`` replaces
+  by the master's copy (the perturbation would have to be remade after every load). A SAM
+  optimizer of this package handed to ``deepspeed.initialize`` as the client optimizer is refused.
+* GSAM's and LookSAM's gradient combinations rewrite the gradient that ``engine.step()`` consumes
+  inside the engine (and LookSAM keeps a parameter-sized buffer across steps), for which DeepSpeed
+  has no hook.
+* ZeRO-3 (parameters partitioned between forwards), CPU/NVMe offload (gradients and master
+  weights on the host, reached through other internals) and fp16 (the loss scaler's skipped
+  steps) are refused, with the weights untouched.
+
+DeepSpeed keeps what SAM needs in internal attributes; ``TESTED_VERSIONS`` are the releases these
+paths were run against (tests/test_deepspeed.py), and any other version is refused at
+construction.
 """
 
 from __future__ import annotations
@@ -73,17 +107,10 @@ from torch import Tensor
 
 from ..constants import NORM_EPS
 
-# DeepSpeed releases this module was tested with ((major, minor, patch) lower bound, upper bound
-# exclusive).
-TESTED = ((0, 19, 8), (0, 20, 0))
-
-
-def _version(text: str) -> tuple[int, ...]:
-    out = []
-    for part in text.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit())
-        out.append(int(digits or 0))
-    return tuple(out + [0] * (3 - len(out)))
+# The DeepSpeed releases tests/test_deepspeed.py ran these paths against; any other version (a
+# later patch release, a pre-release, a local build "0.19.8+abc") is refused: the attributes read
+# here are internal and change between releases. Keep pyproject.toml's extra the same.
+TESTED_VERSIONS = ("0.19.8",)
 
 
 def _check_number(name: str, value, positive: bool = False) -> float:
@@ -298,8 +325,14 @@ class _Plain(_Layout):
 
 
 def _tested_text() -> str:
-    lo, hi = TESTED
-    return f"DeepSpeed >= {'.'.join(map(str, lo))}, < {'.'.join(map(str, hi))}"
+    return "DeepSpeed " + " or ".join(TESTED_VERSIONS)
+
+
+def check_version(version: str) -> None:
+    """Refuse a DeepSpeed version that is not in ``TESTED_VERSIONS`` (exactly)."""
+    if version not in TESTED_VERSIONS:
+        raise RuntimeError(f"DeepSpeedSAM reads DeepSpeed internals and was tested with {_tested_text()} only; this is "
+                           f"DeepSpeed {version}: install a tested one (pip install \"sam_fused[deepspeed]\" pins it)")
 
 
 def _layout(engine) -> _Layout:
@@ -325,6 +358,16 @@ def _layout(engine) -> _Layout:
                                   "the accumulation boundary of each pass itself")
     if getattr(engine, "zenflow", False):
         raise NotImplementedError(f"DeepSpeedSAM: ZenFlow is not supported; {works}")
+    from ..optim.base import SAMOptimizer
+
+    client = getattr(engine, "client_optimizer", None)
+    if isinstance(client, SAMOptimizer):
+        why = (" (MSAM does not run over the engine: its perturbation would have to be written between the "
+               "engine's update and its all-gather, inside engine.step(); see the module docstring)"
+               if type(client).__name__ == "MSAM" else "")
+        raise TypeError(f"DeepSpeedSAM: the engine's client optimizer is {type(client).__name__}, a SAM optimizer; hand "
+                        f"deepspeed.initialize the base optimizer (torch.optim.SGD, AdamW, ...): DeepSpeedSAM or "
+                        f"DeepSpeedFunctionalSAM makes the SAM step around it{why}")
     opt = engine.optimizer
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -372,12 +415,12 @@ class DeepSpeedSAM:
         import deepspeed
         from deepspeed.runtime.engine import DeepSpeedEngine
 
-        lo, hi = TESTED
-        if not lo <= _version(deepspeed.__version__) < hi:
-            raise RuntimeError(f"DeepSpeedSAM reads DeepSpeed internals and was tested with {_tested_text()}; "
-                               f"this is DeepSpeed {deepspeed.__version__}")
+        check_version(deepspeed.__version__)
         if not isinstance(engine, DeepSpeedEngine):
             raise TypeError(f"engine must be a DeepSpeedEngine (from deepspeed.initialize), got {type(engine).__name__}")
+        if "backward" in vars(engine):
+            raise RuntimeError("DeepSpeedSAM: this engine's backward is already wrapped (by another DeepSpeedSAM: call "
+                               "its detach() first); two would count every micro-batch twice")
         self.engine = engine
         self.layout = _layout(engine)
         self.gas = int(engine.gradient_accumulation_steps())
@@ -466,7 +509,7 @@ class DeepSpeedSAM:
             if not f:
                 _ref_perturb(w, g, b, norm, self.rho, self.adaptive, self.eta)
         self._perturbed = True
-        self.layout.all_gather()  # the one all-gather: every rank's perturbed partition
+        self.layout.all_gather()  # one all-gather per param group: every rank's perturbed partition
         self.layout.clear_grads()
         self._count = 0
         return self.grad_norm
@@ -530,3 +573,135 @@ class DeepSpeedSAM:
         """Give the engine its own ``backward`` back (DeepSpeedSAM no longer counts micro-batches)."""
         if self.engine.__dict__.get("backward") == self._counted_backward:
             del self.engine.backward
+
+
+# ---------------------------------------------------------------------- Functional-SAM
+def _split(out, where: str) -> tuple[Tensor, Tensor]:
+    """(loss, outputs) of a closure call, or a clear error (FunctionalSAM's contract)."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"DeepSpeedFunctionalSAM's closure must return (loss, outputs): the loss and the network's "
+                        f"outputs it was computed from (the logits), without calling backward; {where} returned "
+                        f"{type(out).__name__}")
+    loss, outputs = out
+    if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
+        raise ValueError(f"DeepSpeedFunctionalSAM: the loss ({where}) must be a one-element tensor that requires grad")
+    if not (isinstance(outputs, Tensor) and outputs.requires_grad):
+        raise ValueError(f"DeepSpeedFunctionalSAM: the outputs ({where}) must be a tensor that requires grad (the "
+                         "logits the loss was computed from, not detached)")
+    return loss, outputs
+
+
+class DeepSpeedFunctionalSAM(DeepSpeedSAM):
+    """Functional-SAM (:class:`~sam_fused.FunctionalSAM`'s rule) over a ``DeepSpeedEngine``: the
+    perturbation as :class:`DeepSpeedSAM` makes it, then the update gradient ``J(w + e)^T
+    dL/dF(w)`` (module docstring). Arguments, refusals, gradient accumulation, the engine's
+    clipping (of the update gradient) and communication: as DeepSpeedSAM's.
+
+    ``step(closure)``: ``closure(i)`` runs the forward of micro-batch ``i`` of the step (``0 <= i <
+    gradient_accumulation_steps``) and returns ``(loss, outputs)``, calling no backward; it is
+    called for every ``i`` at ``w``, then again at ``w + e``. Returns the mean of the first pass's
+    losses (a float). By hand::
+
+        for x, y in micro_batches:                 # at w
+            logits = engine(x)
+            sam.accumulate(loss_fn(logits, y), logits)   # engine.backward(loss); dL/dlogits kept
+        sam.first_step()                           # w -> w + e
+        for x, y in micro_batches:                 # the same micro-batches, in the same order
+            sam.second_backward(engine(x))         # engine.backward((logits * dL/dlogits).sum())
+        sam.second_step()                          # w + e -> w, engine.step()
+
+    The saved output gradients take the memory of the outputs (one logits-sized tensor per
+    micro-batch) until the second pass.
+    """
+
+    def __init__(self, engine, rho: float = 0.05, adaptive: bool = False, eta: float = 0.0,
+                 backend: str | None = None) -> None:
+        super().__init__(engine, rho=rho, adaptive=adaptive, eta=eta, backend=backend)
+        self._saved: list[Tensor] = []  # dL/doutputs of each micro-batch of the first pass, as the engine scaled it
+        self._replayed = 0
+
+    def accumulate(self, loss: Tensor, outputs: Tensor, **backward_kwargs) -> None:
+        """One micro-batch of the first pass: ``engine.backward(loss, **backward_kwargs)``, keeping
+        the gradient it sends into ``outputs``."""
+        if self._perturbed:
+            raise RuntimeError("DeepSpeedFunctionalSAM.accumulate() is the first pass: the weights are perturbed "
+                               "(call second_step() or abort() first)")
+        loss, outputs = _split((loss, outputs), "accumulate()")
+        seen: list[Tensor] = []
+        handle = outputs.register_hook(lambda grad: seen.append(grad.detach()))
+        try:
+            with torch.enable_grad():
+                self.engine.backward(loss, **backward_kwargs)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError("DeepSpeedFunctionalSAM.accumulate(): the loss's backward did not reach the outputs: "
+                               "hand over the outputs the loss was computed from")
+        self._saved.append(seen[0])
+
+    def first_step(self) -> Tensor:
+        if len(self._saved) != self._count:
+            raise RuntimeError(f"DeepSpeedFunctionalSAM.first_step(): {self._count} engine.backward call(s) in this "
+                               f"pass but {len(self._saved)} through accumulate(): every micro-batch of the first pass "
+                               "goes through accumulate(loss, outputs)")
+        norm = super().first_step()
+        self._replayed = 0
+        return norm
+
+    def second_backward(self, outputs: Tensor) -> None:
+        """At ``w + e``: ``engine.backward((outputs * dL/dF(w)).sum())`` with the saved output
+        gradient of the next micro-batch (in the order of the first pass), unscaled: the engine's
+        gradient is then ``J(w + e)^T dL/dF(w)``, accumulated as the first pass's was."""
+        if not self._perturbed:
+            raise RuntimeError("DeepSpeedFunctionalSAM.second_backward() comes after first_step()")
+        if self._replayed >= len(self._saved):
+            raise RuntimeError(f"DeepSpeedFunctionalSAM.second_backward() called more often than the first pass had "
+                               f"micro-batches ({len(self._saved)})")
+        saved = self._saved[self._replayed]
+        if not isinstance(outputs, Tensor) or not outputs.requires_grad:
+            raise ValueError("DeepSpeedFunctionalSAM: the outputs at w + e must be a tensor that requires grad")
+        if outputs.shape != saved.shape:
+            raise ValueError(f"DeepSpeedFunctionalSAM: the outputs at w + e have shape {tuple(outputs.shape)}, the "
+                             f"first pass's {tuple(saved.shape)}: the same inputs must go through both passes")
+        with torch.enable_grad():
+            self.engine.backward((outputs * saved.to(outputs.dtype)).sum(), scale_wrt_gas=False)
+        self._replayed += 1
+
+    def second_step(self) -> None:
+        if self._perturbed and self._replayed != len(self._saved):
+            raise RuntimeError(f"DeepSpeedFunctionalSAM.second_step(): the second pass backpropagated {self._replayed} "
+                               f"of the first pass's {len(self._saved)} micro-batches (second_backward); the weights "
+                               "stay perturbed until the rest are, or abort()")
+        super().second_step()
+        self._saved, self._replayed = [], 0
+
+    def abort(self) -> None:
+        super().abort()
+        self._saved, self._replayed = [], 0
+
+    def step(self, closure: Callable[[int], tuple]) -> float:
+        """One Functional-SAM step (class docstring): ``closure(i)`` per micro-batch at ``w``, the
+        perturbation, ``closure(i)`` per micro-batch at ``w + e``, the restore and ``engine.step()``."""
+        if not callable(closure):
+            raise TypeError("DeepSpeedFunctionalSAM.step() needs a closure(i) that runs the forward of micro-batch i "
+                            "and returns (loss, outputs)")
+        if self._perturbed or self._count or self._saved:
+            raise RuntimeError("DeepSpeedFunctionalSAM.step() inside a started step (first_step() or a backward "
+                               "already ran)")
+        try:
+            total = 0.0
+            for i in range(self.gas):
+                with torch.enable_grad():
+                    loss, outputs = _split(closure(i), f"closure({i}) at w")
+                self.accumulate(loss, outputs)
+                total += float(loss.detach()) / self.gas
+            self.first_step()
+            for i in range(self.gas):
+                with torch.enable_grad():
+                    _, outputs = _split(closure(i), f"closure({i}) at w + e")
+                self.second_backward(outputs)
+            self.second_step()
+        except BaseException:
+            self.abort()
+            raise
+        return total

@@ -67,10 +67,12 @@ inside ``accelerator.backward()`` and its optimizer wrapper's ``step()`` takes n
 SAM step is driven from ``training_step`` through
 :class:`~sam_fused.integrations.deepspeed.DeepSpeedSAM`. The base optimizer is the Trainer's (the
 engine wraps it); each micro-batch's backward goes to the engine without its step; after the last
-one, the perturbation (one scalar all-reduce, one all-gather), the micro-batches again at
-``w + e``, then the restore and ``engine.step()``: DeepSpeed's clipping (``max_grad_norm``
-through ``gradient_clipping: "auto"``) of the second gradient, the update, the scheduler.
-Checkpoints go through DeepSpeed's own save and load, as the Trainer does them.
+one, the perturbation (one scalar all-reduce, one all-gather per param group: two for the
+Trainer's decay and no-decay groups), the micro-batches again at ``w + e``, then the restore and
+``engine.step()``: DeepSpeed's clipping (``max_grad_norm`` through ``gradient_clipping: "auto"``)
+of the second gradient, the update, the scheduler. Checkpoints go through DeepSpeed's own save and
+load, as the Trainer does them. MSAM and Functional-SAM are refused there (Functional-SAM over
+DeepSpeed is ``DeepSpeedFunctionalSAM`` in a loop of your own).
 """
 
 from __future__ import annotations
@@ -137,10 +139,15 @@ class SAMTrainer(Trainer):
         if self.is_deepspeed_enabled:
             if (self.sam_variant not in ("sam", "asam") or set(self.sam_kwargs) - {"eta", "backend"}
                     or self.sam_phase is not None):
+                why = {"msam": "; MSAM does not run over a DeepSpeed engine (its perturbation would have to be written "
+                               "inside engine.step(), between the update and the all-gather: "
+                               "sam_fused.integrations.deepspeed's docstring)",
+                       "functional": "; Functional-SAM over DeepSpeed is DeepSpeedFunctionalSAM "
+                                     "(sam_fused.integrations.deepspeed), in a loop of your own"}.get(self.sam_variant, "")
                 raise NotImplementedError(
                     f"SAMTrainer under DeepSpeed runs sam_variant 'sam' or 'asam' on every step (sam_kwargs eta, "
                     f"backend; no phase); got {self.sam_variant!r} with {sorted(self.sam_kwargs)}"
-                    + ("" if self.sam_phase is None else f" and the phase {self.sam_phase}"))
+                    + ("" if self.sam_phase is None else f" and the phase {self.sam_phase}") + why)
             if given is not None:
                 raise TypeError("SAMTrainer under DeepSpeed builds its SAM step over the engine: pass no optimizer "
                                 "(the Trainer chooses the base optimizer, args.optim)")
