@@ -53,7 +53,7 @@ class TextTask:
     base: str = "adamw"
     steps: int = 300
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1  # on the weight matrices; none on biases and LayerNorms
     rho: float = 0.05  # SAM's (and psam, fsam, fsam-p, sam-phase): benchmarks/NOTES.md, "The text task"
     msam_rho: float = 0.3  # Momentum-SAM's
