@@ -1,5 +1,5 @@
 """``sam-fused compare``: SGD and the SAM family trained alike, with sharpness measured, on four
-tasks (``--task``): scikit-learn's handwritten digits with noisy labels and an MLP (the default),
+classification tasks (``--task``): scikit-learn's handwritten digits with noisy labels and an MLP (the default),
 and, as in the study this project follows, a Wide ResNet on images, a transformer encoder on
 heartbeat-like time series and a GCN on molecule-like graphs (data sets made in the package:
 ``sam_fused.tools.tasks``). Each task has its base optimizer (SGD with momentum, or Adam for the
@@ -24,6 +24,16 @@ for the larger tasks. A run is deterministic for a given
 seed and thread count. For the first seed it saves 1-D and 2-D loss landscapes along
 filter-normalized directions and the Hessian spectral densities; the JSON holds every figure of
 every seed.
+
+``--task text`` trains a byte-level causal transformer language model on the standard library's
+own .py sources (split by file; ``sam_fused.tools.text``) with AdamW and, over AdamW, SAM, SAM
+with the preconditioned perturbation (psam), Functional-SAM plain and preconditioned (fsam,
+fsam-p), Momentum-SAM and SAM on the last 25% of the steps (sam-phase), for ``--steps`` steps
+each, and reports per seed the validation loss in bits per byte at equal steps and at equal
+forward/backward count (from the same run, at the step where the method's passes reach AdamW's
+total: the halfway step for two passes per step), the loss with 4-bit weights (round-to-nearest,
+per output channel) and its increase, and the training throughput relative to AdamW; each method
+against AdamW seed by seed by the same paired t-test. No Hessian figures or pictures: the JSON.
 """
 
 from __future__ import annotations
@@ -63,17 +73,18 @@ def add_parser(sub) -> None:
     p.add_argument("--task", choices=sorted([*TASKS, "text"]), default="digits",
                    help="digits (MLP, default), images (Wide ResNet), timeseries (transformer encoder), graphs (GCN), "
                         "text (byte-level transformer language model on the standard library's sources)")
-    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS + text.OPTIMIZERS,
-                   help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
+    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS + text.OPTIMIZERS, metavar="NAME",
+                   help="optimizer to train, repeatable. The classification tasks: " + ", ".join(OPTIMIZERS) + " "
+                        "(default: " + ", ".join(DEFAULT_OPTIMIZERS) + "); "
                         "sgd is the task's base (SGD-momentum, or Adam for graphs), the others wrap it; "
                         "interval: SAM every 5th step; rst: SAM with probability 0.5; gsam: GSAM (--gsam-alpha); "
                         "looksam: LookSAM (--looksam-k, --looksam-alpha); all with --rho; msam: Momentum-SAM "
                         "(--msam-rho; evaluated at the unperturbed weights); "
                         "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho. "
-                        "--task text takes only its own (default: all seven): adamw; over AdamW, sam-adamw (SAM), psam "
-                        "(SAM, preconditioned perturbation), fsam and fsam-p (Functional-SAM, plain and "
-                        "preconditioned), sam-phase (SAM on the last 25%% of the steps), all with --rho; msam-adamw "
-                        "(Momentum-SAM, --msam-rho))")
+                        "--task text: " + ", ".join(text.OPTIMIZERS) + " (default: all seven); over AdamW, "
+                        "sam-adamw is SAM, psam SAM with the preconditioned perturbation, fsam and fsam-p "
+                        "Functional-SAM, plain and preconditioned, sam-phase SAM on the last 25%% of the steps, all "
+                        "with --rho; msam-adamw is Momentum-SAM (--msam-rho)")
     p.add_argument("--noise", type=checks.probability, default=0.2,
                    help="digits: fraction of training labels flipped, in [0, 1) (default: 0.2)")
     p.add_argument("--epochs", type=checks.positive_int, default=None,
