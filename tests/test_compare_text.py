@@ -187,12 +187,14 @@ def test_compare_text_writes_every_optimizer_and_column(tmp_path, capsys):
         assert seed["adamw"]["val_bpb_equal_compute"] == seed["adamw"]["val_bpb"]
     for name, figs in data["verdicts"].items():  # compare's one rule, on the paired differences of the JSON
         for key, v in figs.items():
-            diff = [a - b for a, b in zip(data["summary"][name][key]["values"], data["summary"]["adamw"][key]["values"])]
+            s = data["summary"]
+            diff = [a - b for a, b in zip(s[name][key]["values"], s["adamw"][key]["values"])]
             assert v["verdict"] == verdict(diff) and v["mean"] == pytest.approx(sum(diff) / 2)
     assert set(data["verdicts"]) == set(text.OPTIMIZERS) - {"adamw"}
     for header in ("val bpb", "val bpb, = compute", "4-bit bpb", "4-bit increase", "steps/s / AdamW's", "time s"):
         assert header in out
-    assert "\nsam-adamw (rho 0.05) " in out and "\nmsam-adamw (rho 0.3) " in out and "radii: sam-adamw (rho 0.05)" in out
+    assert "\nsam-adamw (rho 0.05) " in out and "\nmsam-adamw (rho 0.3) " in out
+    assert "radii: sam-adamw (rho 0.05)" in out
     assert "sam-phase (rho 0.05) - adamw, per seed" in out and "    equal compute " in out
 
 
@@ -204,7 +206,8 @@ def test_compare_text_is_deterministic_for_a_seed(tmp_path):
                      "--optimizer", "msam-adamw", "--out", str(out)]) == 0
         data = json.loads((out / "compare.json").read_text())
         timing = {"train_seconds", "steps_per_second", "throughput_vs_adamw"}
-        runs.append([{k: v for k, v in r.items() if k not in timing} for seed in data["per_seed"] for r in seed.values()])
+        runs.append([{k: v for k, v in r.items() if k not in timing}
+                     for seed in data["per_seed"] for r in seed.values()])
     assert runs[0] == runs[1]
     assert runs[0][0]["val_bpb"] != runs[0][1]["val_bpb"]  # the optimizers differ
 

@@ -1,8 +1,8 @@
 """``sam-fused compare``: SGD and the SAM family trained alike, with sharpness measured, on four
-classification tasks (``--task``): scikit-learn's handwritten digits with noisy labels and an MLP (the default),
-and, as in the study this project follows, a Wide ResNet on images, a transformer encoder on
-heartbeat-like time series and a GCN on molecule-like graphs (data sets made in the package:
-``sam_fused.tools.tasks``). Each task has its base optimizer (SGD with momentum, or Adam for the
+classification tasks (``--task``): scikit-learn's handwritten digits with noisy labels and an
+MLP (the default), and, as in the study this project follows, a Wide ResNet on images, a
+transformer encoder on heartbeat-like time series and a GCN on molecule-like graphs (data sets
+made in the package: ``sam_fused.tools.tasks``). Each task has its base optimizer (SGD with momentum, or Adam for the
 graphs) and its default radii for SAM (and the family that takes ``--rho``), ASAM and
 Momentum-SAM, chosen from a short sweep on that task (benchmarks/NOTES.md, "Default radii"): the
 study's radii (images 2, timeseries 1) and Momentum-SAM's published 3 stop these small models from
@@ -605,8 +605,8 @@ def config_used(args, names: list[str]) -> dict:
 # the figures of a text run (throughput_vs_adamw when AdamW ran), and the columns of its table
 TEXT_FIGURES = ("val_bpb", "val_bpb_equal_compute", "val_bpb_4bit", "quant_increase", "steps_per_second",
                 "throughput_vs_adamw", "train_seconds")
-TEXT_OPTIONS = ("task", "steps", "batch_size", "lr", "context", "d_model", "layers", "heads", "seeds", "seed", "threads",
-                "out", "command_line")
+TEXT_OPTIONS = ("task", "steps", "batch_size", "lr", "context", "d_model", "layers", "heads", "seeds", "seed",
+                "threads", "out", "command_line")
 # the paired comparisons with AdamW: (name in the verdicts, figure)
 TEXT_VERDICTS = (("equal steps", "val_bpb"), ("equal compute", "val_bpb_equal_compute"), ("4-bit", "val_bpb_4bit"),
                  ("4-bit increase", "quant_increase"))
@@ -631,8 +631,9 @@ def _run_text(args) -> int:
         for key, name, rho in runs:
             print(f"[seed {seed}, {i + 1}/{len(seeds)}{left}] training {labels[key]} for {args.steps} steps ...",
                   file=sys.stderr, flush=True)
-            r = text.train_run(name, data, seed, args.steps, args.batch_size, args.lr, args.rho[0] if rho is None else rho,
-                               args.msam_rho, args.context, args.d_model, args.layers, args.heads)
+            r = text.train_run(name, data, seed, args.steps, args.batch_size, args.lr,
+                               args.rho[0] if rho is None else rho, args.msam_rho, args.context, args.d_model,
+                               args.layers, args.heads)
             results[key] = dict(r, rho=radii[key])
         if "adamw" in results:  # measured in the same run, seed by seed
             for r in results.values():
@@ -680,20 +681,22 @@ def text_verdicts(summary: dict) -> dict:
         out[name] = {}
         for _, key in TEXT_VERDICTS:
             diff = np.array(figs[key]["values"]) - np.array(summary["adamw"][key]["values"])
-            out[name][key] = dict(mean=float(diff.mean()), std=float(diff.std(ddof=1)) if diff.size > 1 else float("nan"),
-                                  lower=int((diff < 0).sum()), seeds=int(diff.size), verdict=verdict(diff))
+            std = float(diff.std(ddof=1)) if diff.size > 1 else float("nan")
+            out[name][key] = dict(mean=float(diff.mean()), std=std, lower=int((diff < 0).sum()), seeds=int(diff.size),
+                                  verdict=verdict(diff))
     return out
 
 
 def _text_verdict_lines(summary: dict, verdicts: dict, labels: dict) -> str:
     lines = []
     for name, figs in verdicts.items():
-        lines.append(f"{labels.get(name, name)} - adamw, per seed (bits per byte, lower is better; paired t-test, 95%):")
+        lines.append(f"{labels.get(name, name)} - adamw, per seed (bits per byte, lower is better; paired t-test, "
+                     "95%):")
         for what, key in TEXT_VERDICTS:
             v = figs[key]
             word = v["verdict"] if v["verdict"] == "within the seed spread" else f"{v['verdict']} AdamW"
-            lines.append(f"    {what:<15} {v['mean']:+.4f} +- {v['std']:.4f} ({v['lower']} of {v['seeds']} seeds lower): "
-                         f"{word}")
+            lines.append(f"    {what:<15} {v['mean']:+.4f} +- {v['std']:.4f} ({v['lower']} of {v['seeds']} seeds "
+                         f"lower): {word}")
     return "\n".join(lines)
 
 

@@ -100,9 +100,9 @@ class Corpus:
     def record(self) -> dict:
         """What the JSON says about the data."""
         return dict(root=self.root, python=sys.version, files=len(self.train_files) + len(self.val_files),
-                    train_files=len(self.train_files), val_files=len(self.val_files), train_bytes=int(self.train.numel()),
-                    val_bytes=int(self.val.numel()), val_every=VAL_EVERY, val_windows=VAL_WINDOWS, sha256=self.sha256,
-                    val_file_names=list(self.val_files))
+                    train_files=len(self.train_files), val_files=len(self.val_files),
+                    train_bytes=int(self.train.numel()), val_bytes=int(self.val.numel()), val_every=VAL_EVERY,
+                    val_windows=VAL_WINDOWS, sha256=self.sha256, val_file_names=list(self.val_files))
 
 
 _CORPORA: dict[str, Corpus] = {}
@@ -123,7 +123,8 @@ def corpus(root: Path | str | None = None) -> Corpus:
     return _CORPORA[key]
 
 
-def batch(stream: torch.Tensor, batch_size: int, context: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(stream: torch.Tensor, batch_size: int, context: int,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` windows at seeded random offsets: (inputs, next bytes), each [batch, context]."""
     starts = torch.randint(0, stream.numel() - context, (batch_size,), generator=gen)
     chunk = stream[starts[:, None] + torch.arange(context + 1)].long()
