@@ -176,7 +176,8 @@ def test_compare_text_writes_every_optimizer_and_column(tmp_path, capsys):
     assert list(data["summary"]) == list(text.OPTIMIZERS) and data["seeds"] == [0, 1]
     assert data["python"] and data["machine"] and data["units"] == "bits per byte"
     assert data["data"]["files"] == len(text.stdlib_files()) and data["data"]["train_bytes"] > 1_000_000
-    assert data["config"]["steps"] == 8 and data["config"]["rho"] == [0.05] and data["config"]["msam_rho"] == 0.3
+    assert data["config"]["steps"] == 8 and data["config"]["rho"] == [text.TEXT.rho]
+    assert data["config"]["msam_rho"] == text.TEXT.msam_rho
     for seed in data["per_seed"]:
         for name, r in seed.items():
             assert set(COLUMNS) <= set(r)
@@ -193,9 +194,9 @@ def test_compare_text_writes_every_optimizer_and_column(tmp_path, capsys):
     assert set(data["verdicts"]) == set(text.OPTIMIZERS) - {"adamw"}
     for header in ("val bpb", "val bpb, = compute", "4-bit bpb", "4-bit increase", "steps/s / AdamW's", "time s"):
         assert header in out
-    assert "\nsam-adamw (rho 0.05) " in out and "\nmsam-adamw (rho 0.3) " in out
-    assert "radii: sam-adamw (rho 0.05)" in out
-    assert "sam-phase (rho 0.05) - adamw, per seed" in out and "    equal compute " in out
+    assert f"\nsam-adamw (rho {text.TEXT.rho:g}) " in out and f"\nmsam-adamw (rho {text.TEXT.msam_rho:g}) " in out
+    assert f"radii: sam-adamw (rho {text.TEXT.rho:g})" in out
+    assert f"sam-phase (rho {text.TEXT.rho:g}) - adamw, per seed" in out and "    equal compute " in out
 
 
 def test_compare_text_is_deterministic_for_a_seed(tmp_path):

@@ -56,7 +56,7 @@ class TextTask:
     lr: float = 2e-3
     weight_decay: float = 0.1  # on the weight matrices; none on biases and LayerNorms
     rho: float = 0.05  # SAM's (and psam, fsam, fsam-p, sam-phase): benchmarks/NOTES.md, "The text task"
-    msam_rho: float = 0.3  # Momentum-SAM's
+    msam_rho: float = 0.1  # Momentum-SAM's
     context: int = 64
     d_model: int = 64
     layers: int = 2
