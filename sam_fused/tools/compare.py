@@ -1,8 +1,8 @@
 """``sam-fused compare``: SGD and the SAM family trained alike, with sharpness measured, on four
-tasks (``--task``): scikit-learn's handwritten digits with noisy labels and an MLP (the default),
-and, as in the study this project follows, a Wide ResNet on images, a transformer encoder on
-heartbeat-like time series and a GCN on molecule-like graphs (data sets made in the package:
-``sam_fused.tools.tasks``). Each task has its base optimizer (SGD with momentum, or Adam for the
+classification tasks (``--task``): scikit-learn's handwritten digits with noisy labels and an
+MLP (the default), and, as in the study this project follows, a Wide ResNet on images, a
+transformer encoder on heartbeat-like time series and a GCN on molecule-like graphs (data sets
+made in the package: ``sam_fused.tools.tasks``). Each task has its base optimizer (SGD with momentum, or Adam for the
 graphs) and its default radii for SAM (and the family that takes ``--rho``), ASAM and
 Momentum-SAM, chosen from a short sweep on that task (benchmarks/NOTES.md, "Default radii"): the
 study's radii (images 2, timeseries 1) and Momentum-SAM's published 3 stop these small models from
@@ -24,6 +24,16 @@ for the larger tasks. A run is deterministic for a given
 seed and thread count. For the first seed it saves 1-D and 2-D loss landscapes along
 filter-normalized directions and the Hessian spectral densities; the JSON holds every figure of
 every seed.
+
+``--task text`` trains a byte-level causal transformer language model on the standard library's
+own .py sources (split by file; ``sam_fused.tools.text``) with AdamW and, over AdamW, SAM, SAM
+with the preconditioned perturbation (psam), Functional-SAM plain and preconditioned (fsam,
+fsam-p), Momentum-SAM and SAM on the last 25% of the steps (sam-phase), for ``--steps`` steps
+each, and reports per seed the validation loss in bits per byte at equal steps and at equal
+forward/backward count (from the same run, at the step where the method's passes reach AdamW's
+total: the halfway step for two passes per step), the loss with 4-bit weights (round-to-nearest,
+per output channel) and its increase, and the training throughput relative to AdamW; each method
+against AdamW seed by seed by the same paired t-test. No Hessian figures or pictures: the JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import torch.nn.functional as F
 
 from .. import GSAM, MSAM, FusedSAM, LookSAM, UniversalSAM, __version__
 from . import args as checks
+from . import text
 from .common import busy_note, cpu_count, cpu_name, load, plain
 from .tasks import TASKS, digits_data
 
@@ -51,29 +62,47 @@ DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
 
 
 def _defaults(key: str) -> str:
-    return ", ".join(f"{name} {getattr(task, key):g}" for name, task in TASKS.items())
+    tasks = [*TASKS.values(), text.TEXT]
+    return ", ".join(f"{task.name} {getattr(task, key):g}" for task in tasks if hasattr(task, key))
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="train SGD and the SAM family on a task (digits, images, time series, graphs); "
-                                       "measure sharpness",
+                                       "measure sharpness; or AdamW and SAM on a byte-level language model (text)",
                        description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="digits",
-                   help="digits (MLP, default), images (Wide ResNet), timeseries (transformer encoder), graphs (GCN)")
-    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS,
-                   help="optimizer to train, repeatable (default: " + ", ".join(DEFAULT_OPTIMIZERS) + "; "
+    p.add_argument("--task", choices=sorted([*TASKS, "text"]), default="digits",
+                   help="digits (MLP, default), images (Wide ResNet), timeseries (transformer encoder), graphs (GCN), "
+                        "text (byte-level transformer language model on the standard library's sources)")
+    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS + text.OPTIMIZERS, metavar="NAME",
+                   help="optimizer to train, repeatable. The classification tasks: " + ", ".join(OPTIMIZERS) + " "
+                        "(default: " + ", ".join(DEFAULT_OPTIMIZERS) + "); "
                         "sgd is the task's base (SGD-momentum, or Adam for graphs), the others wrap it; "
                         "interval: SAM every 5th step; rst: SAM with probability 0.5; gsam: GSAM (--gsam-alpha); "
                         "looksam: LookSAM (--looksam-k, --looksam-alpha); all with --rho; msam: Momentum-SAM "
                         "(--msam-rho; evaluated at the unperturbed weights); "
-                        "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho)")
+                        "frob, trace and det are Frob-SAM, Trace-SAM and Det-SAM with the paper's rho. "
+                        "--task text: " + ", ".join(text.OPTIMIZERS) + " (default: all seven); over AdamW, "
+                        "sam-adamw is SAM, psam SAM with the preconditioned perturbation, fsam and fsam-p "
+                        "Functional-SAM, plain and preconditioned, sam-phase SAM on the last 25%% of the steps, all "
+                        "with --rho; msam-adamw is Momentum-SAM (--msam-rho)")
     p.add_argument("--noise", type=checks.probability, default=0.2,
                    help="digits: fraction of training labels flipped, in [0, 1) (default: 0.2)")
     p.add_argument("--epochs", type=checks.positive_int, default=None,
-                   help="training epochs (default: the task's; digits 100)")
-    p.add_argument("--batch-size", type=checks.positive_int, default=None, help="batch size (default: the task's, 64)")
+                   help="training epochs (default: the task's; digits 100; text: --steps)")
+    p.add_argument("--steps", type=checks.int_at_least(4), default=None,
+                   help=f"text: optimizer steps of every method, at least 4 (default: {text.TEXT.steps})")
+    p.add_argument("--batch-size", type=checks.positive_int, default=None,
+                   help=f"batch size (default: the task's, 64; text: {text.TEXT.batch_size} windows)")
     p.add_argument("--lr", type=checks.finite_positive_float, default=None,
-                   help="learning rate of the base (default: the task's; digits 0.05)")
+                   help=f"learning rate of the base (default: the task's; digits 0.05; text {text.TEXT.lr:g})")
+    p.add_argument("--context", type=checks.int_at_least(2), default=None,
+                   help=f"text: bytes of context (default: {text.TEXT.context})")
+    p.add_argument("--d-model", type=checks.positive_int, default=None,
+                   help=f"text: width of the transformer (default: {text.TEXT.d_model})")
+    p.add_argument("--layers", type=checks.positive_int, default=None,
+                   help=f"text: transformer blocks (default: {text.TEXT.layers})")
+    p.add_argument("--heads", type=checks.positive_int, default=None,
+                   help=f"text: attention heads, a divisor of --d-model (default: {text.TEXT.heads})")
     p.add_argument("--rho", type=_rhos, default=None,
                    help="SAM's rho, or several comma-separated (a sweep: each value is its own run of every "
                         "optimizer that takes --rho, named e.g. sam@0.5) (default: the task's: "
@@ -122,13 +151,37 @@ def add_parser(sub) -> None:
 _rhos = checks.float_list(checks.finite_non_negative_float,
                           f"comma-separated finite non-negative numbers (at most {checks.LARGEST:g})")
 
-# what a run writes into --out
+# what a run writes into --out (the text task: the JSON only)
 OUTPUTS = ("landscape_1d.png", "landscape_2d.png", "spectrum.png", "family.png", "compare.json")
+TEXT_OUTPUTS = ("compare.json",)
+
+# the options of the text task alone, and those of the classification tasks that it does not take
+TEXT_ONLY = ("steps", "context", "d_model", "layers", "heads")
+NOT_TEXT = ("noise", "epochs", "asam_rho", "gsam_alpha", "looksam_alpha", "looksam_k", "lam", "width", "train_size",
+            "test_size", "hessian_samples", "lanczos_steps", "probes", "landscape_steps")
 
 
 def check(args, parser) -> None:
-    """The output folder can take every file a run writes (it creates nothing): else argparse's error."""
-    problem = checks.output_dir_problem(args.out, OUTPUTS)
+    """The optimizers and options belong to the task (an option of another task given a value
+    other than its default is refused), the text model's heads divide its width, and the output
+    folder can take every file a run writes (it creates nothing): else argparse's error."""
+    is_text = args.task == "text"
+    own = text.OPTIMIZERS if is_text else OPTIMIZERS
+    bad = [name for name in args.optimizer or () if name not in own]
+    if bad:
+        parser.error(f"argument --optimizer: {bad[0]!r} is not an optimizer of --task {args.task} (its optimizers: "
+                     f"{', '.join(own)})")
+    for dest in NOT_TEXT if is_text else TEXT_ONLY:
+        if getattr(args, dest, None) != parser.get_default(dest):
+            option = "--" + dest.replace("_", "-")
+            why = ("an option of --task text only" if not is_text else
+                   "not an option of --task text" + (" (it trains for --steps)" if dest == "epochs" else ""))
+            parser.error(f"argument {option}: {why}")
+    if is_text:
+        d, heads = args.d_model or text.TEXT.d_model, args.heads or text.TEXT.heads
+        if d % heads:
+            parser.error(f"argument --heads: {heads} heads do not divide --d-model {d}")
+    problem = checks.output_dir_problem(args.out, TEXT_OUTPUTS if is_text else OUTPUTS)
     if problem:
         parser.error(f"argument --out: {problem}")
 
@@ -150,6 +203,16 @@ def mlp(width: int, seed: int) -> nn.Module:
 
 def resolve(args) -> None:
     """Fill the options left to the task (``None``) from it, in place."""
+    if getattr(args, "task", "digits") == "text":
+        t = text.TEXT
+        for key, value in (("steps", t.steps), ("batch_size", t.batch_size), ("lr", t.lr), ("rho", [t.rho]),
+                           ("msam_rho", t.msam_rho), ("context", t.context), ("d_model", t.d_model),
+                           ("layers", t.layers), ("heads", t.heads)):
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        if isinstance(args.rho, (int, float)):
+            args.rho = [float(args.rho)]
+        return
     task = TASKS[getattr(args, "task", "digits")]
     for key, value in (("epochs", task.epochs), ("batch_size", task.batch_size), ("lr", task.lr),
                        ("rho", [task.rho]), ("asam_rho", task.asam_rho), ("msam_rho", task.msam_rho),
@@ -161,12 +224,12 @@ def resolve(args) -> None:
         args.rho = [float(args.rho)]
 
 
-def runs_of(names: list[str], rhos: list[float]) -> list[tuple[str, str, float | None]]:
+def runs_of(names: list[str], rhos: list[float], swept: tuple = RHO_SWEPT) -> list[tuple[str, str, float | None]]:
     """(key, optimizer, rho) of every run: one per optimizer, and per rho for those that take --rho
-    when several are given (keyed ``name@rho``: the keys of the JSON)."""
+    (``swept``) when several are given (keyed ``name@rho``: the keys of the JSON)."""
     out = []
     for name in names:
-        if name in RHO_SWEPT:
+        if name in swept:
             for rho in rhos:
                 out.append((f"{name}@{rho:g}" if len(rhos) > 1 else name, name, rho))
         else:
@@ -376,12 +439,12 @@ def run_seed(names, args, seed: int, verbose_prefix: str = ""):
     return results, models, train_data
 
 
-def summarize(per_seed: list[dict]) -> dict:
+def summarize(per_seed: list[dict], figures: tuple = FIGURES) -> dict:
     """Mean and standard deviation (n - 1) over the seeds of every figure, per optimizer."""
     out = {}
     for name in per_seed[0]:
         out[name] = {}
-        for key in FIGURES:
+        for key in figures:
             values = np.array([r[name][key] for r in per_seed], dtype=float)
             out[name][key] = dict(mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                                   values=values.tolist())
@@ -399,19 +462,26 @@ def run(args) -> int:
         torch.set_num_threads(threads)  # as it was: run() may be called in a process that goes on
 
 
-def _run(args) -> int:
-    from .sharpness import hessian_spectrum, loss_landscape, plot_landscapes
-
+def _build_native() -> None:
+    """Build the native kernels first (it says so), so that the first seed's time, and the ETA, exclude it."""
     from .. import native
 
-    resolve(args)
-    names = args.optimizer or list(DEFAULT_OPTIMIZERS)
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    if native.build_pending():  # build first (it says so), so that the first seed's time, and the ETA, exclude it
+    if native.build_pending():
         try:
             native.load()
         except native.NativeUnavailable:
             pass  # the optimizers fall back to the reference backend
+
+
+def _run(args) -> int:
+    if args.task == "text":
+        return _run_text(args)
+    from .sharpness import hessian_spectrum, loss_landscape, plot_landscapes
+
+    resolve(args)
+    names = args.optimizer or list(DEFAULT_OPTIMIZERS)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    _build_native()
     per_seed, t_start, load_start = [], time.perf_counter(), load()
     for i, seed in enumerate(seeds):
         left = ""
@@ -531,6 +601,126 @@ def config_used(args, names: list[str]) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------ the text task
+# the figures of a text run (throughput_vs_adamw when AdamW ran), and the columns of its table
+TEXT_FIGURES = ("val_bpb", "val_bpb_equal_compute", "val_bpb_4bit", "quant_increase", "steps_per_second",
+                "throughput_vs_adamw", "train_seconds")
+TEXT_OPTIONS = ("task", "steps", "batch_size", "lr", "context", "d_model", "layers", "heads", "seeds", "seed",
+                "threads", "out", "command_line")
+# the paired comparisons with AdamW: (name in the verdicts, figure)
+TEXT_VERDICTS = (("equal steps", "val_bpb"), ("equal compute", "val_bpb_equal_compute"), ("4-bit", "val_bpb_4bit"),
+                 ("4-bit increase", "quant_increase"))
+
+
+def _run_text(args) -> int:
+    """Every text run (optimizer, and rho in a sweep) over the seeds; the table, the verdicts
+    against AdamW and compare.json."""
+    resolve(args)
+    names = args.optimizer or list(text.OPTIMIZERS)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    _build_native()
+    data = text.corpus()
+    runs = runs_of(names, args.rho, text.RHO_SWEPT)
+    radii = {key: rho if name in text.RHO_SWEPT else args.msam_rho if name == "msam-adamw" else None
+             for key, name, rho in runs}
+    labels = {key: label_of(key, radii[key]) for key, _, _ in runs}
+    per_seed, t_start, load_start = [], time.perf_counter(), load()
+    for i, seed in enumerate(seeds):
+        left = f", about {(time.perf_counter() - t_start) / i * (len(seeds) - i):.0f} s left" if i else ""
+        results = {}
+        for key, name, rho in runs:
+            print(f"[seed {seed}, {i + 1}/{len(seeds)}{left}] training {labels[key]} for {args.steps} steps ...",
+                  file=sys.stderr, flush=True)
+            r = text.train_run(name, data, seed, args.steps, args.batch_size, args.lr,
+                               args.rho[0] if rho is None else rho, args.msam_rho, args.context, args.d_model,
+                               args.layers, args.heads)
+            results[key] = dict(r, rho=radii[key])
+        if "adamw" in results:  # measured in the same run, seed by seed
+            for r in results.values():
+                r["throughput_vs_adamw"] = r["steps_per_second"] / results["adamw"]["steps_per_second"]
+        per_seed.append(results)
+    summary = summarize(per_seed, tuple(f for f in TEXT_FIGURES if f in per_seed[0][runs[0][0]]))
+    load_end, cores = load(), cpu_count()
+    busy = busy_note(load_start, load_end, cores)
+    params = sum(p.numel() for p in text.byte_lm(0, args.context, args.d_model, args.layers, args.heads).parameters())
+    print(_text_table(summary, args, seeds, data, params, busy, labels))
+    verdicts = text_verdicts(summary)
+    print(_text_verdict_lines(summary, verdicts, labels))
+    for line in warning_lines(per_seed, labels, {key: [False] * len(seeds) for key in labels}):
+        print(line)
+    config = {"task": "text", "optimizer": list(names)}
+    keys = list(TEXT_OPTIONS) + (["rho"] if set(names) & set(text.RHO_SWEPT) else []) + (
+        ["msam_rho"] if "msam-adamw" in names else [])
+    for key in keys:
+        if hasattr(args, key):
+            value = getattr(args, key)
+            config[key] = str(value) if isinstance(value, Path) else value
+    config.update(weight_decay=text.TEXT.weight_decay, betas=[0.9, 0.95], phase=list(text.PHASE))
+    payload = dict(
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), sam_fused=__version__,
+        torch=torch.__version__, python=sys.version, machine=cpu_name(), threads=torch.get_num_threads(), seeds=seeds,
+        cores=cores, load_start=load_start, load_end=load_end, busy=busy, config=config, labels=labels,
+        data=data.record(), model=dict(parameters=params, tied_head=True), units="bits per byte",
+        summary=summary, verdicts=verdicts, per_seed=per_seed,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare.json").write_text(json.dumps(payload, indent=1))
+    print(f"wrote {args.out / 'compare.json'}")
+    return 0
+
+
+def text_verdicts(summary: dict) -> dict:
+    """Per method other than AdamW, per figure of ``TEXT_VERDICTS``: the paired differences to
+    AdamW's seed by seed (mean, std, seeds lower) and :func:`verdict`; empty without AdamW."""
+    if "adamw" not in summary:
+        return {}
+    out = {}
+    for name, figs in summary.items():
+        if name == "adamw":
+            continue
+        out[name] = {}
+        for _, key in TEXT_VERDICTS:
+            diff = np.array(figs[key]["values"]) - np.array(summary["adamw"][key]["values"])
+            std = float(diff.std(ddof=1)) if diff.size > 1 else float("nan")
+            out[name][key] = dict(mean=float(diff.mean()), std=std, lower=int((diff < 0).sum()), seeds=int(diff.size),
+                                  verdict=verdict(diff))
+    return out
+
+
+def _text_verdict_lines(summary: dict, verdicts: dict, labels: dict) -> str:
+    lines = []
+    for name, figs in verdicts.items():
+        lines.append(f"{labels.get(name, name)} - adamw, per seed (bits per byte, lower is better; paired t-test, "
+                     "95%):")
+        for what, key in TEXT_VERDICTS:
+            v = figs[key]
+            word = v["verdict"] if v["verdict"] == "within the seed spread" else f"{v['verdict']} AdamW"
+            lines.append(f"    {what:<15} {v['mean']:+.4f} +- {v['std']:.4f} ({v['lower']} of {v['seeds']} seeds "
+                         f"lower): {word}")
+    return "\n".join(lines)
+
+
+def _text_table(summary: dict, args, seeds: list[int], data, params: int, busy: str | None, labels: dict) -> str:
+    mark = " (!)" if busy else ""
+    cols = [("val bpb", "val_bpb", 4), ("val bpb, = compute", "val_bpb_equal_compute", 4),
+            ("4-bit bpb", "val_bpb_4bit", 4), ("4-bit increase", "quant_increase", 4),
+            ("steps/s / AdamW's" + mark, "throughput_vs_adamw", 2), ("time s" + mark, "train_seconds", 1)]
+    cols = [c for c in cols if c[1] in next(iter(summary.values()))]
+    cell = lambda f, d: f"{f['mean']:.{d}f} +- {f['std']:.{d}f}"  # noqa: E731
+    rows = [[labels.get(name, name)] + [cell(figs[key], d) for _, key, d in cols] for name, figs in summary.items()]
+    rec = data.record()
+    head = (f"text: byte-level transformer (context {args.context}, d_model {args.d_model}, {args.layers} layers, "
+            f"{args.heads} heads, {params} parameters) on the {rec['files']} .py files of Python "
+            f"{sys.version.split()[0]}'s standard library ({rec['train_bytes']} / {rec['val_bytes']} bytes, split by "
+            f"file), AdamW base, {args.steps} steps of {args.batch_size} windows, lr {args.lr:g}; validation loss in "
+            f"bits per byte (= compute: at AdamW's forward/backward count); seeds {seeds[0]}..{seeds[-1]} (mean +- "
+            f"standard deviation over {len(seeds)} seeds), {torch.get_num_threads()} thread(s); {_radii(labels)}")
+    out = [head] + _grid(["optimizer"] + [c[0] for c in cols], rows)
+    if busy:
+        out.append(f"(!) {busy}: the times and the throughput relative to AdamW are doubtful")
+    return "\n".join(out)
+
+
 def verdict(diffs) -> str:
     """The one rule by which a difference over seeds is called (here and in the README): paired
     differences (same split, labels, initialization and batch order per seed) whose mean lies
@@ -576,7 +766,6 @@ def _table(summary: dict, args, seeds: list[int], busy: str | None = None, label
     labels = labels or {}
     rows = [[labels.get(name, name)] + [cell(figs[key], d) for _, key, d in cols] for name, figs in summary.items()]
     headers = ["optimizer"] + [c[0] for c in cols]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     task = TASKS[getattr(args, "task", "digits")]
     what = (f"digits, {args.noise:.0%} of training labels flipped, MLP width {args.width}" if task.name == "digits"
             else f"{task.name}: {task.describe} ({args.train_size} / {args.test_size} examples)")
@@ -584,12 +773,18 @@ def _table(summary: dict, args, seeds: list[int], busy: str | None = None, label
     head = (f"{what}, {task.base} base, {args.epochs} epochs, {hess}, "
             f"seeds {seeds[0]}..{seeds[-1]} (mean +- standard deviation over {len(seeds)} seeds), "
             f"{torch.get_num_threads()} thread(s); {_radii(labels or {})}")
-    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))
-    out = [head, line, "-" * len(line)]
-    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    out = [head] + _grid(headers, rows)
     if busy:
         out.append(f"(!) {busy}: the times and the throughput relative to SGD are doubtful")
     return "\n".join(out)
+
+
+def _grid(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """The header line, a rule and the rows: the first column left-aligned, the others right."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    out = [line, "-" * len(line)]
+    return out + ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
 
 
 def family_points(summary: dict) -> dict:
