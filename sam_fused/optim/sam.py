@@ -104,7 +104,10 @@ class FusedSAM(SAMOptimizer):
     makes a plain step itself when it is not). Every step made is counted as ``"sam_step"`` in
     every param group, so the count is in ``state_dict()``; a step counts once it is made, so a
     refused step, a closure that raises or a step the GradScaler skips leaves the schedule as it
-    was (the retry is the step that was due).
+    was (the retry is the step that was due). Without a schedule nothing waits for the GradScaler's
+    verdict: its skips are tallied on the device and taken off ``"sam_step"`` at ``state_dict()``
+    (and at a copy or pickle), so the live count in ``param_groups`` includes them until then; with
+    a schedule the count is exact after every step (one host read of found_inf).
 
     A param group with ``perturb=False`` is left where it is and out of the norm (SAM-ON, Mueller
     et al. 2023, perturbs only the normalization layers, with the norm over those alone:
