@@ -118,10 +118,8 @@ def refused(argv, root, capsys, monkeypatch, option, command="compare"):
         main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
+    errors = err.splitlines()  # the error alone, in one line
     assert len(errors) == 1 and errors[0].startswith(f"sam-fused {command}: error: argument {option}"), err
-    assert err.startswith("usage: sam-fused " + command)
     assert _tree(root) == before
     return errors[0]
 

@@ -16,9 +16,17 @@ def line_buffered_stdout() -> None:
         pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with a refusal in one line: the argument, what it accepts, where the help
+    is (argparse's own prints the whole usage first); exit code 2, as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     line_buffered_stdout()
-    parser = argparse.ArgumentParser(prog="sam-fused", description=plain(__doc__))
+    parser = Parser(prog="sam-fused", description=plain(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     from .bench.cli import add_parser as add_bench
     from .compare import add_parser as add_compare
