@@ -578,17 +578,9 @@ class DeepSpeedSAM:
 # ---------------------------------------------------------------------- Functional-SAM
 def _split(out, where: str) -> tuple[Tensor, Tensor]:
     """(loss, outputs) of a closure call, or a clear error (FunctionalSAM's contract)."""
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"DeepSpeedFunctionalSAM's closure must return (loss, outputs): the loss and the network's "
-                        f"outputs it was computed from (the logits), without calling backward; {where} returned "
-                        f"{type(out).__name__}")
-    loss, outputs = out
-    if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
-        raise ValueError(f"DeepSpeedFunctionalSAM: the loss ({where}) must be a one-element tensor that requires grad")
-    if not (isinstance(outputs, Tensor) and outputs.requires_grad):
-        raise ValueError(f"DeepSpeedFunctionalSAM: the outputs ({where}) must be a tensor that requires grad (the "
-                         "logits the loss was computed from, not detached)")
-    return loss, outputs
+    from ..optim.functional import split_outputs
+
+    return split_outputs(out, where, "DeepSpeedFunctionalSAM")
 
 
 class DeepSpeedFunctionalSAM(DeepSpeedSAM):

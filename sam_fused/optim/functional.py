@@ -32,19 +32,22 @@ from .base import _eager, _unwrapping
 from .sam import FusedSAM
 
 
-def _split(out, where: str) -> tuple[Tensor, Tensor]:
-    """(loss, outputs) of a closure call, or a clear error."""
+def split_outputs(out, where: str, who: str = "FunctionalSAM") -> tuple[Tensor, Tensor]:
+    """(loss, outputs) of a closure call, or a clear error naming ``who`` (the optimizer)."""
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError(
-            f"FunctionalSAM's closure must return (loss, outputs): the loss and the network's outputs it was computed "
+            f"{who}'s closure must return (loss, outputs): the loss and the network's outputs it was computed "
             f"from (the logits), without calling backward(); {where} returned {type(out).__name__}")
     loss, outputs = out
     if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
-        raise ValueError(f"FunctionalSAM: the loss ({where}) must be a one-element tensor that requires grad")
+        raise ValueError(f"{who}: the loss ({where}) must be a one-element tensor that requires grad")
     if not (isinstance(outputs, Tensor) and outputs.requires_grad):
-        raise ValueError(f"FunctionalSAM: the outputs ({where}) must be a tensor that requires grad (the logits the "
+        raise ValueError(f"{who}: the outputs ({where}) must be a tensor that requires grad (the logits the "
                          "loss was computed from, not detached)")
     return loss, outputs
+
+
+_split = split_outputs
 
 
 class FunctionalSAM(FusedSAM):
