@@ -646,15 +646,9 @@ class DeepSpeedFunctionalSAM(DeepSpeedSAM):
         gradient is then ``J(w + e)^T dL/dF(w)``, accumulated as the first pass's was."""
         if not self._perturbed:
             raise RuntimeError("DeepSpeedFunctionalSAM.second_backward() comes after first_step()")
-        if self._replayed >= len(self._saved):
-            raise RuntimeError(f"DeepSpeedFunctionalSAM.second_backward() called more often than the first pass had "
-                               f"micro-batches ({len(self._saved)})")
-        saved = self._saved[self._replayed]
-        if not isinstance(outputs, Tensor) or not outputs.requires_grad:
-            raise ValueError("DeepSpeedFunctionalSAM: the outputs at w + e must be a tensor that requires grad")
-        if outputs.shape != saved.shape:
-            raise ValueError(f"DeepSpeedFunctionalSAM: the outputs at w + e have shape {tuple(outputs.shape)}, the "
-                             f"first pass's {tuple(saved.shape)}: the same inputs must go through both passes")
+        from ..optim.functional import next_saved
+
+        saved = next_saved(self._saved, self._replayed, outputs, "DeepSpeedFunctionalSAM")
         with torch.enable_grad():
             self.engine.backward((outputs * saved.to(outputs.dtype)).sum(), scale_wrt_gas=False)
         self._replayed += 1

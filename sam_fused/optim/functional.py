@@ -50,6 +50,21 @@ def split_outputs(out, where: str, who: str = "FunctionalSAM") -> tuple[Tensor, 
 _split = split_outputs
 
 
+def next_saved(saved: list[Tensor], replayed: int, outputs, who: str = "FunctionalSAM") -> Tensor:
+    """The saved ``dL/doutputs`` the second pass's ``outputs`` (at w + e) pair with: the next
+    micro-batch's, or a clear error (more second passes than first ones, or outputs that do not
+    require grad or have another shape)."""
+    if replayed >= len(saved):
+        raise RuntimeError(f"{who}.second_backward() called more often than the first pass had micro-batches "
+                           f"({len(saved)})")
+    if not isinstance(outputs, Tensor) or not outputs.requires_grad:
+        raise ValueError(f"{who}: the outputs at w + e must be a tensor that requires grad")
+    if outputs.shape != saved[replayed].shape:
+        raise ValueError(f"{who}: the outputs at w + e have shape {tuple(outputs.shape)}, the first pass's "
+                         f"{tuple(saved[replayed].shape)}: the same inputs must go through both passes")
+    return saved[replayed]
+
+
 class FunctionalSAM(FusedSAM):
     """Functional-SAM around any base optimizer (module docstring for the rule).
 
@@ -131,15 +146,7 @@ class FunctionalSAM(FusedSAM):
         micro-batch (in the order of the first pass): ``.grad += J(w + e)^T dL/dF(w)``."""
         if self._perturbed is None:
             raise RuntimeError("second_backward() comes after first_step()")
-        if self._replayed >= len(self._saved):
-            raise RuntimeError(f"second_backward() called more often than the first pass had micro-batches "
-                               f"({len(self._saved)})")
-        saved = self._saved[self._replayed]
-        if not isinstance(outputs, Tensor) or not outputs.requires_grad:
-            raise ValueError("FunctionalSAM: the outputs at w + e must be a tensor that requires grad")
-        if outputs.shape != saved.shape:
-            raise ValueError(f"FunctionalSAM: the outputs at w + e have shape {tuple(outputs.shape)}, the first pass's "
-                             f"{tuple(saved.shape)}: the same inputs must go through both passes")
+        saved = next_saved(self._saved, self._replayed, outputs)
         with torch.enable_grad():
             outputs.backward(saved.to(outputs.dtype))
         self._replayed += 1
